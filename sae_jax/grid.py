@@ -1,0 +1,370 @@
+"""A whole grid of SAEs (L1 coefficient x dictionary size x seed) trained in one jitted step.
+
+Cells are grouped by dictionary size. Each group is one pytree whose leaves carry a leading cell
+axis C; the step is a tuple of `jax.vmap`-ed updates, one per group, compiled together, so a
+256-latent SAE is never padded up to 8192 latents. Per-cell hyperparameters (alpha, learning
+rate) are arrays in the state, so they are checkpointed and sharded with the parameters.
+
+Every cell of a step sees the same batch, drawn from key fold_in(data_key, step); a cell's
+initial parameters depend only on (init key, dictionary size, seed). Hence a cell trained
+inside a grid equals the same cell trained alone, and the result does not depend on how the
+steps are chunked or resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from sae_jax import sae, toy
+from sae_jax.errors import UsageError
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- specification
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    index: int
+    l1: float
+    dict_size: int
+    ratio: float
+    seed: int
+    group: int
+    slot: int  # position inside its size group
+    noise: float = 0.0  # input-noise std (denoising grids)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    """The grid: every (l1, dict_size, noise, seed). Cells are ordered size-major, then l1, then
+    input-noise std (denoising; (0,) for plain autoencoders), then seed."""
+
+    l1: tuple[float, ...]
+    dict_sizes: tuple[int, ...]
+    seeds: tuple[int, ...] = (0,)
+    features: int | None = None  # h, when sizes came from ratios (for reporting only)
+    noise: tuple[float, ...] = (0.0,)
+
+    @classmethod
+    def from_ratios(cls, l1: Sequence[float], ratios: Sequence[float], features: int,
+                    seeds: int | Sequence[int] = 1, noise: Sequence[float] = (0.0,)) -> "GridSpec":
+        """Dictionary sizes m = round(ratio * features)."""
+        _check_positive("--ratios", ratios)
+        sizes = tuple(max(1, int(round(r * features))) for r in ratios)
+        if isinstance(seeds, int):
+            if seeds < 1:
+                raise UsageError(f"--seeds must be >= 1, got {seeds}")
+            seeds = tuple(range(seeds))
+        return cls(tuple(float(a) for a in l1), sizes, tuple(seeds), features,
+                   tuple(float(n) for n in noise)).validate()
+
+    def validate(self) -> "GridSpec":
+        if not self.l1:
+            raise UsageError("--l1 needs at least one value")
+        for a in self.l1:
+            if not (math.isfinite(a) and a >= 0):
+                raise UsageError(f"--l1 values must be finite and >= 0, got {a}")
+        if not self.dict_sizes:
+            raise UsageError("--ratios needs at least one value")
+        _check_positive("dictionary size", self.dict_sizes)
+        if len(set(self.dict_sizes)) != len(self.dict_sizes):
+            raise UsageError(f"dictionary sizes must be distinct, got {list(self.dict_sizes)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UsageError(f"--seeds must be >= 1 distinct seeds, got {list(self.seeds)}")
+        for n in self.noise:
+            if not (math.isfinite(n) and n >= 0):
+                raise UsageError(f"noise std values must be finite and >= 0, got {n}")
+        return self
+
+    @property
+    def denoising(self) -> bool:
+        return any(n > 0 for n in self.noise)
+
+    def ratio(self, m: int) -> float:
+        return m / self.features if self.features else float(m)
+
+    def cells(self) -> list[Cell]:
+        out = []
+        for g, m in enumerate(self.dict_sizes):
+            slot = 0
+            for a in self.l1:
+                for n in self.noise:
+                    for s in self.seeds:
+                        out.append(Cell(len(out), a, m, self.ratio(m), s, g, slot, n))
+                        slot += 1
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_positive(name: str, values: Iterable[float]) -> None:
+    for v in values:
+        if not (math.isfinite(v) and v > 0):
+            raise UsageError(f"{name} must be > 0, got {v}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Static training options shared by every cell (the report's recipe by default)."""
+
+    batch_size: int = 256
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    l1_convention: str = "report"
+    lr_warmup: int = 0  # linear learning-rate warm-up steps
+    lr_decay_steps: int = 0  # cosine decay to 0 over this many steps (0: constant)
+    l1_warmup: int = 0  # alpha ramps linearly from 0 over this many steps
+    dead_window: int = 10  # dead = did not fire in the last N steps
+    denoise: bool = False  # add each cell's Gaussian input noise (noise * eps); target stays clean
+    # Resampling (0 disables it); see sae_jax.resample.
+    resample_every: int = 0
+    resample_pool: int = 8192
+    resample_worst: int = 512
+    resample_dead_window: int = 0  # 0: the whole period
+    dedup_threshold: float = 0.0  # 0: off; else recycle atoms with cos > threshold to an earlier one
+    resample_until: int = 0  # stop resampling after this step (0: never stop)
+
+    def validate(self) -> "TrainConfig":
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be finite and > 0, got {self.lr}")
+        for name, b in (("--adam-b1", self.b1), ("--adam-b2", self.b2)):
+            if not (0 <= b < 1):
+                raise UsageError(f"{name} must be in [0, 1), got {b}")
+        if self.l1_convention not in sae.L1_CONVENTIONS:
+            raise UsageError(f"--l1-convention must be one of {sae.L1_CONVENTIONS}")
+        if self.dead_window < 1:
+            raise UsageError(f"--dead-window must be >= 1, got {self.dead_window}")
+        for name in ("lr_warmup", "lr_decay_steps", "l1_warmup", "resample_every",
+                     "resample_until", "resample_dead_window"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.resample_every and not (0 < self.resample_worst <= self.resample_pool):
+            raise UsageError("--resample-worst must be in [1, --resample-pool]")
+        if not (0 <= self.dedup_threshold < 1):
+            raise UsageError(f"--dedup-threshold must be in [0, 1), got {self.dedup_threshold}")
+        return self
+
+    def adam(self) -> optax.GradientTransformation:
+        return optax.scale_by_adam(self.b1, self.b2, self.eps)
+
+
+# ----------------------------------------------------------------------------- state
+@struct.dataclass
+class Cells:
+    """One size group; every leaf has a leading cell axis C."""
+
+    params: sae.SAEParams
+    opt: optax.ScaleByAdamState
+    l1_coeff: Array  # (C,)
+    lr: Array  # (C,)
+    noise: Array  # (C,) input-noise std
+    since_fired: Array  # (C, M) int32: steps since the latent last fired
+    diverged: Array  # (C,) bool: loss went non-finite; the cell stopped updating
+    n_resampled: Array  # (C,) int32
+    valid: Array  # (C,) bool: False for inert padding cells
+
+    @property
+    def dict_size(self) -> int:
+        return self.params.D_MxD.shape[-2]
+
+
+@struct.dataclass
+class GridState:
+    groups: tuple[Cells, ...]
+    step: Array  # () int32
+    data_key: Array  # raw uint32 PRNG key
+
+
+class StepMetrics(struct.PyTreeNode):
+    loss: tuple[Array, ...]  # per group, (C,)
+    mse: tuple[Array, ...]
+
+
+def cell_key(init_key: Array, dict_size: int, seed: int) -> Array:
+    """A cell's init key: depends on its size and seed only, so alpha-neighbours share inits."""
+    return jax.random.fold_in(jax.random.fold_in(init_key, dict_size), seed)
+
+
+def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig(),
+              pad_multiple: int = 1) -> GridState:
+    """Initial state: every cell's SAE, Adam moments, counters; each group padded with inert
+    cells (lr = 0, valid = False) to a multiple of `pad_multiple`."""
+    spec.validate()
+    cfg.validate()
+    init_key, data_key = jax.random.split(key)
+    cells = spec.cells()
+    groups = []
+    for g, m in enumerate(spec.dict_sizes):
+        mine = [c for c in cells if c.group == g]
+        n_pad = (-len(mine)) % pad_multiple
+        keys = jnp.stack([cell_key(init_key, m, c.seed) for c in mine] + [cell_key(init_key, m, mine[-1].seed)] * n_pad)
+        params = jax.vmap(lambda k: sae.init(k, d, m))(keys)
+        groups.append(Cells(
+            params=params,
+            opt=jax.vmap(cfg.adam().init)(params),
+            l1_coeff=jnp.asarray([c.l1 for c in mine] + [0.0] * n_pad, jnp.float32),
+            noise=jnp.asarray([c.noise for c in mine] + [0.0] * n_pad, jnp.float32),
+            lr=jnp.asarray([cfg.lr] * len(mine) + [0.0] * n_pad, jnp.float32),
+            since_fired=jnp.zeros((len(mine) + n_pad, m), jnp.int32),
+            diverged=jnp.zeros((len(mine) + n_pad,), bool),
+            n_resampled=jnp.zeros((len(mine) + n_pad,), jnp.int32),
+            valid=jnp.asarray([True] * len(mine) + [False] * n_pad),
+        ))
+    return GridState(tuple(groups), jnp.zeros((), jnp.int32), data_key)
+
+
+# ----------------------------------------------------------------------------- the step
+def _schedules(step: Array, cfg: TrainConfig) -> tuple[Array, Array]:
+    """(learning-rate multiplier, alpha multiplier) at `step`."""
+    t = step.astype(jnp.float32)
+    lr_mult = jnp.float32(1.0)
+    if cfg.lr_warmup:
+        lr_mult = jnp.minimum(1.0, (t + 1) / cfg.lr_warmup)
+    if cfg.lr_decay_steps:
+        lr_mult = lr_mult * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t / cfg.lr_decay_steps, 1.0)))
+    l1_mult = jnp.minimum(1.0, (t + 1) / cfg.l1_warmup) if cfg.l1_warmup else jnp.float32(1.0)
+    return lr_mult, l1_mult
+
+
+def _all_finite(tree: Any) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def cell_update(cell: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array, l1_mult: Array,
+                cfg: TrainConfig) -> tuple[Cells, tuple[Array, Array]]:
+    """One Adam step of one cell (unbatched leaves) on input x + noise * eps, target x.
+    A non-finite loss or gradient marks the cell diverged; it keeps its last finite state."""
+    x_in = x_BxD if eps_BxD is None else x_BxD + cell.noise * eps_BxD
+    (total, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(
+        cell.params, x_in, cell.l1_coeff * l1_mult, cfg.l1_convention, x_BxD)
+    updates, opt = cfg.adam().update(grads, cell.opt)
+    params = jax.tree.map(lambda p, u: p - cell.lr * lr_mult * u, cell.params, updates)
+    diverged = cell.diverged | ~(jnp.isfinite(total) & _all_finite(grads))
+    keep = lambda new, old: jnp.where(diverged, old, new)
+    new = cell.replace(
+        params=jax.tree.map(keep, params, cell.params),
+        opt=jax.tree.map(keep, opt, cell.opt),
+        since_fired=keep(jnp.where(aux.fired_M, 0, cell.since_fired + 1), cell.since_fired),
+        diverged=diverged,
+    )
+    return new, (total, aux.mse)
+
+
+def train_step(state: GridState, x_BxD: Array, cfg: TrainConfig,
+               eps_BxD: Array | None = None) -> tuple[GridState, StepMetrics]:
+    """Updates every cell of every size group on one shared batch (eps: shared input noise)."""
+    lr_mult, l1_mult = _schedules(state.step, cfg)
+    step_group = jax.vmap(cell_update, in_axes=(0, None, None, None, None, None))
+    outs = [step_group(g, x_BxD, eps_BxD, lr_mult, l1_mult, cfg) for g in state.groups]
+    groups = tuple(o[0] for o in outs)
+    metrics = StepMetrics(tuple(o[1][0] for o in outs), tuple(o[1][1] for o in outs))
+    return state.replace(groups=groups, step=state.step + 1), metrics
+
+
+# ----------------------------------------------------------------------------- data sources
+def toy_batch(world: toy.ToyWorld, key: Array, batch_size: int,
+              denoise: bool = False) -> tuple[Array, Array | None]:
+    """(x, eps): a toy batch and, when denoising, standard normal noise of the same shape."""
+    k_x, k_n = jax.random.split(key)
+    x, _ = toy.sample(k_x, world, batch_size)
+    return x, (jax.random.normal(k_n, x.shape) if denoise else None)
+
+
+def _maybe_resample(state: GridState, pool_fn: Callable[[Array], Array], cfg: TrainConfig) -> GridState:
+    if not cfg.resample_every:
+        return state
+    from sae_jax import resample  # local: resampling is optional machinery
+    due = (state.step % cfg.resample_every == 0)
+    if cfg.resample_until:
+        due &= state.step <= cfg.resample_until
+    return jax.lax.cond(due, lambda s: resample.resample_grid(s, pool_fn, cfg), lambda s: s, state)
+
+
+def _chunk_metrics(metrics: StepMetrics) -> StepMetrics:
+    return jax.tree.map(lambda a: jnp.mean(a, axis=0), metrics)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_steps"))
+def run_toy_chunk(state: GridState, world: toy.ToyWorld, cfg: TrainConfig,
+                  n_steps: int) -> tuple[GridState, StepMetrics]:
+    """n_steps grid steps with the toy sampler fused in (one compiled lax.scan)."""
+    def body(s, _):
+        key = jax.random.fold_in(s.data_key, s.step)
+        x, eps = toy_batch(world, key, cfg.batch_size, cfg.denoise)
+        s, m = train_step(s, x, cfg, eps)
+        pool = lambda k: toy_batch(world, jax.random.fold_in(k, 1), cfg.resample_pool)[0]
+        return _maybe_resample(s, pool, cfg), m
+    state, metrics = jax.lax.scan(body, state, None, length=n_steps)
+    return state, _chunk_metrics(metrics)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def run_batches_chunk(state: GridState, xs_TxBxD: Array, cfg: TrainConfig) -> tuple[GridState, StepMetrics]:
+    """One grid step per given batch (e.g. streamed from an activation store), one lax.scan.
+    The resampling pool is the chunk's own rows (the last `resample_pool` of them)."""
+    flat = xs_TxBxD.reshape(-1, xs_TxBxD.shape[-1])
+    pool_rows = flat[-min(cfg.resample_pool, flat.shape[0]):]
+
+    def body(s, x):
+        s, m = train_step(s, x, cfg)
+        return _maybe_resample(s, lambda k: pool_rows, cfg), m
+    state, metrics = jax.lax.scan(body, state, xs_TxBxD)
+    return state, _chunk_metrics(metrics)
+
+
+def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWorld | None = None,
+          batches: Callable[[int, int], np.ndarray] | None = None, chunk: int = 250,
+          callback: Callable[[GridState, StepMetrics], None] | None = None,
+          progress: bool = True) -> GridState:
+    """Trains until state.step == n_steps, in jitted chunks of `chunk` steps.
+
+    Data come from the toy `world` (sampled on device) or from `batches(start_step, T)`, which
+    returns a (T, B, d) array of the batches for steps start_step .. start_step+T-1. After each
+    chunk `callback(state, chunk_metrics)` runs on the host (checkpoints, recovery tracking).
+    """
+    if (world is None) == (batches is None):
+        raise ValueError("train() needs exactly one of world= or batches=")
+    if n_steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {n_steps}")
+    from tqdm.auto import tqdm
+    start = int(state.step)
+    bar = tqdm(total=n_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    while int(state.step) < n_steps:
+        t0 = int(state.step)
+        n = min(chunk, n_steps - t0)
+        if world is not None:
+            state, metrics = run_toy_chunk(state, world, cfg, n)
+        else:
+            state, metrics = run_batches_chunk(state, jnp.asarray(batches(t0, n)), cfg)
+        losses = np.concatenate([np.asarray(l) for l in metrics.loss])
+        valid = np.concatenate([np.asarray(g.valid) for g in state.groups])
+        bar.set_postfix(loss=f"{np.nanmean(np.where(valid, losses, np.nan)):.4g}", refresh=False)
+        bar.update(n)
+        if callback is not None:
+            callback(state, metrics)
+    bar.close()
+    return state
+
+
+# ----------------------------------------------------------------------------- views
+def cell_params(state: GridState, cell: Cell) -> sae.SAEParams:
+    """One cell's parameters, unbatched."""
+    return jax.tree.map(lambda a: a[cell.slot], state.groups[cell.group].params)
+
+
+def cell_field(state: GridState, cell: Cell, name: str) -> Array:
+    return getattr(state.groups[cell.group], name)[cell.slot]

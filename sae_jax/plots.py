@@ -1,0 +1,131 @@
+"""The report's figures, drawn from a results dict (see sae_jax.results).
+
+Heatmaps put alpha on the y axis and the dictionary ratio on the x axis, as in the report.
+Diverged cells are drawn as a grey 'x' so that a skipped cell is visible, never silently blank.
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sae_jax import metrics  # noqa: E402
+
+# name -> (cell key, title, colour map) for the (alpha x ratio) heatmaps.
+HEATMAPS = {
+    "fig03_mmcs_heatmap": ("mmcs", "MMCS with ground truth", "viridis"),
+    "fig04_dead_latents": ("dead", "Dead latents", "magma"),
+    "fig07_std_log_recon": ("std_log_recon", "Standardised log reconstruction loss", "coolwarm"),
+    "fig08_std_log_l1": ("std_log_l1", "Standardised log L1 loss", "coolwarm"),
+    "fig09_ssll": ("ssll", "SSLL (summed standardised log losses)", "coolwarm"),
+    "fig10_mmcs_with_larger": ("mmcs_with_larger", "MMCS with larger dictionaries", "viridis"),
+}
+LM_HEATMAPS = {
+    "fig11_lm_dead_latents": HEATMAPS["fig04_dead_latents"],
+    "fig12_lm_ssll": HEATMAPS["fig09_ssll"],
+    "fig13_lm_mmcs_with_larger": HEATMAPS["fig10_mmcs_with_larger"],
+}
+
+
+def _axes(cells: list[dict], x_key: str = "ratio") -> tuple[list[float], list[float]]:
+    return sorted({c["l1"] for c in cells}), sorted({c[x_key] for c in cells})
+
+
+def _value(c: dict, key: str) -> float:
+    return np.nan if c["diverged"] or c.get(key) is None else float(c[key])
+
+
+def heatmap(cells: list[dict], key: str, title: str, path: str, cmap: str = "viridis",
+            x_key: str = "ratio", x_label: str = "dictionary size / features",
+            mark: dict | None = None) -> str:
+    """One (alpha x x_key) heatmap of cells[key], averaged over seeds."""
+    l1_axis, x_axis = _axes(cells, x_key)
+    vals = metrics.plane([_value(c, key) for c in cells], [c["l1"] for c in cells],
+                         [c[x_key] for c in cells], l1_axis, x_axis)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(x_axis), 1.2 + 0.35 * len(l1_axis)))
+    im = ax.imshow(vals, origin="lower", aspect="auto", cmap=cmap)
+    fig.colorbar(im, ax=ax)
+    ax.set_xticks(range(len(x_axis)), [f"{x:g}" for x in x_axis])
+    ax.set_yticks(range(len(l1_axis)), [f"{a:.3g}" for a in l1_axis])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("L1 coefficient alpha")
+    ax.set_title(title, fontsize=10)
+    for c in cells:
+        if c["diverged"]:
+            ax.text(x_axis.index(c[x_key]), l1_axis.index(c["l1"]), "x", ha="center",
+                    va="center", color="grey", fontsize=12)
+    if mark is not None and mark.get("ratio") is not None and x_key == "ratio":
+        ax.plot(x_axis.index(mark["ratio"]), l1_axis.index(mark["l1"]), marker="s", ms=14,
+                mfc="none", mec="red", mew=2, label="suggested")
+        ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)
+
+
+def lines(cells: list[dict], key: str, x_key: str, series_key: str, path: str, title: str,
+          logy: bool = False, only: dict | None = None) -> str:
+    """cells[key] against x_key, one line per value of series_key (log x axis)."""
+    cells = [c for c in cells if all(c[k] == v for k, v in (only or {}).items())]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for s in sorted({c[series_key] for c in cells}):
+        pts = sorted((c[x_key], _value(c, key)) for c in cells if c[series_key] == s)
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{series_key} {s:g}")
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(key)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def toy_figures(results: dict, fig_dir: str) -> dict[str, str]:
+    """Figures 1-10 (and the denoising appendix when present). Returns name -> path."""
+    cells = results["cells"]
+    mark = results.get("suggested")
+    out = {}
+    ratios = sorted({c["ratio"] for c in cells})
+    r1 = min(ratios, key=lambda r: abs(np.log(r)))
+    out["fig01_mmcs_vs_l1"] = lines(cells, "mmcs", "l1", "ratio", f"{fig_dir}/fig01_mmcs_vs_l1.png",
+                                    f"MMCS against alpha (ratio {r1:g})", only={"ratio": r1})
+    out["fig02_mmcs_vs_ratio"] = lines(cells, "mmcs", "ratio", "l1", f"{fig_dir}/fig02_mmcs_vs_ratio.png",
+                                       "MMCS against dictionary size / features")
+    out["fig05_recon_vs_l1"] = lines(cells, "recon_loss", "l1", "ratio", f"{fig_dir}/fig05_recon_vs_l1.png",
+                                     "Reconstruction loss against alpha", logy=True)
+    out["fig06_l1_vs_l1"] = lines(cells, "l1_loss", "l1", "ratio", f"{fig_dir}/fig06_l1_vs_l1.png",
+                                  "L1 loss against alpha", logy=True)
+    for name, (key, title, cmap) in HEATMAPS.items():
+        if any(c.get(key) is not None for c in cells):
+            out[name] = heatmap(cells, key, title, f"{fig_dir}/{name}.png", cmap, mark=mark)
+    if results.get("denoising"):
+        dn = results["denoising"]["cells"]
+        out["appendix_denoising"] = heatmap(
+            dn, "mmcs", "Denoising: MMCS (dictionary size = h)", f"{fig_dir}/appendix_denoising.png",
+            x_key="noise", x_label="input noise std")
+    return dict(sorted(out.items()))
+
+
+def lm_figures(results: dict, fig_dir: str) -> dict[str, str]:
+    """Figures 11-13 on activations without ground truth, plus the loss curves."""
+    cells = results["cells"]
+    out = {name: heatmap(cells, key, f"LM activations: {title}", f"{fig_dir}/{name}.png", cmap,
+                         mark=results.get("suggested"))
+           for name, (key, title, cmap) in LM_HEATMAPS.items()}
+    out["lm_recon_vs_l1"] = lines(cells, "recon_loss", "l1", "ratio", f"{fig_dir}/lm_recon_vs_l1.png",
+                                  "LM activations: reconstruction loss against alpha", logy=True)
+    return out

@@ -1,0 +1,101 @@
+"""DIR/REPORT.md: the figures inline, the grid as a table, the suggestion beside the optimum,
+and a plain reading of what the figures show."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    return format(v, spec) if isinstance(v, float) else str(v)
+
+
+def _table(cells: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for c in cells:
+        lines.append("| " + " | ".join(_fmt(c.get(k), f) for k, _, f in cols) + " |")
+    return lines
+
+
+CELL_COLUMNS = [("index", "cell", ""), ("l1", "alpha", ".3g"), ("ratio", "ratio", "g"),
+                ("dict_size", "m", ""), ("seed", "seed", ""), ("mmcs", "MMCS", ".3f"),
+                ("dead", "dead", ""), ("recon_loss", "recon", ".2e"), ("l1_loss", "L1", ".2e"),
+                ("l0", "L0", ".1f"), ("fvu", "FVU", ".3f"), ("ssll", "SSLL", ".2f"),
+                ("mmcs_with_larger", "MMCS w/ larger", ".3f"), ("n_resampled", "resampled", ""),
+                ("diverged", "diverged", "")]
+
+
+def reading(results: dict) -> list[str]:
+    """Plain statements read off the results (each one checked, none hard-coded)."""
+    cells = [c for c in results["cells"] if not c["diverged"]]
+    out = []
+    scored = [c for c in cells if c.get("mmcs") is not None]
+    if scored:
+        ratios = sorted({c["ratio"] for c in scored})
+        r1 = min(ratios, key=lambda r: abs(np.log(r)))
+        at1 = sorted((c for c in scored if c["ratio"] == r1), key=lambda c: c["l1"])
+        best = max(at1, key=lambda c: c["mmcs"])
+        out.append(f"At ratio {r1:g} the best MMCS is {best['mmcs']:.3f}, at alpha {best['l1']:.3g}.")
+        band = [c["l1"] for c in at1 if c["mmcs"] >= 0.95]
+        if band:
+            out.append(f"MMCS >= 0.95 holds for alpha in [{min(band):.3g}, {max(band):.3g}] "
+                       f"({np.log10(max(band) / min(band)):.2f} decades) at ratio {r1:g}.")
+        dead_in_band = [c for c in at1 if c["mmcs"] >= 0.95 and c["dead"] > 0]
+        above = [c for c in at1 if band and c["l1"] > max(band) and c["dead"] > 0]
+        out.append(f"Dead latents inside that band: {len(dead_in_band)} cells; "
+                   f"above it: {len(above)} of {sum(1 for c in at1 if band and c['l1'] > max(band))} cells.")
+        for r in ratios:
+            col = [c["mmcs"] for c in scored if c["ratio"] == r]
+            out.append(f"Ratio {r:g}: best MMCS over alpha {max(col):.3f}.")
+    s = results.get("suggested") or {}
+    if s.get("ratio") is not None:
+        out.append(f"Without ground truth the methods suggest ratio {s['ratio']:g}, alpha {s['l1']:.3g} "
+                   f"({s['summary']}).")
+        opt = results.get("ground_truth_optimum")
+        if opt and s.get("mmcs") is not None:
+            out.append(f"That cell's MMCS is {s['mmcs']:.3f}; the grid's best is {opt['mmcs']:.3f} "
+                       f"(ratio {opt['ratio']:g}, alpha {opt['l1']:.3g}), a gap of {opt['mmcs'] - s['mmcs']:.3f}.")
+    if results.get("diverged_cells"):
+        out.append(f"Diverged cells (skipped in figures, marked x): {results['diverged_cells']}.")
+    return out
+
+
+def write(out_dir: str, results: dict, figures: dict[str, str], title: str,
+          notes: list[str] | None = None) -> str:
+    """Writes DIR/REPORT.md and returns its path."""
+    lines = [f"# {title}", ""]
+    cfg = results.get("config", {})
+    lines += ["## Configuration", "", "```", *(f"{k}: {v}" for k, v in cfg.items()), "```", ""]
+    lines += ["## What the figures show", "", *(f"- {r}" for r in reading(results) + (notes or [])), ""]
+    s = results.get("suggested") or {}
+    if s.get("methods"):
+        lines += ["## Hyperparameters chosen without ground truth", "",
+                  "| method | ratio | alpha | rule |", "|---|---|---|---|"]
+        for m in s["methods"]:
+            lines.append(f"| {m['method']} | {_fmt(m['ratio'], 'g')} | {_fmt(m['l1'], '.3g')} | {m['why']} |")
+        lines.append(f"| **combined** | {_fmt(s.get('ratio'), 'g')} | {_fmt(s.get('l1'), '.3g')} | "
+                     f"{s.get('summary', '')} |")
+        opt = results.get("ground_truth_optimum")
+        if opt:
+            lines.append(f"| ground-truth optimum | {opt['ratio']:g} | {opt['l1']:.3g} | "
+                         f"best MMCS {opt['mmcs']:.3f} (cell {opt['cell']}) |")
+        lines.append("")
+    lines += ["## Figures", ""]
+    for name, path in figures.items():
+        lines += [f"### {name}", "", f"![{name}]({os.path.relpath(path, out_dir)})", ""]
+    lines += ["## The grid", "", *_table(results["cells"], CELL_COLUMNS), ""]
+    if results.get("denoising"):
+        lines += ["## Denoising appendix", "",
+                  *_table(results["denoising"]["cells"],
+                          [("l1", "alpha", ".3g"), ("noise", "noise std", "g"), ("mmcs", "MMCS", ".3f"),
+                           ("dead", "dead", ""), ("fvu", "FVU", ".3f")]), ""]
+    path = os.path.join(out_dir, "REPORT.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path

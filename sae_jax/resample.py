@@ -1,0 +1,84 @@
+"""Resampling dead and duplicate latents, per cell, inside the jitted scan.
+
+At a resampling step a latent j of a cell is *recycled* when
+- it is dead: it did not fire in the last `resample_dead_window` steps (default: the period), or
+- it is a duplicate: cos(D_j, D_i) > `dedup_threshold` for some earlier latent i < j.
+
+A recycled latent gets, from a shared pool of samples x and the cell's reconstructions x^:
+- decoder atom  D_j = r / ||r||, r = x - x^ of one of the `resample_worst` worst-reconstructed
+  samples of the pool (chosen at random, without repeats while they last);
+- encoder row   W_e[j] = D_j * mean_{live i} ||W_e[i]||;
+- bias          b_e[j] = mean_{live i} b_e[i];
+- its Adam first and second moments are zeroed and its fired counter restarts.
+Nothing changes in a cell where no latent qualifies, or in a diverged cell.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sae_jax import sae
+
+Array = jax.Array
+
+
+def recycle_mask(params: sae.SAEParams, since_fired_M: Array, dead_window: int,
+                 dedup_threshold: float) -> Array:
+    """Boolean (M,): dead latents, plus atoms with cosine > threshold to an earlier atom."""
+    mask = since_fired_M >= dead_window
+    if dedup_threshold:
+        atoms = sae.dictionary(params)
+        gram = atoms @ atoms.T
+        earlier = jnp.tril(jnp.ones_like(gram, dtype=bool), k=-1)  # [j, i] true when i < j
+        mask |= jnp.any(earlier & (gram > dedup_threshold), axis=1)
+    return mask
+
+
+def _zero_rows(tree: sae.SAEParams, mask_M: Array) -> sae.SAEParams:
+    return jax.tree.map(lambda a: jnp.where(mask_M.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a), tree)
+
+
+def resample_cell(cell, pool_PxD: Array, key: Array, dead_window: int, dedup_threshold: float,
+                  n_worst: int):
+    """Recycles one cell's dead and duplicate latents (unbatched `grid.Cells` leaves)."""
+    p = cell.params
+    mask = recycle_mask(p, cell.since_fired, dead_window, dedup_threshold) & ~cell.diverged
+    err = jnp.sum(jnp.square(pool_PxD - sae.decode(p, sae.encode(p, pool_PxD))), axis=1)
+    _, worst = jax.lax.top_k(err, n_worst)
+    rank = jnp.cumsum(mask) - 1
+    pick = worst[jax.random.permutation(key, n_worst)[rank % n_worst]]
+    resid = pool_PxD[pick] - sae.decode(p, sae.encode(p, pool_PxD[pick]))
+    direction = sae.unit_rows(resid)
+    live = ~mask
+    n_live = jnp.maximum(jnp.sum(live), 1)
+    enc_norm = jnp.sum(jnp.linalg.norm(p.W_enc_MxD, axis=1) * live) / n_live
+    bias = jnp.sum(p.b_enc_M * live) / n_live
+    col = mask[:, None]
+    params = sae.SAEParams(
+        W_enc_MxD=jnp.where(col, direction * enc_norm, p.W_enc_MxD),
+        b_enc_M=jnp.where(mask, bias, p.b_enc_M),
+        D_MxD=jnp.where(col, direction, p.D_MxD),
+    )
+    opt = cell.opt._replace(mu=_zero_rows(cell.opt.mu, mask), nu=_zero_rows(cell.opt.nu, mask))
+    return cell.replace(params=params, opt=opt,
+                        since_fired=jnp.where(mask, 0, cell.since_fired),
+                        n_resampled=cell.n_resampled + jnp.sum(mask).astype(jnp.int32))
+
+
+def resample_grid(state, pool_fn: Callable[[Array], Array], cfg):
+    """Resamples every cell of every group; the pool pool_fn(key) is shared by all cells.
+    Cells are visited with lax.map, so the (M x M) dedup Gram matrix exists one cell at a time."""
+    key = jax.random.fold_in(jax.random.fold_in(state.data_key, state.step), 0x5EED)
+    pool = pool_fn(key)
+    window = cfg.resample_dead_window or cfg.resample_every
+    groups = []
+    for g in state.groups:
+        n = g.valid.shape[0]
+        keys = jax.random.split(jax.random.fold_in(key, g.dict_size), n)
+        fn = lambda args: resample_cell(args[0], pool, args[1], window, cfg.dedup_threshold,
+                                        min(cfg.resample_worst, pool.shape[0]))
+        groups.append(jax.lax.map(fn, (g, keys)))
+    return state.replace(groups=tuple(groups))

@@ -1,0 +1,129 @@
+"""From a trained grid state to the results file: per-cell metrics, grid diagnostics, selection.
+
+`results.json` = {"config": {...}, "cells": [per-cell dicts in GridSpec.cells() order],
+"suggested": {...}, "ground_truth_optimum": {...} or null}. `dictionaries.npz` holds
+`decoder_{i}` (m x d, unit rows) for cell i and, for toy runs, `ground_truth` (h x d).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax import grid, metrics, sae, selection
+
+Array = jax.Array
+
+
+@jax.jit
+def _group_max_cos(params: sae.SAEParams, reference_NxD: Array) -> Array:
+    """(C,) MMCS of every dictionary of a size group against the reference."""
+    return jax.vmap(lambda p: jnp.mean(metrics.max_cosine(sae.dictionary(p), reference_NxD)))(params)
+
+
+def grid_mmcs(state: grid.GridState, reference_NxD: Array) -> np.ndarray:
+    """MMCS against the reference for every cell, in cell order (padding dropped)."""
+    out = []
+    for g in state.groups:
+        vals = np.asarray(_group_max_cos(g.params, reference_NxD))
+        out.append(vals[np.asarray(g.valid)])
+    return np.concatenate(out)
+
+
+def _f(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, x_eval: Array,
+             ground_truth: Array | None = None) -> list[dict]:
+    """Per-cell metrics on an evaluation batch (clean inputs and targets)."""
+    cells = spec.cells()
+    stats = [metrics.group_stats(g.params, x_eval, x_eval, cfg.l1_convention) for g in state.groups]
+    mm = grid_mmcs(state, ground_truth) if ground_truth is not None else None
+    out = []
+    for c in cells:
+        g = state.groups[c.group]
+        s = {k: v[c.slot] for k, v in stats[c.group].items()}
+        diverged = bool(g.diverged[c.slot])
+        out.append({
+            "index": c.index, "l1": c.l1, "ratio": c.ratio, "dict_size": c.dict_size,
+            "seed": c.seed, "noise": c.noise,
+            "mmcs": None if mm is None or diverged else _f(mm[c.index]),
+            "dead": int(metrics.dead_latents(g.since_fired[c.slot], cfg.dead_window)),
+            "recon_loss": _f(s["recon_loss"]), "l1_loss": _f(s["l1_loss"]),
+            "l0": _f(s["l0"]), "fvu": _f(s["fvu"]),
+            "diverged": diverged, "n_resampled": int(g.n_resampled[c.slot]),
+        })
+    return out
+
+
+def dictionaries(state: grid.GridState, spec: grid.GridSpec) -> list[np.ndarray]:
+    return [np.asarray(sae.dictionary(grid.cell_params(state, c))) for c in spec.cells()]
+
+
+def analyse(cells: list[dict], dicts: list[np.ndarray]) -> dict:
+    """Adds mmcs_with_larger and SSLL to each non-diverged cell; returns the selection result
+    and the ground-truth optimum. Diverged cells are skipped and listed."""
+    live = [c for c in cells if not c["diverged"]]
+    by_key = {(c["l1"], c["dict_size"], c["seed"]): dicts[c["index"]] for c in live if c["noise"] == 0}
+    larger = metrics.mmcs_with_larger(by_key)
+    z_recon = metrics.standardized_log([c["recon_loss"] if c["recon_loss"] is not None else np.nan for c in live])
+    z_l1 = metrics.standardized_log([c["l1_loss"] if c["l1_loss"] is not None else np.nan for c in live])
+    for c in cells:
+        c.update(mmcs_with_larger=None, std_log_recon=None, std_log_l1=None, ssll=None)
+    for c, zr, zl in zip(live, z_recon, z_l1):
+        c["mmcs_with_larger"] = _f(larger.get((c["l1"], c["dict_size"], c["seed"]), np.nan))
+        c["std_log_recon"], c["std_log_l1"], c["ssll"] = _f(zr), _f(zl), _f(zr + zl)
+    l1_axis = sorted({c["l1"] for c in cells})
+    ratio_axis = sorted({c["ratio"] for c in cells})
+    plane = lambda key: metrics.plane([np.nan if c[key] is None else c[key] for c in live],
+                                      [c["l1"] for c in live], [c["ratio"] for c in live],
+                                      l1_axis, ratio_axis)
+    suggested = selection.suggest(plane("dead"), plane("ssll"), plane("mmcs_with_larger"),
+                                  l1_axis, ratio_axis)
+    if suggested["ratio"] is not None:
+        match = [c for c in live if c["ratio"] == suggested["ratio"] and c["l1"] == suggested["l1"]]
+        suggested["cell"] = match[0]["index"] if match else None
+        suggested["mmcs"] = match[0]["mmcs"] if match else None
+    optimum = None
+    scored = [c for c in live if c["mmcs"] is not None]
+    if scored:
+        best = max(scored, key=lambda c: c["mmcs"])
+        optimum = {"cell": best["index"], "ratio": best["ratio"], "l1": best["l1"], "mmcs": best["mmcs"]}
+    return {"suggested": suggested, "ground_truth_optimum": optimum,
+            "diverged_cells": [c["index"] for c in cells if c["diverged"]]}
+
+
+def write(out_dir: str, config: dict, cells: list[dict], analysis: dict, dicts: list[np.ndarray],
+          ground_truth: np.ndarray | None = None, extra: dict | None = None) -> dict:
+    """Writes results.json and dictionaries.npz atomically (temp file, then rename)."""
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"config": config, "cells": cells, **analysis, **(extra or {})}
+    _atomic_json(os.path.join(out_dir, "results.json"), results)
+    arrays = {f"decoder_{i}": d for i, d in enumerate(dicts)}
+    if ground_truth is not None:
+        arrays["ground_truth"] = np.asarray(ground_truth)
+    tmp = os.path.join(out_dir, "dictionaries.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, os.path.join(out_dir, "dictionaries.npz"))
+    return results
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load(out_dir: str) -> dict:
+    """Loads DIR/results.json."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        return json.load(f)

@@ -1,0 +1,86 @@
+"""The report's sparse autoencoder as pure functions.
+
+    c   = ReLU(W_e x + b_e)                 W_e in R^{m x d}, b_e in R^m
+    x^  = D^ c,   D^_j = D_j / ||D_j||      decoder atoms normalised on the forward pass, no bias
+    L   = (1/d) ||x - x^||^2 + alpha * L1(c)   averaged over the batch
+    L1  = ||c||_1 / m  ("report" convention)  or  ||c||_1  ("sum" convention)
+
+The decoder is stored as rows D_MxD (atom j is row j). It is orthogonally initialised; the
+encoder is Xavier-uniform with zero bias. The gradient flows through the normalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+L1Convention = Literal["report", "sum"]
+L1_CONVENTIONS = ("report", "sum")
+
+
+class SAEParams(NamedTuple):
+    W_enc_MxD: Array
+    b_enc_M: Array
+    D_MxD: Array
+
+
+class LossAux(NamedTuple):
+    mse: Array  # (1/d) ||x - x^||^2, batch mean
+    l1: Array  # L1(c), batch mean, in the chosen convention (before alpha)
+    l0: Array  # mean number of active latents per sample
+    fired_M: Array  # bool: latent fired (c > 0) on some sample of the batch
+
+
+def init(key: Array, d: int, m: int) -> SAEParams:
+    """Xavier-uniform encoder, zero bias, orthogonal decoder."""
+    k_enc, k_dec = jax.random.split(key)
+    w_enc = jax.nn.initializers.xavier_uniform()(k_enc, (m, d), jnp.float32)
+    dec = jax.nn.initializers.orthogonal()(k_dec, (m, d), jnp.float32)
+    return SAEParams(w_enc, jnp.zeros((m,), jnp.float32), dec)
+
+
+def unit_rows(w: Array, eps: float = 1e-8) -> Array:
+    """Each row divided by its Euclidean norm."""
+    return w / (jnp.linalg.norm(w, axis=-1, keepdims=True) + eps)
+
+
+def encode(params: SAEParams, x_BxD: Array) -> Array:
+    """c = ReLU(W_e x + b_e)."""
+    return jax.nn.relu(x_BxD @ params.W_enc_MxD.T + params.b_enc_M)
+
+
+def decode(params: SAEParams, c_BxM: Array) -> Array:
+    """x^ = sum_j c_j D_j / ||D_j||."""
+    return c_BxM @ unit_rows(params.D_MxD)
+
+
+def dictionary(params: SAEParams) -> Array:
+    """The learned dictionary: unit-norm atoms as rows (m x d)."""
+    return unit_rows(params.D_MxD)
+
+
+def l1_penalty(c_BxM: Array, convention: L1Convention = "report") -> Array:
+    """Batch mean of ||c||_1 / m (report) or ||c||_1 (sum)."""
+    per_sample = jnp.sum(jnp.abs(c_BxM), axis=-1)
+    if convention == "report":
+        per_sample = per_sample / c_BxM.shape[-1]
+    elif convention != "sum":
+        raise ValueError(f"l1 convention must be one of {L1_CONVENTIONS}, got {convention!r}")
+    return jnp.mean(per_sample)
+
+
+def loss(params: SAEParams, x_BxD: Array, l1_coeff: Array, convention: L1Convention = "report",
+         target_BxD: Array | None = None) -> tuple[Array, LossAux]:
+    """L = mean_b (1/d)||t - x^||^2 + alpha * L1(c); t = x unless a denoising target is given."""
+    target = x_BxD if target_BxD is None else target_BxD
+    c = encode(params, x_BxD)
+    x_hat = decode(params, c)
+    mse = jnp.mean(jnp.square(target - x_hat))
+    l1 = l1_penalty(c, convention)
+    active = c > 0
+    aux = LossAux(mse, l1, jnp.mean(jnp.sum(active, axis=-1).astype(jnp.float32)),
+                  jnp.any(active, axis=0))
+    return mse + l1_coeff * l1, aux

@@ -1,0 +1,63 @@
+"""Spreading a grid over devices: a 1-D mesh ('grid',), per-cell leaves sharded on it.
+
+Every leaf of a size group has a leading cell axis; groups are padded (grid.init_grid's
+`pad_multiple`) to a multiple of the device count, so that axis splits evenly. The step counter,
+the data key and the toy world are replicated, so every device draws the same batch and no
+collective is needed: the cells never communicate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sae_jax import grid
+from sae_jax.errors import UsageError
+
+AXIS = "grid"
+
+
+def make_mesh(devices: int | None = None) -> Mesh:
+    """A 1-D mesh over the first `devices` visible devices (all of them by default)."""
+    available = jax.devices()
+    n = len(available) if devices is None else devices
+    if not 1 <= n <= len(available):
+        raise UsageError(f"--devices must be in [1, {len(available)}] (visible devices), got {n}")
+    return Mesh(np.array(available[:n]), (AXIS,))
+
+
+def cell_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def state_shardings(state: grid.GridState, mesh: Mesh) -> grid.GridState:
+    """The sharding of every leaf: groups on 'grid', the rest replicated."""
+    groups = tuple(jax.tree.map(lambda _: cell_sharding(mesh), g) for g in state.groups)
+    return grid.GridState(groups, replicated(mesh), replicated(mesh))
+
+
+def shard_state(state: grid.GridState, mesh: Mesh) -> grid.GridState:
+    """Places the state on the mesh; each group's cell count must divide evenly."""
+    for g in state.groups:
+        if g.valid.shape[0] % mesh.devices.size:
+            raise ValueError(f"a group of {g.valid.shape[0]} cells does not split over "
+                             f"{mesh.devices.size} devices; init_grid(pad_multiple=...)")
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+def initialize_distributed() -> None:
+    """jax.distributed.initialize() from the usual environment (coordinator address, process
+    count and id are read by JAX from its cluster detection or JAX_COORDINATOR_ADDRESS etc.)."""
+    try:
+        jax.distributed.initialize()
+    except Exception as e:  # noqa: BLE001 - any failure here is the user's cluster setup
+        addr = os.environ.get("JAX_COORDINATOR_ADDRESS", "unset")
+        raise UsageError(f"--distributed: jax.distributed.initialize() failed "
+                         f"(JAX_COORDINATOR_ADDRESS={addr}): {str(e).splitlines()[0]}") from None
