@@ -14,7 +14,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import grid, results
@@ -119,11 +118,11 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
     if opts.resume:
         if ckpt.latest_step() is None:
             raise UsageError(f"--resume: no complete checkpoint under {ckpt.directory}")
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        _, meta, _ = ckpt.restore(abstract)  # metadata first: refuse a mismatched resume
-        diffs = checkpoint.metadata_mismatches(meta["run_config"], run_config)
+        saved = ckpt.read_metadata().get("run_config", {})  # no arrays read yet
+        diffs = checkpoint.metadata_mismatches(saved, run_config)
         if diffs:
-            raise UsageError("--resume with different arguments: " + "; ".join(diffs[:4]))
+            raise UsageError("--resume with different arguments: " + "; ".join(diffs[:3]))
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         state, meta, step = ckpt.restore(abstract)
         saved_recovery = meta.get("recovery")
         log.info("resumed from step %d", step)
@@ -170,7 +169,3 @@ def eval_batch_toy(world, seed: int, n: int) -> jax.Array:
 def to_jsonable(obj) -> dict:
     d = dataclasses.asdict(obj)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def place(x: jax.Array) -> jax.Array:
-    return jnp.asarray(x)

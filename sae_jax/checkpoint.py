@@ -1,0 +1,441 @@
+"""Checkpoints of a whole train state: a thin wrapper over Orbax's CheckpointManager.
+
+A step directory holds three Orbax items:
+
+- ``state``: the train-state pytree (arrays, including PRNG keys).
+- ``metadata``: a JSON dict from the caller (grid spec, run arguments).
+- ``manifest``: one record per state leaf: its path, shape, dtype and a 64-bit
+  fingerprint of its bits.
+
+Orbax makes a save atomic: it writes ``<step>.orbax-checkpoint-tmp`` and renames it
+when every item is written. A killed process therefore leaves no half-written step.
+Files can still be damaged afterwards (a full disk, a bad copy, a truncated sync).
+Tensorstore notices some damage (a broken zstd frame, a short file). It does not
+notice changed bytes inside an uncompressed chunk, and random floats are stored
+uncompressed. So :meth:`Checkpointer.restore` recomputes the fingerprint of every
+restored leaf and compares it with the manifest. A damaged step is logged as one line
+and the next older one is tried.
+
+PRNG keys: raw ``uint32`` keys (``jax.random.PRNGKey``) are ordinary arrays. Typed
+keys (``jax.random.key``) are saved by Orbax as key data with their implementation,
+and they come back typed when the abstract target says so.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sae_jax.errors import UsageError
+
+PyTree = Any
+
+_ITEMS = ("state", "metadata", "manifest")
+_FORMAT = 1
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(UsageError):
+    """No usable checkpoint, or one that does not fit the state being restored."""
+
+
+class _Unusable(Exception):
+    """A step that is partial or damaged; an older one may still be good."""
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection on uint32 that mixes every bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as a flat uint32 vector (typed keys as their key data)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer) and x.dtype.itemsize < 4:
+        x = x.astype(jnp.int32)  # exact for bool, 8/16-bit and 4-bit integers
+    narrow = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize)  # fp8, bf16, fp16
+    if narrow is not None:
+        x = jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 64-bit: two words
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """``[Σ_i h_i, Σ_i h_i·(c_i | 1)] mod 2³²`` with ``h_i = fmix32(w_i ⊕ c_i)``, ``c_i = i·φ``.
+
+    ``w_i`` is the i-th 32-bit word of the leaf. For a fixed position both terms are
+    bijections of ``w_i``, so changing one word always changes both sums, and a change
+    of several words goes unnoticed with probability about 2⁻⁶⁴ (``c_i`` makes moved
+    words count). Sums of integers mod 2³² do not depend on the reduction order, so a
+    leaf sharded over any number of devices has the same fingerprint.
+    """
+    w = _words(x)
+    c = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1)
+    h = _fmix32(w ^ c)
+    return jnp.stack([
+        jnp.sum(h, dtype=jnp.uint32),
+        jnp.sum(h * (c | jnp.uint32(1)), dtype=jnp.uint32),
+    ])
+
+
+@jax.jit
+def _fingerprints_device(leaves: list[jax.Array]) -> jax.Array:
+    """uint32[n_leaves, 2]: one fingerprint per leaf, in one compiled call."""
+    return jnp.stack([_leaf_fingerprint(x) for x in leaves])
+
+
+def _fingerprints(leaves: list[Any]) -> list[str]:
+    """Hex fingerprints of ``leaves``, computed where the arrays live.
+
+    One compiled call per set of devices, since one call cannot mix arrays committed
+    to different devices.
+    """
+    arrays = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in leaves]
+    groups: dict[frozenset, list[int]] = {}
+    for i, x in enumerate(arrays):
+        groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
+    out = [""] * len(arrays)
+    for idx in groups.values():
+        fps = np.asarray(jax.device_get(_fingerprints_device([arrays[i] for i in idx])))
+        for i, (a, b) in zip(idx, fps):
+            out[i] = f"{int(a):08x}{int(b):08x}"
+    return out
+
+
+def _leaf_records(state: PyTree) -> list[dict[str, Any]]:
+    """Path, shape and JAX dtype of every leaf of ``state`` (concrete or abstract)."""
+    records = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+            dtype = leaf.dtype
+        else:  # NumPy or Python: the dtype it gets as a JAX array (int64 -> int32)
+            dtype = jax.dtypes.canonicalize_dtype(np.result_type(leaf))
+        path, shape = jax.tree_util.keystr(path), list(np.shape(leaf))
+        records.append({"path": path, "shape": shape, "dtype": str(dtype)})
+    return records
+
+
+# --------------------------------------------------------------------------- Orbax noise
+
+
+def _install_noise_filter() -> None:
+    """Sends the echoes of a failed Orbax array read to the debug log, not stderr.
+
+    When one read of a damaged checkpoint fails, Orbax closes its event loop while other
+    reads are in flight, and each prints a traceback through ``sys.unraisablehook``.
+    The failure itself is raised and handled. Everything else goes to the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_sae_jax_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc, obj = unraisable.exc_value, unraisable.object
+        loop_closed = obj is None and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        if loop_closed or "_read_array_index_and_device_put" in repr(obj):
+            log.debug("ignored after a failed checkpoint read: %r", exc)
+        else:
+            previous(unraisable)
+
+    hook._sae_jax_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def _one_line(exc: BaseException) -> str:
+    """The innermost cause's message, on one line, at most ~200 characters."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --------------------------------------------------------------------------- Checkpointer
+
+
+def _concrete_target(abstract_state: PyTree) -> PyTree:
+    """The restore target: shape, dtype and sharding of every array leaf.
+
+    Leaves without a sharding go to the default device, so a checkpoint written on
+    another device count still restores. Multi-host runs must give shardings.
+    """
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or default)
+        if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else x,
+        abstract_state,
+    )
+
+
+class Checkpointer:
+    """Saves and restores ``(state, metadata)`` per step under one directory.
+
+    Keeps the newest ``max_to_keep`` steps. Saves are asynchronous: :meth:`save`
+    returns once the arrays are copied off the device, and the files are written in
+    the background. Use as a context manager, or call :meth:`close`, so the last save
+    is finished before the process exits.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
+        if not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise UsageError(f"max_to_keep must be an integer >= 1, got {max_to_keep!r}")
+        self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot create checkpoint directory {self.directory}: {e.strerror}"
+            ) from e
+        if not os.access(self.directory, os.W_OK):
+            raise CheckpointError(f"checkpoint directory {self.directory} is not writable")
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        self._warned: set[tuple[int, str]] = set()
+
+    # -- saving
+
+    def save(self, step: int, state: PyTree, metadata: Mapping[str, Any]) -> None:
+        """Starts an atomic save of ``state`` and the JSON dict ``metadata`` as ``step``.
+
+        An existing checkpoint with the same step (one left by an earlier run that was
+        resumed from an older step) is replaced.
+        """
+        step = int(step)
+        try:
+            metadata = json.loads(json.dumps(dict(metadata), allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint metadata must be a JSON object: {e}") from e
+        records = _leaf_records(state)
+        for record in records:
+            if 0 in record["shape"]:
+                raise ValueError(f"Orbax cannot save the empty array {record['path']}")
+        for record, fp in zip(records, _fingerprints(jax.tree.leaves(state))):
+            record["fingerprint"] = fp
+        manifest = {"format": _FORMAT, "leaves": records}
+        if step in self._manager.all_steps():
+            self._manager.wait_until_finished()
+            log.warning("replacing the existing checkpoint for step %d in %s", step, self.directory)
+            self._manager.delete(step)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                metadata=ocp.args.JsonSave(metadata),
+                manifest=ocp.args.JsonSave(manifest),
+            ),
+            force=True,
+        )
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk; raises if one failed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases Orbax's threads. Idempotent."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- reading
+
+    def all_steps(self) -> list[int]:
+        """Every step Orbax sees as committed, oldest first (complete or not)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest step whose items are all present and whose JSON items parse.
+
+        This reads no arrays. :meth:`restore` also checks the array contents and may
+        fall back further.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                self._read_json_items(step)
+                return step
+            except _Unusable as e:
+                self._warn(step, str(e))
+        return None
+
+    def read_metadata(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of ``step`` (default: the newest complete step), reading no arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        try:
+            return self._read_json_items(step)[0]
+        except _Unusable as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory}: {e}") from None
+
+    def restore(
+        self, abstract_state: PyTree, step: int | None = None
+    ) -> tuple[PyTree, dict[str, Any], int]:
+        """Returns ``(state, metadata, step)`` from the newest usable step, or ``step``.
+
+        ``abstract_state`` gives the pytree structure (registered dataclasses,
+        NamedTuples, optax states come back as themselves) and, per leaf, shape, dtype
+        and optionally sharding, e.g. ``jax.eval_shape(init_fn)`` with shardings added.
+        Damaged steps are logged and skipped when ``step`` is None.
+
+        Raises:
+          CheckpointError: no usable step; ``step`` is damaged or missing; or the
+            checkpoint's leaves differ from ``abstract_state``'s.
+        """
+        self._manager.wait_until_finished()
+        steps = self.all_steps()
+        if step is not None:
+            if int(step) not in steps:
+                raise CheckpointError(f"no checkpoint for step {step} in {self.directory}")
+            try:
+                return self._restore_step(abstract_state, int(step))
+            except _Unusable as e:
+                msg = f"checkpoint step {step} in {self.directory} is unusable: {e}"
+                raise CheckpointError(msg) from None
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        problems = []
+        for candidate in reversed(steps):
+            try:
+                return self._restore_step(abstract_state, candidate)
+            except _Unusable as e:
+                self._warn(candidate, str(e))
+                problems.append(f"step {candidate}: {e}")
+        raise CheckpointError(f"no usable checkpoint in {self.directory} ({'; '.join(problems)})")
+
+    def _warn(self, step: int, problem: str) -> None:
+        if (step, problem) not in self._warned:
+            self._warned.add((step, problem))
+            log.warning("checkpoint step %d in %s is unusable, skipping it: %s",
+                        step, self.directory, problem)
+
+    def _read_json_items(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The step's (metadata, manifest) after checking every item is present."""
+        step_dir = os.path.join(self.directory, str(step))
+        if not os.path.isdir(step_dir):
+            raise _Unusable("its directory is missing")
+        for item in _ITEMS:
+            if not os.path.isdir(os.path.join(step_dir, item)):
+                raise _Unusable(f"item directory '{item}' is missing")
+        if not os.path.isfile(os.path.join(step_dir, "state", "_METADATA")):
+            raise _Unusable("the state's array index state/_METADATA is missing")
+        metadata, manifest = (_read_json(os.path.join(step_dir, i, "metadata"), i) for i in _ITEMS[1:])
+        if not isinstance(metadata, dict):
+            raise _Unusable("metadata is not a JSON object")
+        if not (isinstance(manifest, dict) and manifest.get("format") == _FORMAT
+                and isinstance(manifest.get("leaves"), list)):
+            raise _Unusable(f"manifest is not a format-{_FORMAT} sae_jax manifest")
+        return metadata, manifest
+
+    def _restore_step(self, abstract_state: PyTree, step: int) -> tuple[PyTree, dict, int]:
+        metadata, manifest = self._read_json_items(step)
+        saved = manifest["leaves"]
+        wanted = _leaf_records(abstract_state)
+        strip = [{k: r.get(k) for k in ("path", "shape", "dtype")} for r in saved]
+        if strip != wanted:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not fit the state to "
+                f"restore: {_first_difference(strip, wanted)}"
+            )
+        _install_noise_filter()
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_concrete_target(abstract_state))
+                ),
+            )
+        except Exception as e:  # Orbax and tensorstore raise many types for bad files.
+            gc.collect()  # report the failed reads' echoes now, to the filter
+            raise _Unusable(f"cannot read its arrays ({_one_line(e)})") from None
+        state = restored.state
+        for record, fp in zip(saved, _fingerprints(jax.tree.leaves(state))):
+            if fp != record.get("fingerprint"):
+                raise _Unusable(f"array {record['path']} does not match its saved checksum")
+        return state, metadata, step
+
+
+def _read_json(path: str, item: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise _Unusable(f"{item} is unreadable ({_one_line(e)})") from None
+
+
+def _first_difference(saved: list[dict], wanted: list[dict]) -> str:
+    """One line naming the first leaf that differs between checkpoint and target."""
+    for s, w in zip(saved, wanted):
+        if s != w:
+            show = lambda r: f"{r['path']} {r['dtype']}{r['shape']}"  # noqa: E731
+            return f"the checkpoint has {show(s)} where the state has {show(w)}"
+    return f"the checkpoint has {len(saved)} arrays, the state has {len(wanted)}"
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+_MISSING = object()
+
+
+def metadata_mismatches(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] | None = None
+) -> list[str]:
+    """One line per key whose value differs between a checkpoint and this run.
+
+    Nested dicts are compared per leaf under dotted keys (``grid.l1``). ``current``
+    goes through the same JSON round trip as saved metadata, so tuples equal lists.
+    ``keys`` limits the comparison (a dotted key or a prefix of one); by default every
+    key of either side is compared. An empty list means the run may resume.
+    """
+    flat_saved = _flatten(saved)
+    flat_current = _flatten(json.loads(json.dumps(dict(current))))
+    names = sorted(set(flat_saved) | set(flat_current))
+    if keys is not None:
+        wanted = list(keys)
+        names = [n for n in names if any(n == k or n.startswith(k + ".") for k in wanted)]
+    lines = []
+    for name in names:
+        a, b = flat_saved.get(name, _MISSING), flat_current.get(name, _MISSING)
+        if a != b:
+            lines.append(f"{name}: the checkpoint has {_show(a)}, this run has {_show(b)}")
+    return lines
+
+
+def _show(value: Any) -> str:
+    return "nothing" if value is _MISSING else json.dumps(value)
