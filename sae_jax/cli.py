@@ -114,7 +114,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
     spec = grid.GridSpec.from_ratios(pick("l1"), pick("ratios"), world.features, pick("seeds"))
     cfg = train_config(args, preset)
     custom = any(getattr(args, k) is not None for k in ("d", "features", "l1", "ratios"))
-    appendix = not args.no_appendix and not custom
+    appendix = args.appendix or not (args.no_appendix or custom)
     run = toyrun.ToyRun(world, spec, cfg, run_options(args, f"runs/toy-{args.preset}"),
                         denoise_noise=preset["denoise_noise"] if appendix else (),
                         denoise_steps=min(preset["denoise_steps"], args.steps))
@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--decay", type=float)
     w.add_argument("--no-correlation", action="store_true")
     w.add_argument("--fixed-z", action="store_true", help="one z per world (the report) instead of per batch")
-    w.add_argument("--no-appendix", action="store_true", help="skip the denoising appendix grid")
+    w.add_argument("--no-appendix", action="store_true",
+                   help="skip the denoising appendix grid (skipped anyway for a custom world or grid)")
+    w.add_argument("--appendix", action="store_true", help="run the denoising appendix grid even so")
     add_training_args(p)
     p.set_defaults(func=cmd_toy)
     for name in ("grid_cli", "cli_lm"):

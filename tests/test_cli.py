@@ -1,0 +1,172 @@
+"""The `sae-jax` command as a user meets it: outputs, determinism, resume after kill -9, and
+one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sae_jax import cli
+
+TINY = ["toy", "--d", "16", "--features", "32", "--mean-active", "3", "--l1", "0.1,1",
+        "--ratios", "0.5,1", "--batch-size", "64", "--eval-samples", "512", "--no-progress",
+        "--check-every", "100"]
+
+
+def sae_jax(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sae_jax.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def load(out) -> tuple[dict, dict]:
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    with np.load(os.path.join(out, "dictionaries.npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    return res, arrays
+
+
+METRICS = ("mmcs", "dead", "recon_loss", "l1_loss", "l0", "fvu", "ssll", "mmcs_with_larger",
+           "diverged", "n_resampled", "steps_to_0.95", "steps_to_0.99")
+
+
+def same_run(a: str, b: str) -> None:
+    """Bit-identical dictionaries and identical per-cell metrics (timings aside)."""
+    ra, da = load(a)
+    rb, db = load(b)
+    assert sorted(da) == sorted(db)
+    for k in da:
+        np.testing.assert_array_equal(da[k], db[k], err_msg=k)
+    for ca, cb in zip(ra["cells"], rb["cells"]):
+        assert {k: ca[k] for k in METRICS} == {k: cb[k] for k in METRICS}
+    assert ra["suggested"] == rb["suggested"]
+
+
+def test_toy_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    r = sae_jax(*TINY, "--steps", "300", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res, arrays = load(out)
+    cells = res["cells"]
+    assert len(cells) == 4 and res["config"]["world"]["d"] == 16
+    for key in ("l1", "ratio", "dict_size", "seed", "mmcs", "dead", "recon_loss", "l1_loss", "l0", "fvu"):
+        assert all(key in c for c in cells), key
+    assert arrays["ground_truth"].shape == (32, 16)
+    for c in cells:
+        dec = arrays[f"decoder_{c['index']}"]
+        assert dec.shape == (c["dict_size"], 16)
+        np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1.0, atol=1e-5)
+    s = res["suggested"]
+    assert s["cell"] is None or 0 <= s["cell"] < len(cells)
+    assert res["ground_truth_optimum"]["mmcs"] == max(c["mmcs"] for c in cells)
+    assert (out / "figures" / "fig03_mmcs_heatmap.png").stat().st_size > 1000
+    report = (out / "REPORT.md").read_text()
+    assert "fig03_mmcs_heatmap.png" in report and "ground-truth optimum" in report
+
+
+@pytest.mark.slow
+def test_same_arguments_same_results(tmp_path):
+    for name in ("a", "b"):
+        r = sae_jax(*TINY, "--steps", "200", "--out", str(tmp_path / name), "--no-figures")
+        assert r.returncode == 0, r.stderr
+    same_run(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bit_identical(tmp_path):
+    args = [*TINY, "--steps", "1200", "--checkpoint-every", "100", "--no-figures"]
+    ref = sae_jax(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sae_jax.cli", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = out / "checkpoints" / "grid"
+    deadline = time.time() + 240
+    rng = np.random.default_rng(int(time.time()))
+    target = int(rng.integers(2, 9)) * 100  # kill somewhere in the middle of the run
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p) for p in os.listdir(ckpts) if p.isdigit()] if ckpts.exists() else []
+        if steps and max(steps) >= target:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    time.sleep(float(rng.uniform(0, 0.3)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+
+    r = sae_jax(*args, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    same_run(tmp_path / "ref", out)
+
+
+@pytest.mark.slow
+def test_resume_refuses_different_arguments(tmp_path):
+    out = str(tmp_path / "run")
+    assert sae_jax(*TINY, "--steps", "100", "--out", out, "--no-figures").returncode == 0
+    r = sae_jax(*TINY, "--steps", "100", "--out", out, "--no-figures", "--resume", "--lr", "0.002")
+    assert r.returncode == 2
+    assert "different arguments" in r.stderr and "lr" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--l1", "-0.1"], "--l1"),
+    (["--l1", "nan"], "--l1"),
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--ratios", "0"], "--ratios"),
+    (["--ratios", "1,-2"], "--ratios"),
+    (["--mean-active", "100", "--features", "32"], "--mean-active"),
+    (["--d", "0"], "--d"),
+    (["--steps", "0"], "--steps"),
+    (["--seeds", "0"], "--seeds"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--l1", "abc"], "--l1"),
+    (["--resume"], "--resume"),
+])
+def test_bad_arguments_one_line_exit_2(tmp_path, capsys, args, needle):
+    base = ["toy", "--d", "16", "--features", "32", "--mean-active", "3", "--l1", "0.1",
+            "--ratios", "1", "--steps", "10", "--out", str(tmp_path / "o"), "--no-progress"]
+    try:
+        code = cli.main([*base, *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_bad_argument_in_a_real_process_has_no_traceback(tmp_path):
+    r = sae_jax("toy", "--l1", "-1", "--out", str(tmp_path / "o"), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["sae-jax: error: --l1 values must be finite and >= 0, got -1.0"]
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = sae_jax("toy", "--steps", "10", "--out", str(blocker / "sub"), timeout=120)
+    assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grid_rejects_bad_activations(tmp_path):
+    nan = np.ones((64, 8), np.float32)
+    nan[17, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "flat.npy", np.ones(64, np.float32))
+    for name, needle in (("nan.npy", "NaN"), ("flat.npy", "shape"), ("missing.npy", "does not exist")):
+        r = sae_jax("grid", "--activations", str(tmp_path / name), "--l1", "0.1", "--ratios", "1",
+                    "--steps", "5", "--out", str(tmp_path / "o"), timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
