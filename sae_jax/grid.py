@@ -76,6 +76,8 @@ class GridSpec:
         if not self.dict_sizes:
             raise UsageError("--ratios needs at least one value")
         _check_positive("dictionary size", self.dict_sizes)
+        if any(m != int(m) for m in self.dict_sizes):
+            raise UsageError(f"dictionary sizes must be integers, got {list(self.dict_sizes)}")
         if len(set(self.dict_sizes)) != len(self.dict_sizes):
             raise UsageError(f"dictionary sizes must be distinct, got {list(self.dict_sizes)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -210,21 +212,42 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
     groups = []
     for g, m in enumerate(spec.dict_sizes):
         mine = [c for c in cells if c.group == g]
-        n_pad = (-len(mine)) % pad_multiple
-        keys = jnp.stack([cell_key(init_key, m, c.seed) for c in mine] + [cell_key(init_key, m, mine[-1].seed)] * n_pad)
+        keys = jnp.stack([cell_key(init_key, m, c.seed) for c in mine])
         params = jax.vmap(lambda k: sae.init(k, d, m))(keys)
         groups.append(Cells(
             params=params,
             opt=jax.vmap(cfg.adam().init)(params),
-            l1_coeff=jnp.asarray([c.l1 for c in mine] + [0.0] * n_pad, jnp.float32),
-            noise=jnp.asarray([c.noise for c in mine] + [0.0] * n_pad, jnp.float32),
-            lr=jnp.asarray([cfg.lr] * len(mine) + [0.0] * n_pad, jnp.float32),
-            since_fired=jnp.zeros((len(mine) + n_pad, m), jnp.int32),
-            diverged=jnp.zeros((len(mine) + n_pad,), bool),
-            n_resampled=jnp.zeros((len(mine) + n_pad,), jnp.int32),
-            valid=jnp.asarray([True] * len(mine) + [False] * n_pad),
+            l1_coeff=jnp.asarray([c.l1 for c in mine], jnp.float32),
+            noise=jnp.asarray([c.noise for c in mine], jnp.float32),
+            lr=jnp.full((len(mine),), cfg.lr, jnp.float32),
+            since_fired=jnp.zeros((len(mine), m), jnp.int32),
+            diverged=jnp.zeros((len(mine),), bool),
+            n_resampled=jnp.zeros((len(mine),), jnp.int32),
+            valid=jnp.ones((len(mine),), bool),
         ))
-    return GridState(tuple(groups), jnp.zeros((), jnp.int32), data_key)
+    return pad(GridState(tuple(groups), jnp.zeros((), jnp.int32), data_key), pad_multiple)
+
+
+def pad(state: GridState, multiple: int) -> GridState:
+    """Pads each group with copies of its last cell made inert (lr 0, valid False) up to a
+    multiple of `multiple` cells. Inert cells never show in results."""
+    def one(g: Cells) -> Cells:
+        n_pad = (-g.valid.shape[0]) % multiple
+        if not n_pad:
+            return g
+        grow = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], n_pad, axis=0)])
+        g = jax.tree.map(grow, g)
+        inert = jnp.arange(g.valid.shape[0]) >= g.valid.shape[0] - n_pad
+        return g.replace(lr=jnp.where(inert, 0.0, g.lr), valid=g.valid & ~inert)
+    return state.replace(groups=tuple(one(g) for g in state.groups))
+
+
+def unpad(state: GridState, spec: GridSpec) -> GridState:
+    """The state without inert padding cells (what checkpoints hold, so that a run can resume
+    on a different number of devices)."""
+    counts = [sum(1 for c in spec.cells() if c.group == g) for g in range(len(spec.dict_sizes))]
+    return state.replace(groups=tuple(jax.tree.map(lambda a: a[:n], g)
+                                      for g, n in zip(state.groups, counts)))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -253,7 +276,7 @@ def cell_update(cell: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array
         cell.params, x_in, cell.l1_coeff * l1_mult, cfg.l1_convention, x_BxD)
     updates, opt = cfg.adam().update(grads, cell.opt)
     params = jax.tree.map(lambda p, u: p - cell.lr * lr_mult * u, cell.params, updates)
-    diverged = cell.diverged | ~(jnp.isfinite(total) & _all_finite(grads))
+    diverged = cell.diverged | ~(jnp.isfinite(total) & _all_finite(grads) & _all_finite(params))
     keep = lambda new, old: jnp.where(diverged, old, new)
     new = cell.replace(
         params=jax.tree.map(keep, params, cell.params),

@@ -7,8 +7,8 @@ At a resampling step a latent j of a cell is *recycled* when
 A recycled latent gets, from a shared pool of samples x and the cell's reconstructions x^:
 - decoder atom  D_j = r / ||r||, r = x - x^ of one of the `resample_worst` worst-reconstructed
   samples of the pool (chosen at random, without repeats while they last);
-- encoder row   W_e[j] = D_j * mean_{live i} ||W_e[i]||;
-- bias          b_e[j] = mean_{live i} b_e[i];
+- encoder row   W_e[j] = D_j * mean_{live i} ||W_e[i]||  (all rows when none is live);
+- bias          b_e[j] = mean_{live i} b_e[i]  (0 when none is live);
 - its Adam first and second moments are zeroed and its fired counter restarts.
 Nothing changes in a cell where no latent qualifies, or in a diverged cell.
 """
@@ -25,15 +25,28 @@ from sae_jax import sae
 Array = jax.Array
 
 
+def duplicate_mask(atoms_MxD: Array, threshold: float, block: int = 512) -> Array:
+    """(M,) True where cos(D_j, D_i) > threshold for some earlier i < j; built block x M at a
+    time so the M x M similarity matrix never exists."""
+    m = atoms_MxD.shape[0]
+    b = min(block, m)
+    n_blocks = -(-m // b)
+    rows = jnp.pad(atoms_MxD, ((0, n_blocks * b - m), (0, 0))).reshape(n_blocks, b, -1)
+    idx = jnp.arange(n_blocks * b).reshape(n_blocks, b)
+
+    def one(args):
+        blk, j = args
+        earlier = jnp.arange(m)[None, :] < j[:, None]
+        return jnp.any(earlier & (blk @ atoms_MxD.T > threshold), axis=1)
+    return jax.lax.map(one, (rows, idx)).reshape(-1)[:m]
+
+
 def recycle_mask(params: sae.SAEParams, since_fired_M: Array, dead_window: int,
                  dedup_threshold: float) -> Array:
     """Boolean (M,): dead latents, plus atoms with cosine > threshold to an earlier atom."""
     mask = since_fired_M >= dead_window
     if dedup_threshold:
-        atoms = sae.dictionary(params)
-        gram = atoms @ atoms.T
-        earlier = jnp.tril(jnp.ones_like(gram, dtype=bool), k=-1)  # [j, i] true when i < j
-        mask |= jnp.any(earlier & (gram > dedup_threshold), axis=1)
+        mask |= duplicate_mask(sae.dictionary(params), dedup_threshold)
     return mask
 
 
@@ -47,15 +60,18 @@ def resample_cell(cell, pool_PxD: Array, key: Array, dead_window: int, dedup_thr
     p = cell.params
     mask = recycle_mask(p, cell.since_fired, dead_window, dedup_threshold) & ~cell.diverged
     err = jnp.sum(jnp.square(pool_PxD - sae.decode(p, sae.encode(p, pool_PxD))), axis=1)
-    _, worst = jax.lax.top_k(err, n_worst)
+    worst = jnp.argsort(-err)[:n_worst]  # (a sort partitions over a sharded cell axis; top_k does not)
     rank = jnp.cumsum(mask) - 1
     pick = worst[jax.random.permutation(key, n_worst)[rank % n_worst]]
     resid = pool_PxD[pick] - sae.decode(p, sae.encode(p, pool_PxD[pick]))
     direction = sae.unit_rows(resid)
     live = ~mask
+    any_live = jnp.any(live)
     n_live = jnp.maximum(jnp.sum(live), 1)
-    enc_norm = jnp.sum(jnp.linalg.norm(p.W_enc_MxD, axis=1) * live) / n_live
-    bias = jnp.sum(p.b_enc_M * live) / n_live
+    norms = jnp.linalg.norm(p.W_enc_MxD, axis=1)
+    # With no live latent left: the mean norm of all rows and a zero bias, so the new latents fire.
+    enc_norm = jnp.where(any_live, jnp.sum(norms * live) / n_live, jnp.mean(norms))
+    bias = jnp.where(any_live, jnp.sum(p.b_enc_M * live) / n_live, 0.0)
     col = mask[:, None]
     params = sae.SAEParams(
         W_enc_MxD=jnp.where(col, direction * enc_norm, p.W_enc_MxD),
@@ -69,16 +85,18 @@ def resample_cell(cell, pool_PxD: Array, key: Array, dead_window: int, dedup_thr
 
 
 def resample_grid(state, pool_fn: Callable[[Array], Array], cfg):
-    """Resamples every cell of every group; the pool pool_fn(key) is shared by all cells.
-    Cells are visited with lax.map, so the (M x M) dedup Gram matrix exists one cell at a time."""
+    """Resamples every cell of every group (vmapped, so a sharded cell axis stays local); the
+    pool pool_fn(key) is shared by all cells."""
     key = jax.random.fold_in(jax.random.fold_in(state.data_key, state.step), 0x5EED)
     pool = pool_fn(key)
     window = cfg.resample_dead_window or cfg.resample_every
     groups = []
     for g in state.groups:
         n = g.valid.shape[0]
-        keys = jax.random.split(jax.random.fold_in(key, g.dict_size), n)
-        fn = lambda args: resample_cell(args[0], pool, args[1], window, cfg.dedup_threshold,
-                                        min(cfg.resample_worst, pool.shape[0]))
-        groups.append(jax.lax.map(fn, (g, keys)))
+        # One key for the whole group: a cell's resampling must not depend on its slot.
+        k = jax.random.fold_in(key, g.dict_size)
+        keys = jnp.broadcast_to(k, (n,) + k.shape)
+        fn = lambda cell, k: resample_cell(cell, pool, k, window, cfg.dedup_threshold,
+                                           min(cfg.resample_worst, pool.shape[0]))
+        groups.append(jax.vmap(fn)(g, keys))
     return state.replace(groups=tuple(groups))

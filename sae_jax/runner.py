@@ -107,9 +107,7 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
 
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(opts.devices)
-    state = grid.init_grid(jax.random.PRNGKey(opts.seed), spec, d, cfg,
-                           pad_multiple=mesh.devices.size)
-    state = sharding.shard_state(state, mesh)
+    state = grid.init_grid(jax.random.PRNGKey(opts.seed), spec, d, cfg)  # unpadded
     ckpt = None
     saved_recovery = None
     if opts.checkpoint_every or opts.resume:
@@ -122,10 +120,11 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
         diffs = checkpoint.metadata_mismatches(saved, run_config)
         if diffs:
             raise UsageError("--resume with different arguments: " + "; ".join(diffs[:3]))
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
         state, meta, step = ckpt.restore(abstract)
         saved_recovery = meta.get("recovery")
         log.info("resumed from step %d", step)
+    state = sharding.shard_state(grid.pad(state, mesh.devices.size), mesh)
     if int(state.step) > opts.steps:
         raise UsageError(f"--resume: the checkpoint is at step {int(state.step)}, past --steps {opts.steps}")
     recovery = _Recovery(len(spec.cells()), t0, saved_recovery) if ground_truth is not None else None
@@ -135,7 +134,7 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
         if recovery is not None and opts.check_every and (step % opts.check_every == 0 or step == opts.steps):
             recovery.update(s, ground_truth)
         if ckpt is not None and opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == opts.steps):
-            ckpt.save(step, s, {"run_config": run_config,
+            ckpt.save(step, grid.unpad(s, spec), {"run_config": run_config,
                                 "recovery": recovery.first if recovery else None})
 
     try:

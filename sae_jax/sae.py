@@ -43,8 +43,11 @@ def init(key: Array, d: int, m: int) -> SAEParams:
 
 
 def unit_rows(w: Array, eps: float = 1e-8) -> Array:
-    """Each row divided by its Euclidean norm."""
-    return w / (jnp.linalg.norm(w, axis=-1, keepdims=True) + eps)
+    """Each row divided by its Euclidean norm (computed as s * ||w / s||, s = max |w_i|, so that
+    huge rows do not overflow the norm)."""
+    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(w), axis=-1, keepdims=True))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return w / (scale * jnp.linalg.norm(w / scale, axis=-1, keepdims=True) + eps)
 
 
 def encode(params: SAEParams, x_BxD: Array) -> Array:

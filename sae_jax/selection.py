@@ -76,6 +76,7 @@ def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
     voting = [m for m in methods if m["ratio"] is not None]
     if not voting:
         return {"methods": methods, "ratio": None, "l1": None, "agree": [],
+                "disagree": [m["method"] for m in methods],
                 "summary": "no method could make a suggestion on this grid"}
     counts = Counter(m["ratio"] for m in voting)
     top = max(counts.values())

@@ -18,6 +18,7 @@ near 0.97; a fresh z per batch gives every feature its decayed base rate on aver
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,10 @@ class ToyConfig:
     fresh_z: bool = True
 
     def validate(self) -> "ToyConfig":
+        for name in ("d", "features", "mean_active", "decay"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
         if int(self.d) <= 0:
             raise UsageError(f"--d must be a positive integer, got {self.d}")
         if int(self.features) <= 0:

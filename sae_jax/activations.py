@@ -1,0 +1,340 @@
+"""On-disk activation stores: harvest a transformer layer's MLP activations, stream shuffled batches.
+
+A store is a directory that numpy alone can read:
+
+    manifest.json      {"format": "sae_jax.activations/1", "d": d, "n": n, "dtype": "float16",
+                        "shards": [{"file": "shard_00000.npy", "rows": r_0}, ...], "source": {...}}
+    shard_00000.npy    (r_0, d) array in `dtype`; np.load(path, mmap_mode="r") opens it lazily
+    shard_00001.npy    ...
+
+Rows are written shard by shard and the manifest last, so a store may be larger than RAM and an
+interrupted write leaves no manifest. Harvested rows are in corpus order: row w·L + t is
+position t of window w (consecutive, non-overlapping windows of L = context_len tokens).
+
+Streaming order. Each shard is cut into blocks of `block_rows = max(1, buffer_rows // 8)`
+contiguous rows. Epoch e permutes all blocks with `default_rng([seed, e])` and packs them, in
+that order, into groups of at most `buffer_rows` rows. A group is loaded, its rows permuted
+with `default_rng([seed, e, g])`, and appended to one endless stream; batch k is rows
+[k·B, (k+1)·B) of it. So every epoch yields every row exactly once, memory stays at about one
+group, and batch k is a function of (seed, B, buffer_rows, k) alone: `start_batch=k` resumes
+by loading only the group that holds row k·B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax import transformer
+from sae_jax.transformer import TransformerConfig
+
+FORMAT = "sae_jax.activations/1"
+DTYPES = ("float16", "float32")
+SHARD_BYTES = 64 * 2**20
+_SHARD_RE = re.compile(r"shard_\d{5}\.npy")
+
+
+def _default_shard_rows(d: int, dtype: str) -> int:
+    return max(1, SHARD_BYTES // (d * np.dtype(dtype).itemsize))
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationStore:
+    """An opened store: `d` columns, `n` rows, split over `shard_files` with `shard_rows` rows each."""
+
+    path: Path
+    d: int
+    n: int
+    dtype: str
+    shard_files: tuple[str, ...]
+    shard_rows: tuple[int, ...]
+    source: dict
+
+    def __len__(self) -> int:
+        return self.n
+
+    def shard(self, i: int) -> np.ndarray:
+        """Shard i as a read-only memory map of shape (shard_rows[i], d)."""
+        return np.load(self.path / self.shard_files[i], mmap_mode="r")
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) in store order, as float32."""
+        stop = self.n if stop is None else min(stop, self.n)
+        out, offset = [], 0
+        for i, rows in enumerate(self.shard_rows):
+            lo, hi = max(start - offset, 0), min(stop - offset, rows)
+            if lo < hi:
+                out.append(np.asarray(self.shard(i)[lo:hi], np.float32))
+            offset += rows
+        return np.concatenate(out) if out else np.zeros((0, self.d), np.float32)
+
+    def validate_values(self, chunk_rows: int = 65536) -> None:
+        """Scan every shard in chunks; raise ValueError at the first NaN or Inf."""
+        for i in range(len(self.shard_files)):
+            shard = self.shard(i)
+            for lo in range(0, len(shard), chunk_rows):
+                _check_finite(shard[lo : lo + chunk_rows], f"{self.shard_files[i]} rows {lo}..")
+
+    def _epoch_groups(self, seed: int, epoch: int, buffer_rows: int) -> list[list[tuple[int, int, int]]]:
+        """Blocks (shard, lo, hi) of one epoch, permuted and packed into groups of ≤ buffer_rows rows."""
+        block_rows = max(1, buffer_rows // 8)
+        blocks = [
+            (i, lo, min(lo + block_rows, r))
+            for i, r in enumerate(self.shard_rows)
+            for lo in range(0, r, block_rows)
+        ]
+        order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+        groups: list[list[tuple[int, int, int]]] = [[]]
+        size = 0
+        for j in order:
+            i, lo, hi = blocks[j]
+            if groups[-1] and size + (hi - lo) > buffer_rows:
+                groups.append([])
+                size = 0
+            groups[-1].append((i, lo, hi))
+            size += hi - lo
+        return groups
+
+    def stream(
+        self, batch_size: int, seed: int, buffer_rows: int = 131072, start_batch: int = 0
+    ) -> Iterator[np.ndarray]:
+        """Endless iterator of shuffled float32 (batch_size, d) batches, starting at batch `start_batch`.
+
+        Peak memory is about two copies of one group, 2·buffer_rows·d·itemsize bytes. Batch k
+        depends only on (seed, batch_size, buffer_rows, k); the module docstring gives the order.
+        """
+        if batch_size <= 0 or buffer_rows <= 0 or start_batch < 0:
+            raise ValueError(
+                f"need batch_size > 0, buffer_rows > 0, start_batch >= 0; "
+                f"got {batch_size}, {buffer_rows}, {start_batch}"
+            )
+        shards = [self.shard(i) for i in range(len(self.shard_files))]
+        epoch, skip = divmod(start_batch * batch_size, self.n)
+        carry = np.zeros((0, self.d), self.dtype)
+        while True:
+            group_end = 0
+            for g, blocks in enumerate(self._epoch_groups(seed, epoch, buffer_rows)):
+                size = sum(hi - lo for _, lo, hi in blocks)
+                group_end += size
+                if skip >= group_end:  # resuming: this group lies wholly before batch start_batch
+                    continue
+                rows = np.concatenate([shards[i][lo:hi] for i, lo, hi in blocks])
+                _check_finite(rows, f"{self.path.name} epoch {epoch} group {g}")
+                rows = rows[np.random.default_rng([seed, epoch, g]).permutation(size)]
+                rows = rows[max(0, skip - (group_end - size)) :]
+                skip = 0
+                buf = np.concatenate([carry, rows]) if len(carry) else rows
+                n_full = len(buf) // batch_size
+                for b in range(n_full):
+                    yield buf[b * batch_size : (b + 1) * batch_size].astype(np.float32)
+                carry = buf[n_full * batch_size :]
+            epoch += 1
+
+
+def _check_finite(rows: np.ndarray, where: str) -> None:
+    if not np.isfinite(rows).all():
+        bad = int(np.argwhere(~np.isfinite(rows))[0][0])
+        raise ValueError(f"activation store has NaN/Inf values ({where}, row offset {bad})")
+
+
+def open_store(path: str | os.PathLike, check_values: bool = True) -> ActivationStore:
+    """Open and validate a store: manifest, each shard's shape and dtype, and (by default) finiteness."""
+    p = Path(path).expanduser().absolute()
+    mpath = p / "manifest.json"
+    if not mpath.is_file():
+        raise ValueError(f"not an activation store (no manifest.json): {p}")
+    try:
+        m = json.loads(mpath.read_text())
+        if m.get("format") != FORMAT:
+            raise ValueError(f"format {m.get('format')!r} is not {FORMAT!r}")
+        d, n, dtype = int(m["d"]), int(m["n"]), str(m["dtype"])
+        files = tuple(str(s["file"]) for s in m["shards"])
+        rows = tuple(int(s["rows"]) for s in m["shards"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"invalid manifest {mpath}: {e}") from None
+    if dtype not in DTYPES or d <= 0 or n <= 0 or sum(rows) != n:
+        raise ValueError(
+            f"invalid manifest {mpath}: dtype={dtype}, d={d}, n={n}, shard rows sum to {sum(rows)}"
+        )
+    for f, r in zip(files, rows):
+        if not (p / f).is_file():
+            raise ValueError(f"activation store shard missing: {p / f}")
+        arr = np.load(p / f, mmap_mode="r")
+        if arr.shape != (r, d) or arr.dtype != np.dtype(dtype):
+            raise ValueError(
+                f"activation store shard {f} has shape {arr.shape} {arr.dtype}, "
+                f"manifest says ({r}, {d}) {dtype}"
+            )
+    store = ActivationStore(p, d, n, dtype, files, rows, dict(m.get("source") or {}))
+    if check_values:
+        store.validate_values()
+    return store
+
+
+class StoreWriter:
+    """Append rows to a new store shard by shard; `close()` writes the manifest and returns the store."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        d: int,
+        shard_rows: int | None = None,
+        dtype: str = "float16",
+        source: dict | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"store dtype must be one of {DTYPES}, got {dtype!r}")
+        self.path = Path(path).expanduser().absolute()
+        if (self.path / "manifest.json").exists() and not overwrite:
+            raise FileExistsError(f"activation store already exists: {self.path}")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for f in self.path.iterdir():
+            if f.name == "manifest.json" or _SHARD_RE.fullmatch(f.name):
+                f.unlink()
+        self.d, self.dtype, self.source = d, dtype, dict(source or {})
+        self.shard_rows = shard_rows or _default_shard_rows(d, dtype)
+        self._buf = np.empty((self.shard_rows, d), dtype)
+        self._fill = 0
+        self._shards: list[dict[str, Any]] = []
+        self.n = 0
+
+    def append(self, rows_NxD: np.ndarray) -> None:
+        """Cast rows to the store dtype and buffer them; full shards go to disk."""
+        rows_NxD = np.asarray(rows_NxD)
+        if rows_NxD.ndim != 2 or rows_NxD.shape[1] != self.d:
+            raise ValueError(f"expected activations of shape (n, {self.d}), got {rows_NxD.shape}")
+        with np.errstate(over="ignore"):
+            cast = rows_NxD.astype(self.dtype)
+        where = f"writing rows {self.n}..{self.n + len(cast)}, NaN/Inf or beyond {self.dtype} range"
+        _check_finite(cast, where)
+        while len(cast):
+            k = min(len(cast), self.shard_rows - self._fill)
+            self._buf[self._fill : self._fill + k] = cast[:k]
+            self._fill += k
+            self.n += k
+            cast = cast[k:]
+            if self._fill == self.shard_rows:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._fill:
+            name = f"shard_{len(self._shards):05d}.npy"
+            np.save(self.path / name, self._buf[: self._fill])
+            self._shards.append({"file": name, "rows": self._fill})
+            self._fill = 0
+
+    def close(self) -> ActivationStore:
+        self._flush()
+        if self.n == 0:
+            raise ValueError(f"no rows were written to {self.path}")
+        manifest = {
+            "format": FORMAT, "d": self.d, "n": self.n, "dtype": self.dtype,
+            "shards": self._shards, "source": self.source,
+        }
+        (self.path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return open_store(self.path, check_values=False)
+
+
+def write_store(
+    path: str | os.PathLike,
+    array_NxD: np.ndarray,
+    shard_rows: int | None = None,
+    dtype: str = "float16",
+    source: dict | None = None,
+    overwrite: bool = False,
+) -> ActivationStore:
+    """Write a user's (n, d) array (in memory or a memmap) as a store; NaN/Inf raise ValueError."""
+    array_NxD = np.asarray(array_NxD)  # a memmap stays on disk: only shard-sized slices are read
+    if array_NxD.ndim != 2 or array_NxD.shape[0] == 0 or array_NxD.shape[1] == 0:
+        raise ValueError(f"activations must be a non-empty 2-D (n, d) array, got shape {array_NxD.shape}")
+    source = {"kind": "user", **(source or {})}
+    writer = StoreWriter(path, array_NxD.shape[1], shard_rows, dtype, source, overwrite)
+    step = writer.shard_rows
+    for lo in range(0, len(array_NxD), step):
+        writer.append(array_NxD[lo : lo + step])
+    return writer.close()
+
+
+# ----------------------------------------------------------------------------- harvest
+
+
+def _layer_acts(params: Any, tokens_BxL: jax.Array, cfg: TransformerConfig, layer: int) -> jax.Array:
+    """Post-GELU MLP activations of `layer` as float16 rows (B·L, F); later layers are dead code."""
+    _, acts = transformer.apply(params, tokens_BxL, cfg, capture_layers=(layer,))
+    return acts[layer].reshape(-1, cfg.d_mlp).astype(jnp.float16)
+
+
+_jit_layer_acts = jax.jit(_layer_acts, static_argnums=(2, 3))
+
+
+def harvest(
+    params: Any,
+    cfg: TransformerConfig,
+    tokens_N: np.ndarray,
+    layer: int,
+    out: str | os.PathLike,
+    max_tokens: int | None = None,
+    batch_size: int = 64,
+    shard_rows: int | None = None,
+    source: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[ActivationStore, dict[str, float]]:
+    """Run the model over windows of the corpus and store layer `layer`'s MLP activations (float16).
+
+    The corpus is cut into ⌊N / L⌋ non-overlapping windows of L = context_len tokens; when
+    `max_tokens` asks for fewer, ⌈max_tokens / L⌉ windows evenly spaced over the corpus are used
+    and the rows are cut to exactly `max_tokens`. Returns the store and throughput statistics.
+    """
+    from tqdm.auto import tqdm
+
+    if not 0 <= layer < cfg.n_layers:
+        raise ValueError(f"layer {layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
+    L = cfg.context_len
+    tokens_N = np.asarray(tokens_N, np.int32)
+    available = len(tokens_N) // L
+    if available == 0:
+        raise ValueError(f"corpus has {len(tokens_N)} tokens, fewer than one window of {L}")
+    n_rows = available * L if max_tokens is None else min(int(max_tokens), available * L)
+    if n_rows <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    n_windows = math.ceil(n_rows / L)
+    starts_W = (np.arange(n_windows) * available // n_windows) * L
+    meta = {"kind": "harvest", "layer": layer, "context_len": L, "windows": n_windows, **(source or {})}
+    writer = StoreWriter(out, cfg.d_mlp, shard_rows, "float16", meta, overwrite)
+
+    def dispatch(first: int) -> tuple[jax.Array, int]:
+        """Start the forward pass of windows [first, first + batch_size); (rows (B·L, F), valid rows)."""
+        idx_B = starts_W[first : first + batch_size]
+        windows_BxL = np.zeros((batch_size, L), np.int32)  # fixed shape: one compilation
+        windows_BxL[: len(idx_B)] = tokens_N[idx_B[:, None] + np.arange(L)]
+        return _jit_layer_acts(params, jnp.asarray(windows_BxL), cfg, layer), len(idx_B) * L
+
+    dispatch(0)[0].block_until_ready()  # compile outside the timing
+    written = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_rows, desc=f"harvest layer {layer}", unit="tok", unit_scale=True, disable=not progress)
+    with bar:
+        pending = dispatch(0)
+        for first in range(batch_size, n_windows + batch_size, batch_size):
+            upcoming = dispatch(first) if first < n_windows else None  # runs while we write `pending`
+            rows = np.asarray(pending[0])[: min(pending[1], n_rows - written)]
+            writer.append(rows)
+            written += len(rows)
+            bar.update(len(rows))
+            bar.set_postfix(tok_s=f"{written / (time.perf_counter() - t0):,.0f}")
+            pending = upcoming
+    seconds = time.perf_counter() - t0
+    store = writer.close()
+    return store, {"tokens": float(written), "seconds": seconds, "tokens_per_s": written / seconds}

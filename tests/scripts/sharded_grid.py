@@ -1,0 +1,29 @@
+"""Run under JAX_NUM_CPU_DEVICES=8 by tests/test_sharding.py; prints one JSON line of findings."""
+
+import json
+import re
+
+import jax
+import numpy as np
+
+from sae_jax import grid, results, sharding, toy
+
+assert jax.device_count() == 8, jax.devices()
+world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=16, features=32, mean_active=3))
+spec = grid.GridSpec.from_ratios([0.1, 0.3, 1.0], [0.5, 1.0], 32, seeds=1)  # 3 cells per group
+cfg = grid.TrainConfig(batch_size=64, resample_every=50, dedup_threshold=0.9)
+x_eval = grid.toy_batch(world, jax.random.PRNGKey(9), 512)[0]
+
+out = {"params": {}, "cells": {}, "collectives": {}, "shardings": {}}
+for n in (1, 2, 4, 8):
+    mesh = sharding.make_mesh(n)
+    state = grid.init_grid(jax.random.PRNGKey(1), spec, 16, cfg, pad_multiple=n)
+    state = sharding.shard_state(state, mesh)
+    out["shardings"][n] = [str(g.params.D_MxD.sharding.spec) for g in state.groups]
+    hlo = grid.run_toy_chunk.lower(state, world, cfg, 10).compile().as_text()
+    out["collectives"][n] = sorted(set(re.findall(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo)))
+    state = grid.train(state, cfg, 150, world=world, chunk=50, progress=False)
+    out["params"][n] = [np.asarray(grid.cell_params(state, c).D_MxD).tolist() for c in spec.cells()]
+    out["cells"][n] = results.evaluate(state, spec, cfg, x_eval, world.features_HxD)
+    out.setdefault("padded_cells", {})[n] = [int(g.valid.shape[0]) for g in state.groups]
+print(json.dumps(out))

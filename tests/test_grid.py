@@ -1,0 +1,244 @@
+"""The grid trainer: a cell in a grid equals the cell alone, chunking and determinism, fired
+counters, divergence isolation, padding, validation, and recovery of a small world."""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax import grid, metrics, sae, toy
+from sae_jax.errors import UsageError
+
+KEY = jax.random.PRNGKey(7)
+STEPS = 100
+# sum convention and lr 1e-2 so that, within 100 steps, latents die and get resampled.
+SPEC = grid.GridSpec(l1=(0.01, 0.1, 0.3), dict_sizes=(24, 32), seeds=(0, 1))
+OFF = grid.TrainConfig(batch_size=64, lr=1e-2, l1_convention="sum")
+ON = dataclasses.replace(OFF, resample_every=20, resample_pool=256, resample_worst=32,
+                         dedup_threshold=0.9)
+
+
+def _train(world, spec=SPEC, cfg=OFF, steps=STEPS, chunk=STEPS, pad=1, edit=None, key=KEY):
+    state = grid.init_grid(key, spec, world.d, cfg, pad_multiple=pad)
+    if edit is not None:
+        state = edit(state)
+    return grid.train(state, cfg, steps, world=world, chunk=chunk, progress=False)
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_world):
+    """The full grid trained once per configuration, shared by the tests below."""
+    return {"off": _train(tiny_world, cfg=OFF), "on": _train(tiny_world, cfg=ON)}
+
+
+def _assert_trees_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _cell_view(state, cell):
+    return jax.tree.map(lambda a: a[cell.slot], state.groups[cell.group])
+
+
+# ----------------------------------------------------------------------------- spec
+def test_cells_are_size_major_then_l1_then_seed():
+    cells = SPEC.cells()
+    assert len(cells) == 12
+    assert [(c.dict_size, c.l1, c.seed) for c in cells[:6]] == [
+        (24, 0.01, 0), (24, 0.01, 1), (24, 0.1, 0), (24, 0.1, 1), (24, 0.3, 0), (24, 0.3, 1)]
+    assert [c.index for c in cells] == list(range(12))
+    assert [(c.group, c.slot) for c in cells[6:8]] == [(1, 0), (1, 1)]
+    spec = grid.GridSpec.from_ratios([0.1], [0.5, 1, 2.25], features=64, seeds=2)
+    assert spec.dict_sizes == (32, 64, 144) and spec.seeds == (0, 1)
+    assert [c.ratio for c in spec.cells()][::2] == [0.5, 1.0, 2.25]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: grid.GridSpec(l1=(-0.1,), dict_sizes=(8,)),
+    lambda: grid.GridSpec(l1=(float("nan"),), dict_sizes=(8,)),
+    lambda: grid.GridSpec(l1=(float("inf"),), dict_sizes=(8,)),
+    lambda: grid.GridSpec(l1=(), dict_sizes=(8,)),
+    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=()),
+    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(0,)),
+    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(8, 8)),
+    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(8,), seeds=()),
+    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(8,), seeds=(0, 0)),
+    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(8,), noise=(-1.0,)),
+    lambda: grid.GridSpec.from_ratios([0.1], [0.0], features=64),
+    lambda: grid.GridSpec.from_ratios([0.1], [-1.0], features=64),
+    lambda: grid.GridSpec.from_ratios([0.1], [float("nan")], features=64),
+    lambda: grid.GridSpec.from_ratios([0.1], [float("inf")], features=64),
+    lambda: grid.GridSpec.from_ratios([0.1], [1.0, 1.001], features=64),  # same size twice
+    lambda: grid.GridSpec.from_ratios([0.1], [1.0], features=64, seeds=0),
+])
+def test_bad_grid_spec_raises_usage_error(make):
+    with pytest.raises(UsageError):
+        make().validate()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")), ("b1", 1.0), ("b2", -0.1),
+    ("l1_convention", "mean"), ("dead_window", 0), ("l1_warmup", -1), ("dedup_threshold", 1.0),
+    ("resample_every", -5),
+])
+def test_bad_train_config_raises_usage_error(field, value):
+    cfg = dataclasses.replace(OFF, **{field: value})
+    with pytest.raises(UsageError):
+        cfg.validate()
+    with pytest.raises(UsageError):
+        grid.init_grid(KEY, SPEC, 16, cfg)
+
+
+def test_resample_worst_must_fit_the_pool():
+    with pytest.raises(UsageError):
+        dataclasses.replace(ON, resample_worst=300, resample_pool=256).validate()
+
+
+def test_bad_train_call_raises(tiny_world):
+    state = grid.init_grid(KEY, SPEC, tiny_world.d, OFF)
+    with pytest.raises(UsageError):
+        grid.train(state, OFF, 0, world=tiny_world, progress=False)
+    with pytest.raises(ValueError):
+        grid.train(state, OFF, 10, progress=False)
+
+
+# ----------------------------------------------------------------------------- grid == cell alone
+def test_init_depends_on_size_and_seed_only():
+    state = grid.init_grid(KEY, SPEC, 16, OFF)
+    cells = SPEC.cells()
+    p = lambda i: grid.cell_params(state, cells[i])
+    _assert_trees_equal(p(0), p(2))  # same size and seed, other alpha: same init
+    assert not np.allclose(p(0).D_MxD, p(1).D_MxD)  # other seed: other init
+    assert state.groups[0].params.D_MxD.shape == (6, 24, 16)  # no padding to the largest size
+    assert state.groups[1].params.D_MxD.shape == (6, 32, 16)
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_cell_in_grid_equals_cell_trained_alone(tiny_world, baseline, mode):
+    cfg = OFF if mode == "off" else ON
+    full = baseline[mode]
+    if mode == "on":  # the case must exercise resampling, in cells beyond slot 0
+        resampled = [c for c in SPEC.cells() if int(grid.cell_field(full, c, "n_resampled")) > 0]
+        assert len({c.slot for c in resampled}) >= 3, "no resampling happened: weak test"
+    for cell in SPEC.cells():
+        alone_spec = grid.GridSpec(l1=(cell.l1,), dict_sizes=(cell.dict_size,), seeds=(cell.seed,))
+        alone = _train(tiny_world, alone_spec, cfg)
+        a, b = _cell_view(full, cell), alone.groups[0]
+        b = jax.tree.map(lambda x: x[0], b)
+        msg = f"cell {cell} (slot {cell.slot})"
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5, err_msg=msg)
+        np.testing.assert_array_equal(np.asarray(a.since_fired), np.asarray(b.since_fired), err_msg=msg)
+        assert int(a.n_resampled) == int(b.n_resampled), msg
+
+
+def test_chunking_does_not_change_the_result(tiny_world, baseline):
+    chunked = _train(tiny_world, cfg=ON, chunk=STEPS // 2)
+    assert int(chunked.step) == STEPS
+    _assert_trees_equal(chunked.groups, baseline["on"].groups)
+
+
+def test_same_key_same_result_other_key_other_result(tiny_world, baseline):
+    again = _train(tiny_world, cfg=ON)
+    _assert_trees_equal(again, baseline["on"])
+    other = _train(tiny_world, cfg=ON, key=jax.random.PRNGKey(8))
+    assert not np.allclose(other.groups[0].params.D_MxD, again.groups[0].params.D_MxD)
+
+
+# ----------------------------------------------------------------------------- fired counters
+def test_since_fired_and_dead_count_match_brute_force(tiny_world, baseline):
+    """Counters after 100 one-step chunks against firing recomputed on the exact batches
+    (key fold_in(data_key, step)) with the parameters each step saw."""
+    window = 10
+    state = grid.init_grid(KEY, SPEC, tiny_world.d, OFF)
+    history = []  # per step, per group: (C, M) fired on that step's batch
+    fired_fn = jax.jit(jax.vmap(lambda p, x: jnp.any(sae.encode(p, x) > 0, axis=0), (0, None)))
+    for t in range(STEPS):
+        x, _ = grid.toy_batch(tiny_world, jax.random.fold_in(state.data_key, t), OFF.batch_size)
+        history.append([np.asarray(fired_fn(g.params, x)) for g in state.groups])
+        state, _ = grid.run_toy_chunk(state, tiny_world, OFF, 1)
+    # One-step chunks end where one 100-step chunk does.
+    _assert_trees_equal(state, baseline["off"])
+    n_dead = 0
+    for g, group in enumerate(state.groups):
+        fired_TxCxM = np.stack([h[g] for h in history])
+        ever = fired_TxCxM.any(axis=0)
+        last = STEPS - 1 - np.argmax(fired_TxCxM[::-1], axis=0)
+        brute_since = np.where(ever, STEPS - 1 - last, STEPS)
+        np.testing.assert_array_equal(np.asarray(group.since_fired), brute_since)
+        brute_dead = (~fired_TxCxM[-window:].any(axis=0)).sum(axis=-1)
+        np.testing.assert_array_equal(np.asarray(metrics.dead_latents(group.since_fired, window)),
+                                      brute_dead)
+        n_dead += brute_dead.sum()
+        assert (brute_since == 0).any() and ((brute_since > 0) & (brute_since < window)).any()
+    assert n_dead > 0  # some latents are dead: the count is not trivially zero
+
+
+# ----------------------------------------------------------------------------- divergence
+def test_diverged_cell_is_isolated(tiny_world, baseline):
+    """A cell whose loss overflows is flagged, keeps its last finite parameters, and leaves
+    every other cell exactly as in the grid without it."""
+    bad = SPEC.cells()[9]  # group 1, slot 3
+
+    def blow_up(state):
+        g = state.groups[bad.group]
+        w = g.params.W_enc_MxD
+        g = g.replace(params=g.params._replace(W_enc_MxD=w.at[bad.slot].multiply(1e25)))
+        return state.replace(groups=tuple(g if i == bad.group else h
+                                          for i, h in enumerate(state.groups)))
+
+    start = blow_up(grid.init_grid(KEY, SPEC, tiny_world.d, OFF))
+    state = _train(tiny_world, edit=blow_up)
+    for cell in SPEC.cells():
+        assert bool(grid.cell_field(state, cell, "diverged")) == (cell == bad), cell
+        view = _cell_view(state, cell)
+        if cell == bad:
+            assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(view))
+            _assert_trees_equal(view.params, _cell_view(start, cell).params)  # frozen
+        else:
+            _assert_trees_close(view, _cell_view(baseline["off"], cell), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- padding
+def test_padding_cells_are_inert_and_change_nothing(tiny_world, baseline):
+    state = _train(tiny_world, pad=4)
+    init = grid.init_grid(KEY, SPEC, tiny_world.d, OFF, pad_multiple=4)
+    for g, group in enumerate(state.groups):
+        np.testing.assert_array_equal(np.asarray(group.valid), [True] * 6 + [False] * 2)
+        np.testing.assert_array_equal(np.asarray(group.lr)[6:], 0.0)
+        pad = jax.tree.map(lambda a: a[6:], group)
+        assert not np.asarray(pad.diverged).any()
+        _assert_trees_equal(pad.params, jax.tree.map(lambda a: a[6:], init.groups[g].params))
+        real = jax.tree.map(lambda a: a[:6], group)
+        _assert_trees_close(real, baseline["off"].groups[g], rtol=1e-5, atol=1e-6)
+    _assert_trees_equal(grid.unpad(state, SPEC).groups,
+                        tuple(jax.tree.map(lambda a: a[:6], g) for g in state.groups))
+
+
+# ----------------------------------------------------------------------------- recovery
+def test_small_world_recovered_to_mmcs_095():
+    """d = 32, h = 64, k = 3 at ratio 1 with the fast recipe: MMCS >= 0.95 within a minute."""
+    world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=32, features=64, mean_active=3))
+    spec = grid.GridSpec.from_ratios(l1=(0.1, 0.3, 1.0), ratios=(1,), features=64)
+    cfg = grid.TrainConfig(batch_size=128, lr=3e-3, b2=0.99, resample_every=250,
+                           resample_pool=2048, resample_worst=128, dedup_threshold=0.9)
+    t0 = time.perf_counter()
+    state = grid.train(grid.init_grid(jax.random.PRNGKey(0), spec, 32, cfg), cfg, 2000,
+                       world=world, chunk=500, progress=False)
+    scores = [metrics.mmcs(sae.dictionary(grid.cell_params(state, c)), world.features_HxD)
+              for c in spec.cells()]
+    elapsed = time.perf_counter() - t0
+    assert max(scores) >= 0.95, scores
+    assert elapsed < 60, elapsed
+    # Before training the same dictionaries are far from the features.
+    start = grid.init_grid(jax.random.PRNGKey(0), spec, 32, cfg)
+    assert metrics.mmcs(sae.dictionary(grid.cell_params(start, spec.cells()[0])),
+                        world.features_HxD) < 0.6

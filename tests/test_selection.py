@@ -1,0 +1,133 @@
+"""Choosing (ratio, alpha) without ground truth, on synthetic planes with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from sae_jax import selection
+
+L1 = [0.01, 0.03, 0.1, 0.3, 1.0]  # rows (alpha ascending)
+RATIOS = [0.5, 1.0, 2.0, 4.0]  # columns (dictionary size ascending)
+NAN = np.nan
+
+
+def _dead(zero_cols: dict[int, int]) -> np.ndarray:
+    """Dead counts: column j is dead-free for alpha rows 0..zero_cols[j] and dead above;
+    other columns have dead latents everywhere."""
+    dead = np.full((len(L1), len(RATIOS)), 5.0)
+    for j, top in zero_cols.items():
+        dead[: top + 1, j] = 0
+    return dead
+
+
+def _ssll(peaks: dict[int, int]) -> np.ndarray:
+    """SSLL: column j peaks at row peaks[j]; other columns rise monotonically (edge maximum)."""
+    rows = np.arange(len(L1), dtype=float)[:, None]
+    out = np.repeat(rows, len(RATIOS), axis=1)
+    for j, i in peaks.items():
+        out[:, j] = -np.abs(rows[:, 0] - i)
+    return out
+
+
+def _larger(i: int, j: int) -> np.ndarray:
+    """MMCS with larger: maximum at (i, j); NaN for the largest size, as mmcs_with_larger gives."""
+    out = np.full((len(L1), len(RATIOS)), 0.5)
+    out[i, j] = 0.9
+    out[:, -1] = NAN
+    return out
+
+
+def test_dead_latents_largest_dead_free_ratio_then_largest_alpha():
+    pick = selection.by_dead_latents(_dead({0: 4, 1: 2, 2: 0}), L1, RATIOS)
+    assert (pick["ratio"], pick["l1"]) == (2.0, 0.01)
+    pick = selection.by_dead_latents(_dead({0: 4, 1: 2}), L1, RATIOS)
+    assert (pick["ratio"], pick["l1"]) == (1.0, 0.1)
+    # NaN (no data) is not "no dead latents".
+    dead = _dead({0: 4, 1: 2})
+    dead[:, 3] = NAN
+    assert selection.by_dead_latents(dead, L1, RATIOS)["ratio"] == 1.0
+    assert selection.by_dead_latents(np.ones((5, 4)), L1, RATIOS)["ratio"] is None
+
+
+def test_ssll_smallest_ratio_with_interior_peak():
+    pick = selection.by_ssll(_ssll({1: 2, 2: 3}), L1, RATIOS)
+    assert (pick["ratio"], pick["l1"]) == (1.0, 0.1)
+    # Peaks at the edges of the alpha range do not count.
+    edge = _ssll({0: 0, 1: 4, 3: 1})
+    assert selection.by_ssll(edge, L1, RATIOS)["ratio"] == 4.0
+    assert selection.by_ssll(_ssll({}), L1, RATIOS)["ratio"] is None
+
+
+def test_ssll_interior_is_judged_over_finite_entries():
+    plane = _ssll({})
+    plane[:, 0] = [NAN, 5.0, 3.0, 1.0, NAN]  # maximum at the first finite alpha: an edge
+    plane[:, 1] = [NAN, 1.0, NAN, 1.0, NAN]  # fewer than 3 finite values: skipped
+    plane[:, 2] = [NAN, 1.0, 3.0, 2.0, NAN]  # interior peak at alpha 0.1
+    pick = selection.by_ssll(plane, L1, RATIOS)
+    assert (pick["ratio"], pick["l1"]) == (2.0, 0.1)
+
+
+def test_mmcs_with_larger_takes_the_maximum_ignoring_nan():
+    pick = selection.by_mmcs_with_larger(_larger(3, 1), L1, RATIOS)
+    assert (pick["ratio"], pick["l1"]) == (1.0, 0.3)
+    assert selection.by_mmcs_with_larger(np.full((5, 4), NAN), L1, RATIOS)["ratio"] is None
+
+
+def test_all_methods_agree():
+    out = selection.suggest(_dead({0: 4, 1: 1}), _ssll({1: 2, 2: 3}), _larger(3, 1), L1, RATIOS)
+    assert [m["ratio"] for m in out["methods"]] == [1.0, 1.0, 1.0]
+    assert [m["l1"] for m in out["methods"]] == [0.03, 0.1, 0.3]
+    assert out["ratio"] == 1.0
+    # Geometric mean of 0.03, 0.1, 0.3 is 0.0965, snapped to the grid: 0.1.
+    assert math.exp(np.mean(np.log([0.03, 0.1, 0.3]))) == pytest.approx(0.0965, abs=1e-4)
+    assert out["l1"] == 0.1
+    assert out["agree"] == ["dead_latents", "ssll", "mmcs_with_larger"]
+    assert out["disagree"] == []
+    assert "all methods agree" in out["summary"]
+
+
+def test_majority_ratio_wins_and_dissent_is_reported():
+    out = selection.suggest(_dead({0: 4, 1: 4, 2: 1}), _ssll({1: 2}), _larger(4, 1), L1, RATIOS)
+    assert out["methods"][0]["ratio"] == 2.0  # dead latents dissents
+    assert out["ratio"] == 1.0
+    assert out["agree"] == ["ssll", "mmcs_with_larger"]
+    assert out["disagree"] == ["dead_latents"]
+    assert out["l1"] == 0.3  # geometric mean of 0.1 and 1.0 = 0.316
+    assert "dead_latents differ" in out["summary"]
+
+
+def test_three_way_tie_goes_to_mmcs_with_larger():
+    out = selection.suggest(_dead({3: 0}), _ssll({1: 2}), _larger(1, 2), L1, RATIOS)
+    assert [m["ratio"] for m in out["methods"]] == [4.0, 1.0, 2.0]
+    assert (out["ratio"], out["l1"]) == (2.0, 0.03)
+    assert out["agree"] == ["mmcs_with_larger"]
+    assert out["disagree"] == ["dead_latents", "ssll"]
+
+
+def test_missing_methods_do_not_vote():
+    out = selection.suggest(np.full((5, 4), NAN), _ssll({}), _larger(2, 0), L1, RATIOS)
+    assert [m["ratio"] for m in out["methods"]] == [None, None, 0.5]
+    assert (out["ratio"], out["l1"]) == (0.5, 0.1)
+    assert out["agree"] == ["mmcs_with_larger"]
+    assert out["disagree"] == ["dead_latents", "ssll"]
+
+
+def test_zero_alpha_is_kept_when_it_is_the_only_choice():
+    axis = [0.0, 0.1]
+    out = selection.suggest(np.zeros((2, 1)), np.full((2, 1), NAN), np.full((2, 1), NAN),
+                            axis, [1.0])
+    assert (out["ratio"], out["l1"]) == (1.0, 0.1)  # dead-free: largest alpha
+    out = selection.suggest(np.array([[0.0], [3.0]]), np.full((2, 1), NAN),
+                            np.full((2, 1), NAN), axis, [1.0])
+    assert (out["ratio"], out["l1"]) == (1.0, 0.0)
+
+
+def test_all_nan_planes_give_no_suggestion():
+    nan = np.full((5, 4), NAN)
+    out = selection.suggest(nan, nan, nan, L1, RATIOS)
+    assert out["ratio"] is None and out["l1"] is None
+    assert out["agree"] == []
+    assert [m["ratio"] for m in out["methods"]] == [None, None, None]
+    assert all(m["why"] for m in out["methods"])
+    assert "no method" in out["summary"]
