@@ -103,9 +103,12 @@ def analyse(cells: list[dict], dicts: list[np.ndarray]) -> dict:
 
 def write(out_dir: str, config: dict, cells: list[dict], analysis: dict, dicts: list[np.ndarray],
           ground_truth: np.ndarray | None = None, extra: dict | None = None) -> dict:
-    """Writes results.json and dictionaries.npz atomically (temp file, then rename)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Writes results.json and dictionaries.npz atomically (temp file, then rename). On several
+    hosts only process 0 writes."""
     results = {"config": config, "cells": cells, **analysis, **(extra or {})}
+    if jax.process_index() != 0:
+        return results
+    os.makedirs(out_dir, exist_ok=True)
     _atomic_json(os.path.join(out_dir, "results.json"), results)
     arrays = {f"decoder_{i}": d for i, d in enumerate(dicts)}
     if ground_truth is not None:

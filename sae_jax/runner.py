@@ -152,6 +152,9 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
 def finish(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, x_eval: jax.Array,
            ground_truth: jax.Array | None, extra: dict) -> tuple[list[dict], list[np.ndarray], dict]:
     """Evaluates every cell and runs the grid diagnostics and the selection."""
+    from sae_jax import sharding
+
+    state = sharding.gather_to_host(state)
     cells = results.evaluate(state, spec, cfg, x_eval, ground_truth)
     if "recovery" in extra:
         extra.pop("recovery").annotate(cells)

@@ -4,17 +4,19 @@ The report's three methods, each read off the (alpha x ratio) plane:
 
 - dead latents: the largest dictionary, then the largest alpha, whose cells have no dead latent;
 - loss stickiness: SSLL = z(log recon) + z(log L1) has an interior peak along alpha only where
-  the dictionary is large enough; take the smallest ratio with such a peak, at its peak alpha;
+  the dictionary is large enough; take the smallest ratio with a clear peak (at least
+  `min_prominence` above both ends of its curve), at its peak alpha;
 - MMCS with larger dictionaries: the ridge, i.e. the cell where a dictionary agrees best with
   the larger dictionaries trained at the same alpha.
 
-The combined suggestion takes the ratio most methods agree on (ties go to the MMCS-with-larger
-method), and the geometric mean of those methods' alphas, snapped to the grid.
+The combined suggestion uses each method where the report found it strongest: the ratio is the
+dead-latent method's (unless the other two agree on another ratio), and alpha is where the
+MMCS-with-larger ridge peaks at that ratio (the dead-latent alpha when no larger dictionary
+exists). The methods that agree and disagree with it are listed.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Sequence
 
@@ -39,15 +41,16 @@ def by_dead_latents(dead_AxR: np.ndarray, l1_axis, ratio_axis) -> dict:
                  "largest dictionary and alpha with no dead latents")
 
 
-def by_ssll(ssll_AxR: np.ndarray, l1_axis, ratio_axis) -> dict:
-    """Smallest ratio whose SSLL-vs-alpha curve peaks strictly inside the alpha range."""
+def by_ssll(ssll_AxR: np.ndarray, l1_axis, ratio_axis, min_prominence: float = 0.5) -> dict:
+    """Smallest ratio whose SSLL-vs-alpha curve peaks strictly inside the alpha range, at least
+    `min_prominence` (z units) above the curve's values at both ends."""
     for j in range(ssll_AxR.shape[1]):
         col = ssll_AxR[:, j]
         finite = np.nonzero(np.isfinite(col))[0]
         if len(finite) < 3:
             continue
         i = int(finite[np.argmax(col[finite])])
-        if finite[0] < i < finite[-1]:
+        if finite[0] < i < finite[-1] and col[i] - max(col[finite[0]], col[finite[-1]]) >= min_prominence:
             return _pick("ssll", i, j, l1_axis, ratio_axis,
                          "smallest dictionary whose SSLL has an interior peak along alpha")
     return _pick("ssll", None, None, l1_axis, ratio_axis, "no SSLL curve has an interior peak")
@@ -63,15 +66,11 @@ def by_mmcs_with_larger(larger_AxR: np.ndarray, l1_axis, ratio_axis) -> dict:
                  "highest MMCS with the larger dictionaries at the same alpha")
 
 
-def _nearest(values: Sequence[float], target: float) -> float:
-    return min(values, key=lambda v: abs(math.log(v) - math.log(target)) if v > 0 else math.inf)
-
-
 def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
             l1_axis: Sequence[float], ratio_axis: Sequence[float]) -> dict:
     """Each method's (ratio, alpha), a combined suggestion, and where the methods agree."""
-    methods = [by_dead_latents(dead_AxR, l1_axis, ratio_axis),
-               by_ssll(ssll_AxR, l1_axis, ratio_axis),
+    dead = by_dead_latents(dead_AxR, l1_axis, ratio_axis)
+    methods = [dead, by_ssll(ssll_AxR, l1_axis, ratio_axis),
                by_mmcs_with_larger(larger_AxR, l1_axis, ratio_axis)]
     voting = [m for m in methods if m["ratio"] is not None]
     if not voting:
@@ -79,16 +78,21 @@ def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
                 "disagree": [m["method"] for m in methods],
                 "summary": "no method could make a suggestion on this grid"}
     counts = Counter(m["ratio"] for m in voting)
-    top = max(counts.values())
-    tied = [r for r, c in counts.items() if c == top]
-    tie_break = next((m["ratio"] for m in reversed(voting) if m["ratio"] in tied), tied[0])
-    ratio = tie_break
+    majority = [r for r, c in counts.items() if c >= 2]
+    if majority:
+        ratio = majority[0]
+    else:
+        ratio = dead["ratio"] if dead["ratio"] is not None else voting[-1]["ratio"]
+    j = list(ratio_axis).index(ratio)
+    ridge = larger_AxR[:, j]
+    if np.isfinite(ridge).any():
+        l1, how = float(l1_axis[int(np.nanargmax(ridge))]), "alpha from the MMCS-with-larger ridge"
+    else:
+        l1 = next(m["l1"] for m in voting if m["ratio"] == ratio)
+        how = "alpha from " + next(m["method"] for m in voting if m["ratio"] == ratio)
     agree = [m["method"] for m in voting if m["ratio"] == ratio]
-    alphas = [m["l1"] for m in voting if m["ratio"] == ratio and m["l1"] > 0]
-    l1 = _nearest(l1_axis, math.exp(np.mean(np.log(alphas)))) if alphas else \
-        next(m["l1"] for m in voting if m["ratio"] == ratio)
     disagree = [m["method"] for m in methods if m["method"] not in agree]
-    summary = (f"ratio {ratio:g}, alpha {l1:g}: {', '.join(agree)} agree on the ratio"
-               + (f"; {', '.join(disagree)} differ" if disagree else "; all methods agree"))
+    summary = (f"ratio {ratio:g} ({', '.join(agree)}), {how}"
+               + (f"; {', '.join(disagree)} suggest other ratios" if disagree else "; all methods agree"))
     return {"methods": methods, "ratio": float(ratio), "l1": float(l1), "agree": agree,
             "disagree": disagree, "summary": summary}

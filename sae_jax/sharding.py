@@ -43,6 +43,14 @@ def state_shardings(state: grid.GridState, mesh: Mesh) -> grid.GridState:
     return grid.GridState(groups, replicated(mesh), replicated(mesh))
 
 
+def gather_to_host(state: grid.GridState) -> grid.GridState:
+    """On several hosts, every process gets the whole grid (for evaluation and outputs)."""
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(state, tiled=True)
+
+
 def shard_state(state: grid.GridState, mesh: Mesh) -> grid.GridState:
     """Places the state on the mesh; each group's cell count must divide evenly."""
     for g in state.groups:
@@ -53,10 +61,17 @@ def shard_state(state: grid.GridState, mesh: Mesh) -> grid.GridState:
 
 
 def initialize_distributed() -> None:
-    """jax.distributed.initialize() from the usual environment (coordinator address, process
-    count and id are read by JAX from its cluster detection or JAX_COORDINATOR_ADDRESS etc.)."""
+    """jax.distributed.initialize(): JAX's cluster detection (TPU pods, SLURM, Open MPI), or
+    JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID from the environment."""
+    kwargs = {}
     try:
-        jax.distributed.initialize()
+        for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+            if os.environ.get(env):
+                kwargs[arg] = int(os.environ[env])
+    except ValueError:
+        raise UsageError("--distributed: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+    try:
+        jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - any failure here is the user's cluster setup
         addr = os.environ.get("JAX_COORDINATOR_ADDRESS", "unset")
         raise UsageError(f"--distributed: jax.distributed.initialize() failed "
