@@ -93,11 +93,11 @@ def train_config(args: argparse.Namespace, preset: dict) -> "grid.TrainConfig":
 def run_options(args: argparse.Namespace, default_out: str, **kw) -> "runner.RunOptions":
     from sae_jax import runner
 
-    return runner.RunOptions(
-        out=args.out or default_out, steps=args.steps, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume, check_every=args.check_every, eval_samples=args.eval_samples,
-        progress=not args.no_progress, devices=args.devices, **kw).validate()
+    values = dict(out=args.out or default_out, steps=args.steps, seed=args.seed,
+                  checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                  resume=args.resume, check_every=args.check_every, eval_samples=args.eval_samples,
+                  progress=not args.no_progress, devices=args.devices)
+    return runner.RunOptions(**{**values, **kw}).validate()
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
