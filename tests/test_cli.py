@@ -17,7 +17,7 @@ from sae_jax import cli
 
 TINY = ["toy", "--d", "16", "--features", "32", "--mean-active", "3", "--l1", "0.1,1",
         "--ratios", "0.5,1", "--batch-size", "64", "--eval-samples", "512", "--no-progress",
-        "--check-every", "100"]
+        "--check-every", "100", "--recipe", "fast", "--resample-every", "50"]  # resampling on
 
 
 def sae_jax(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -106,6 +106,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     r = sae_jax(*args, "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
     same_run(tmp_path / "ref", out)
+    assert any(c["n_resampled"] for c in load(out)[0]["cells"])  # resampling was exercised
 
 
 @pytest.mark.slow
