@@ -10,10 +10,10 @@ On a GPU/TPU host it uses the real devices:   python benchmarks/weak_scaling.py
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import numpy as np
+from grid_step import timed  # the benchmark beside this one
 
 from sae_jax import grid, sharding
 
@@ -25,13 +25,7 @@ def step_time(n: int, base_alphas: int, sizes: list[int], d: int, batch: int, st
     state = sharding.shard_state(grid.init_grid(jax.random.PRNGKey(0), spec, d, cfg, pad_multiple=n), mesh)
     xs = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (steps, batch, d)) / np.sqrt(d),
                         sharding.replicated(mesh))
-    jax.block_until_ready(grid.run_batches_chunk(state, xs, cfg))  # compile
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready(grid.run_batches_chunk(state, xs, cfg))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) / steps
+    return timed(lambda: jax.block_until_ready(grid.run_batches_chunk(state, xs, cfg)), 3) / steps
 
 
 def main() -> None:

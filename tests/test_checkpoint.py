@@ -19,7 +19,8 @@ import numpy as np
 import optax
 import pytest
 
-from sae_jax.checkpoint import CheckpointError, Checkpointer, _fingerprints, metadata_mismatches
+from sae_jax._fingerprint import fingerprints as _fingerprints
+from sae_jax.checkpoint import CheckpointError, Checkpointer, metadata_mismatches
 from sae_jax.errors import UsageError
 
 
