@@ -53,6 +53,16 @@ def reading(results: dict) -> list[str]:
         for r in ratios:
             col = [c["mmcs"] for c in scored if c["ratio"] == r]
             out.append(f"Ratio {r:g}: best MMCS over alpha {max(col):.3f}.")
+    if not scored and cells:
+        with_dead = [c for c in cells if c["dead"] > 0]
+        out.append(f"{len(with_dead)} of {len(cells)} cells have dead latents"
+                   + (f"; the smallest alpha with any is {min(c['l1'] for c in with_dead):.3g}." if with_dead else "."))
+        larger = [c for c in cells if c.get("mmcs_with_larger") is not None]
+        if larger:
+            top = max(larger, key=lambda c: c["mmcs_with_larger"])
+            out.append(f"MMCS with larger dictionaries peaks at {top['mmcs_with_larger']:.3f} "
+                       f"(ratio {top['ratio']:g}, alpha {top['l1']:.3g}); on toy data it approaches 1 "
+                       "where the features are recovered.")
     s = results.get("suggested") or {}
     if s.get("ratio") is not None:
         out.append(f"Without ground truth the methods suggest ratio {s['ratio']:g}, alpha {s['l1']:.3g} "

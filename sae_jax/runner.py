@@ -64,10 +64,14 @@ def check_writable(out: str) -> None:
         raise UsageError(f"--out {out} is not writable")
 
 
+PROGRESS_EVERY = 100  # steps between progress-bar updates (chunk boundaries)
+
+
 def _chunk(opts: RunOptions) -> int:
-    periods = [p for p in (opts.checkpoint_every, opts.check_every) if p]
-    chunk = math.gcd(*periods) if periods else 500
-    return max(1, min(chunk, opts.steps))
+    """Steps per jitted scan: divides every period, so chunk ends fall on checkpoint and check
+    steps (the results do not depend on it)."""
+    periods = [p for p in (opts.checkpoint_every, opts.check_every, PROGRESS_EVERY) if p]
+    return max(1, min(math.gcd(*periods), opts.steps))
 
 
 class _Recovery:
