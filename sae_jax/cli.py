@@ -74,6 +74,8 @@ def train_config(args: argparse.Namespace, preset: dict) -> "grid.TrainConfig":
     recipe = dict(toyrun.RECIPES[args.recipe or "report"])
     until_frac = recipe.pop("resample_until_frac", 0.0)
     values = {"batch_size": preset.get("batch_size", 256), **recipe}
+    if args.recipe is None:  # the preset's own additions to the report's recipe
+        values.update(preset.get("report_recipe_extras", {}))
     flags = {"batch_size": args.batch_size, "lr": args.lr, "b1": args.adam_b1, "b2": args.adam_b2,
              "lr_warmup": args.lr_warmup, "lr_decay_steps": args.lr_decay_steps,
              "l1_warmup": args.l1_warmup, "resample_every": args.resample_every,

@@ -50,6 +50,13 @@ def reading(results: dict) -> list[str]:
         above = [c for c in at1 if band and c["l1"] > max(band) and c["dead"] > 0]
         out.append(f"Dead latents inside that band: {len(dead_in_band)} cells; "
                    f"above it: {len(above)} of {sum(1 for c in at1 if band and c['l1'] > max(band))} cells.")
+        if dead_in_band:
+            worst = max(c["dead"] for c in dead_in_band)
+            alphas = ", ".join(f"{c['l1']:.3g}" for c in dead_in_band)
+            out.append(f"This differs from the report, which saw no dead latents at ratio {r1:g} inside "
+                       f"the band: here up to {worst} of {dead_in_band[0]['dict_size']} latents are dead at "
+                       f"alpha {alphas} (figure 4), while MMCS "
+                       "stays high (probably latents of rare features that the L1 penalty silenced).")
         for r in ratios:
             col = [c["mmcs"] for c in scored if c["ratio"] == r]
             out.append(f"Ratio {r:g}: best MMCS over alpha {max(col):.3f}.")
