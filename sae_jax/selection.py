@@ -9,10 +9,12 @@ The report's three methods, each read off the (alpha x ratio) plane:
 - MMCS with larger dictionaries: the ridge, i.e. the cell where a dictionary agrees best with
   the larger dictionaries trained at the same alpha.
 
-The combined suggestion uses each method where the report found it strongest: the ratio is the
-dead-latent method's (unless the other two agree on another ratio), and alpha is where the
-MMCS-with-larger ridge peaks at that ratio (the dead-latent alpha when no larger dictionary
-exists). The methods that agree and disagree with it are listed.
+The combined suggestion uses each method where it is strongest: the ratio is the dead-latent
+method's, and alpha is where the MMCS-with-larger ridge peaks at that ratio (the dead-latent
+alpha when no larger dictionary exists). MMCS with larger dictionaries cannot pick the size on
+its own: a too-small dictionary learns the most frequent features, which every larger one also
+has, so it scores as high as the right size. When no cell is free of dead latents, the ratio
+is the one most methods name. The methods that agree and disagree are listed.
 """
 
 from __future__ import annotations
@@ -77,12 +79,11 @@ def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
         return {"methods": methods, "ratio": None, "l1": None, "agree": [],
                 "disagree": [m["method"] for m in methods],
                 "summary": "no method could make a suggestion on this grid"}
-    counts = Counter(m["ratio"] for m in voting)
-    majority = [r for r, c in counts.items() if c >= 2]
-    if majority:
-        ratio = majority[0]
+    if dead["ratio"] is not None:
+        ratio = dead["ratio"]
     else:
-        ratio = dead["ratio"] if dead["ratio"] is not None else voting[-1]["ratio"]
+        counts = Counter(m["ratio"] for m in voting)
+        ratio = max(counts, key=lambda r: (counts[r], r == voting[-1]["ratio"]))
     j = list(ratio_axis).index(ratio)
     ridge = larger_AxR[:, j]
     if np.isfinite(ridge).any():

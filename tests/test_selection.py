@@ -83,13 +83,20 @@ def test_all_methods_agree():
     assert "all methods agree" in out["summary"]
 
 
-def test_two_methods_agreeing_overrule_the_dead_latent_ratio():
+def test_the_ratio_comes_from_dead_latents_even_when_the_others_agree_on_another():
     out = selection.suggest(_dead({0: 4, 1: 4, 2: 1}), _ssll({1: 2}), _larger(4, 1), L1, RATIOS)
-    assert out["methods"][0]["ratio"] == 2.0  # dead latents dissents
+    assert [m["ratio"] for m in out["methods"]] == [2.0, 1.0, 1.0]
+    larger_at_2 = _larger(4, 1)[:, 2]
+    assert (out["ratio"], out["l1"]) == (2.0, L1[int(np.nanargmax(larger_at_2))])
+    assert out["agree"] == ["dead_latents"]
+    assert out["disagree"] == ["ssll", "mmcs_with_larger"]
+    assert "ssll, mmcs_with_larger suggest other ratios" in out["summary"]
+
+
+def test_without_dead_latent_answer_the_majority_ratio_is_used():
+    out = selection.suggest(np.ones((5, 4)), _ssll({1: 2}), _larger(4, 1), L1, RATIOS)
     assert (out["ratio"], out["l1"]) == (1.0, 1.0)
     assert out["agree"] == ["ssll", "mmcs_with_larger"]
-    assert out["disagree"] == ["dead_latents"]
-    assert "dead_latents suggest other ratios" in out["summary"]
 
 
 def test_without_a_majority_the_dead_latent_ratio_and_the_ridge_alpha_are_combined():
