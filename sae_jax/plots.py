@@ -61,8 +61,8 @@ def heatmap(cells: list[dict], key: str, title: str, path: str, cmap: str = "vir
                     va="center", color="grey", fontsize=12)
     if mark is not None and mark.get("ratio") is not None and x_key == "ratio":
         ax.plot(x_axis.index(mark["ratio"]), l1_axis.index(mark["l1"]), marker="s", ms=14,
-                mfc="none", mec="red", mew=2, label="suggested")
-        ax.legend(loc="upper left", fontsize=7)
+                mfc="none", mec="red", mew=2)
+        ax.set_title(f"{title}\n(red square: suggested without ground truth)", fontsize=9)
     return _save(fig, path)
 
 
@@ -76,6 +76,9 @@ def lines(cells: list[dict], key: str, x_key: str, series_key: str, path: str, t
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o", ms=3, label=f"{series_key} {s:g}")
     ax.set_xscale("log")
+    xs_all = sorted({c[x_key] for c in cells})
+    ax.set_xticks(xs_all, [f"{x:.3g}" for x in xs_all])
+    ax.minorticks_off()
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(x_key)
