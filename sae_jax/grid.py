@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from sae_jax import sae, toy
+from sae_jax import resample, sae, toy
 from sae_jax.errors import UsageError
 
 Array = jax.Array
@@ -310,7 +310,6 @@ def toy_batch(world: toy.ToyWorld, key: Array, batch_size: int,
 def _maybe_resample(state: GridState, pool_fn: Callable[[Array], Array], cfg: TrainConfig) -> GridState:
     if not cfg.resample_every:
         return state
-    from sae_jax import resample  # local: resampling is optional machinery
     due = (state.step % cfg.resample_every == 0)
     if cfg.resample_until:
         due &= state.step <= cfg.resample_until
