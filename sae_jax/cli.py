@@ -152,12 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--appendix", action="store_true", help="run the denoising appendix grid even so")
     add_training_args(p)
     p.set_defaults(func=cmd_toy)
-    for name in ("grid_cli", "cli_lm"):
-        try:
-            module = __import__(f"sae_jax.{name}", fromlist=["register"])
-        except ModuleNotFoundError:
-            continue
-        module.register(sub)
+    from sae_jax import cli_lm, grid_cli  # the other subcommands
+
+    grid_cli.register(sub)
+    cli_lm.register(sub)
     return parser
 
 
