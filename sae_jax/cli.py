@@ -121,14 +121,14 @@ def cmd_toy(args: argparse.Namespace) -> int:
                         denoise_noise=preset["denoise_noise"] if appendix else (),
                         denoise_steps=min(preset["denoise_steps"], args.steps))
     out = toyrun.run(run, figures=not args.no_figures)
-    _summary(out, run.opts.out)
+    _summary(out, run.opts.out, figures=not args.no_figures)
     return 0
 
 
-def _summary(out: dict, path: str) -> None:
+def _summary(out: dict, path: str, figures: bool) -> None:
     s = out.get("suggested") or {}
     opt = out.get("ground_truth_optimum")
-    print(f"wrote {path}/results.json, dictionaries.npz, REPORT.md and figures/")
+    print(f"wrote {path}/results.json, dictionaries.npz" + (", REPORT.md and figures/" if figures else ""))
     if opt:
         print(f"best MMCS {opt['mmcs']:.4f} at ratio {opt['ratio']:g}, alpha {opt['l1']:.3g}")
     if s.get("ratio") is not None:

@@ -95,7 +95,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
             notes.append(f"The toy figures 4, 9 and 10 from {args.compare_toy} are shown beside "
                          "figures 11-13 for comparison, as in the report.")
         report.write(opts.out, out, figs, "sae-jax grid on stored activations", notes)
-    cli._summary(out, opts.out)
+    cli._summary(out, opts.out, figures=not args.no_figures)
     return 0
 
 
