@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import sys
+from typing import TYPE_CHECKING
 
 from sae_jax.errors import UsageError
+
+if TYPE_CHECKING:
+    from sae_jax import grid, runner
 
 
 class _Parser(argparse.ArgumentParser):

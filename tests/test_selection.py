@@ -1,7 +1,6 @@
 """Choosing (ratio, alpha) without ground truth, on synthetic planes with known answers."""
 
 import numpy as np
-import pytest
 
 from sae_jax import selection
 
