@@ -27,6 +27,10 @@ PRESETS = {
 }
 
 
+def _has_checkpoint(directory: str) -> bool:
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -39,13 +43,15 @@ def main() -> int:
     model, store, grid_out = (os.path.join(args.out, n) for n in ("model", "store", "grid"))
     corpus = ["--corpus", args.corpus] if args.corpus else []
     stages = [
-        (os.path.join(model, "config.json"), ["train-lm", "--out", model, *pre["lm"], *corpus]),
+        (os.path.join(model, "config.json"),
+         ["train-lm", "--out", model, *pre["lm"], *corpus,
+          *(["--resume"] if _has_checkpoint(os.path.join(model, "train_checkpoints")) else [])]),
         (os.path.join(store, "manifest.json"),
          ["harvest", "--model", model, "--layer", args.layer, "--out", store, "--max-tokens", pre["tokens"]]),
         (os.path.join(grid_out, "results.json"),
          ["grid", "--activations", store, "--l1", pre["l1"], "--ratios", pre["ratios"],
           "--steps", pre["steps"], "--batch-size", pre["batch"], "--out", grid_out,
-          *(["--resume"] if os.path.isdir(os.path.join(grid_out, "checkpoints")) else []),
+          *(["--resume"] if _has_checkpoint(os.path.join(grid_out, "checkpoints", "grid")) else []),
           *(["--compare-toy", args.compare_toy] if args.compare_toy else [])]),
     ]
     for done, argv in stages:

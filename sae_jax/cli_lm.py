@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--d-mlp", type=int, help="MLP width (the harvested dimension)")
     p.add_argument("--context-len", type=int, help="tokens per sequence")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="save the train state every N steps under OUT/train_checkpoints (0: off)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.set_defaults(func=run_train_lm)
 
     h = subparsers.add_parser(
@@ -106,10 +109,18 @@ def run_train_lm(args: argparse.Namespace) -> int:
         tcfg = dataclasses.replace(tcfg, **{k: v for k, v in tcfg_over.items() if v is not None})
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     text = lm.load_corpus(args.corpus, args.text_field)
     out = _writable_dir(args.out)
     tokens = lm.encode(text)
-    params, info = lm.train_lm(tokens, cfg, tcfg, progress=not args.no_progress)
+    run_config = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+                  "corpus": str(Path(args.corpus).expanduser().absolute()) if args.corpus else None,
+                  "corpus_bytes": int(len(tokens))}
+    params, info = lm.train_lm(tokens, cfg, tcfg, progress=not args.no_progress,
+                               checkpoint_dir=Path(out) / "train_checkpoints",
+                               checkpoint_every=args.checkpoint_every, resume=args.resume,
+                               run_config=run_config)
     info["corpus"] = str(Path(args.corpus).expanduser().absolute()) if args.corpus else None
     info["corpus_name"] = info["corpus"] or lm.DEFAULT_CORPUS_NAME
     info["text_field"] = args.text_field

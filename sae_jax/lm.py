@@ -238,14 +238,44 @@ def split_tokens(tokens_N: np.ndarray, val_fraction: float) -> tuple[np.ndarray,
     return tokens_N[: len(tokens_N) - n_val], tokens_N[len(tokens_N) - n_val :]
 
 
+def _open_checkpoints(directory, every: int, resume: bool):
+    if directory is None or not (every or resume):
+        return None
+    from sae_jax.checkpoint import Checkpointer
+    return Checkpointer(directory, max_to_keep=2)
+
+
+def _resume(ckpt, state: LMState, run_config: dict[str, Any]) -> tuple[LMState, list[float]]:
+    """The newest complete checkpoint's state and loss history; refuses different arguments."""
+    from sae_jax.checkpoint import metadata_mismatches
+
+    if ckpt is None or ckpt.latest_step() is None:
+        where = "" if ckpt is None else f" under {ckpt.directory}"
+        raise UsageError(f"--resume: no complete checkpoint{where}")
+    diffs = metadata_mismatches(ckpt.read_metadata().get("run_config", {}), run_config)
+    if diffs:
+        raise UsageError("--resume with different arguments: " + "; ".join(diffs[:3]))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    state, meta, _ = ckpt.restore(abstract)
+    return state, list(meta.get("losses", []))
+
+
 def train_lm(
     tokens_N: np.ndarray,
     cfg: TransformerConfig,
     tcfg: LMTrainConfig,
     progress: bool = True,
     log_every: int = 10,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    run_config: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train from scratch on byte tokens; return (params, info) with losses in nats/token and bits/token.
+
+    With `checkpoint_dir`, the whole train state is saved every `checkpoint_every` steps; `resume`
+    continues from the newest complete checkpoint (refused when `run_config` differs). Batches
+    depend on the step only, so a resumed run ends with the same parameters.
 
     `info` holds the per-step training loss, the held-out loss, the corpus unigram entropy, and
     wall-clock throughput (tokens/s, excluding the first step, which includes compilation).
@@ -261,22 +291,33 @@ def train_lm(
     train_dev_N = jnp.asarray(train_N)
     tokens_per_step = tcfg.batch_size * cfg.context_len
     losses: list[float] = []
+    ckpt = _open_checkpoints(checkpoint_dir, checkpoint_every, resume)
+    if resume:
+        state, losses = _resume(ckpt, state, run_config or {})
+    start = int(state.step)
     pending: list[jax.Array] = []
     t_start = time.perf_counter()
     t_first = t_start
-    with tqdm(total=tcfg.steps, desc="train-lm", unit="step", disable=not progress) as bar:
-        for i in range(tcfg.steps):
-            state, loss = _jit_train_step(state, train_dev_N, cfg, tcfg)
-            pending.append(loss)
-            if i == 0:
-                loss.block_until_ready()
-                t_first = time.perf_counter()
-            if (i + 1) % log_every == 0 or i + 1 == tcfg.steps:
-                losses.extend(float(x) for x in jax.device_get(pending))
-                pending = []
-                rate = i * tokens_per_step / max(time.perf_counter() - t_first, 1e-9)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
-                bar.update((i + 1) - bar.n)
+    try:
+        with tqdm(total=tcfg.steps, initial=start, desc="train-lm", unit="step", disable=not progress) as bar:
+            for i in range(start, tcfg.steps):
+                state, loss = _jit_train_step(state, train_dev_N, cfg, tcfg)
+                pending.append(loss)
+                if i == start:
+                    loss.block_until_ready()
+                    t_first = time.perf_counter()
+                save = ckpt is not None and checkpoint_every and (i + 1) % checkpoint_every == 0
+                if (i + 1) % log_every == 0 or i + 1 == tcfg.steps or save:
+                    losses.extend(float(x) for x in jax.device_get(pending))
+                    pending = []
+                    rate = (i - start) * tokens_per_step / max(time.perf_counter() - t_first, 1e-9)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+                    bar.update((i + 1) - bar.n)
+                if save:
+                    ckpt.save(i + 1, state, {"run_config": run_config or {}, "losses": losses})
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     t_end = time.perf_counter()
     params = state.params
     h = unigram_entropy(tokens_N)
@@ -289,7 +330,7 @@ def train_lm(
         "corpus_bytes": int(len(tokens_N)),
         "n_params": transformer.count_params(params),
         "train_seconds": t_end - t_start,
-        "tokens_per_s": (tcfg.steps - 1) * tokens_per_step / max(t_end - t_first, 1e-9),
+        "tokens_per_s": max(tcfg.steps - start - 1, 0) * tokens_per_step / max(t_end - t_first, 1e-9),
         "unigram_entropy": h,
         "unigram_entropy_bits": h / LN2,
         "final_train_loss": float(np.mean(tail)),

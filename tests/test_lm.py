@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -154,3 +155,23 @@ def test_cli_train_lm_bad_input(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="cannot write to --out"):
         _cli("train-lm", "--out", str(tmp_path / "file" / "sub"), "--steps", "1")
+
+
+def test_train_lm_resumes_from_a_checkpoint_to_the_same_parameters(tmp_path):
+    tokens = lm.encode("the quick brown fox jumps over the lazy dog. " * 40)
+    cfg = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_mlp=64, context_len=16)
+    tcfg = lm.LMTrainConfig(steps=12, batch_size=4)
+    run_config = {"steps": 12}
+    ref, _ = lm.train_lm(tokens, cfg, tcfg, progress=False)
+    ckpts = tmp_path / "ckpt"
+    lm.train_lm(tokens, cfg, tcfg, progress=False, checkpoint_dir=ckpts, checkpoint_every=4,
+                run_config=run_config)
+    shutil.rmtree(ckpts / "12")  # as if killed after step 8 was saved
+    resumed, info = lm.train_lm(tokens, cfg, tcfg, progress=False, checkpoint_dir=ckpts,
+                                checkpoint_every=4, resume=True, run_config=run_config)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(info["loss_history"]) == 12
+    with pytest.raises(UsageError, match="different arguments"):
+        lm.train_lm(tokens, cfg, tcfg, progress=False, checkpoint_dir=ckpts, checkpoint_every=4,
+                    resume=True, run_config={"steps": 13})
