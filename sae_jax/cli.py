@@ -56,6 +56,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--resample-worst", type=int)
     r.add_argument("--resample-dead-window", type=int)
     r.add_argument("--dedup-threshold", type=float)
+    r.add_argument("--resample-encoder-scale", type=float,
+                   help="new encoder row = scale x direction x mean live row norm (default 1)")
     r.add_argument("--resample-until", type=int, help="last step that may resample")
     o = p.add_argument_group("run")
     o.add_argument("--out", default=None, help="output directory")
@@ -84,7 +86,8 @@ def train_config(args: argparse.Namespace, preset: dict) -> "grid.TrainConfig":
              "l1_warmup": args.l1_warmup, "resample_every": args.resample_every,
              "resample_pool": args.resample_pool, "resample_worst": args.resample_worst,
              "resample_dead_window": args.resample_dead_window,
-             "dedup_threshold": args.dedup_threshold, "resample_until": args.resample_until}
+             "dedup_threshold": args.dedup_threshold, "resample_until": args.resample_until,
+             "resample_encoder_scale": args.resample_encoder_scale}
     values.update({k: v for k, v in flags.items() if v is not None})
     if "resample_until" not in values and until_frac:
         values["resample_until"] = int(until_frac * args.steps)

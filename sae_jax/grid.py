@@ -136,6 +136,7 @@ class TrainConfig:
     resample_worst: int = 512
     resample_dead_window: int = 0  # 0: the whole period
     dedup_threshold: float = 0.0  # 0: off; else recycle atoms with cos > threshold to an earlier one
+    resample_encoder_scale: float = 1.0  # new encoder row = scale * direction * mean live row norm
     resample_until: int = 0  # stop resampling after this step (0: never stop)
 
     def validate(self) -> "TrainConfig":
@@ -156,6 +157,8 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
         if self.resample_every and not (0 < self.resample_worst <= self.resample_pool):
             raise UsageError("--resample-worst must be in [1, --resample-pool]")
+        if not (math.isfinite(self.resample_encoder_scale) and self.resample_encoder_scale > 0):
+            raise UsageError(f"--resample-encoder-scale must be > 0, got {self.resample_encoder_scale}")
         if not (0 <= self.dedup_threshold < 1):
             raise UsageError(f"--dedup-threshold must be in [0, 1), got {self.dedup_threshold}")
         return self

@@ -7,7 +7,8 @@ At a resampling step a latent j of a cell is *recycled* when
 A recycled latent gets, from a shared pool of samples x and the cell's reconstructions x^:
 - decoder atom  D_j = r / ||r||, r = x - x^ of one of the `resample_worst` worst-reconstructed
   samples of the pool (chosen at random, without repeats while they last);
-- encoder row   W_e[j] = D_j * mean_{live i} ||W_e[i]||  (all rows when none is live);
+- encoder row   W_e[j] = s * D_j * mean_{live i} ||W_e[i]||  (all rows when none is live; the
+                scale s is `resample_encoder_scale`, 1 by default);
 - bias          b_e[j] = mean_{live i} b_e[i]  (0 when none is live);
 - its Adam first and second moments are zeroed and its fired counter restarts.
 Nothing changes in a cell where no latent qualifies, or in a diverged cell.
@@ -55,7 +56,7 @@ def _zero_rows(tree: sae.SAEParams, mask_M: Array) -> sae.SAEParams:
 
 
 def resample_cell(cell, pool_PxD: Array, key: Array, dead_window: int, dedup_threshold: float,
-                  n_worst: int):
+                  n_worst: int, encoder_scale: float = 1.0):
     """Recycles one cell's dead and duplicate latents (unbatched `grid.Cells` leaves)."""
     p = cell.params
     mask = recycle_mask(p, cell.since_fired, dead_window, dedup_threshold) & ~cell.diverged
@@ -74,7 +75,7 @@ def resample_cell(cell, pool_PxD: Array, key: Array, dead_window: int, dedup_thr
     bias = jnp.where(any_live, jnp.sum(p.b_enc_M * live) / n_live, 0.0)
     col = mask[:, None]
     params = sae.SAEParams(
-        W_enc_MxD=jnp.where(col, direction * enc_norm, p.W_enc_MxD),
+        W_enc_MxD=jnp.where(col, direction * (encoder_scale * enc_norm), p.W_enc_MxD),
         b_enc_M=jnp.where(mask, bias, p.b_enc_M),
         D_MxD=jnp.where(col, direction, p.D_MxD),
     )
@@ -97,6 +98,7 @@ def resample_grid(state, pool_fn: Callable[[Array], Array], cfg):
         k = jax.random.fold_in(key, g.dict_size)
         keys = jnp.broadcast_to(k, (n,) + k.shape)
         fn = lambda cell, k: resample_cell(cell, pool, k, window, cfg.dedup_threshold,
-                                           min(cfg.resample_worst, pool.shape[0]))
+                                           min(cfg.resample_worst, pool.shape[0]),
+                                           cfg.resample_encoder_scale)
         groups.append(jax.vmap(fn)(g, keys))
     return state.replace(groups=tuple(groups))
