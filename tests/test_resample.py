@@ -170,3 +170,17 @@ def test_fully_dead_cell_gets_latents_that_can_fire():
     assert int(new.n_resampled) == 3 + M
     assert np.all(np.linalg.norm(np.asarray(new.params.W_enc_MxD), axis=1) > 0)
     assert np.asarray(sae.encode(new.params, pool) > 0).any(axis=0).all()
+
+
+def test_encoder_scale_scales_only_the_new_encoder_rows():
+    cell, pool = _cell(), _pool()
+    key = jax.random.PRNGKey(0)
+    mask = _brute_mask(cell, WINDOW, THR)
+    assert mask.any()
+    full = resample.resample_cell(cell, pool, key, WINDOW, THR, WORST)
+    scaled = resample.resample_cell(cell, pool, key, WINDOW, THR, WORST, encoder_scale=0.2)
+    np.testing.assert_allclose(np.asarray(scaled.params.W_enc_MxD)[mask],
+                               0.2 * np.asarray(full.params.W_enc_MxD)[mask], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(scaled.params.W_enc_MxD)[~mask],
+                                  np.asarray(full.params.W_enc_MxD)[~mask])
+    np.testing.assert_array_equal(np.asarray(scaled.params.D_MxD), np.asarray(full.params.D_MxD))
