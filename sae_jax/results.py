@@ -45,21 +45,25 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
              ground_truth: Array | None = None) -> list[dict]:
     """Per-cell metrics on an evaluation batch (clean inputs and targets)."""
     cells = spec.cells()
-    stats = [metrics.group_stats(g.params, x_eval, x_eval, cfg.l1_convention) for g in state.groups]
+    stats = [jax.device_get(metrics.group_stats(g.params, x_eval, x_eval, cfg.l1_convention))
+             for g in state.groups]
+    host = [jax.device_get({"diverged": g.diverged, "n_resampled": g.n_resampled,
+                            "dead": metrics.dead_latents(g.since_fired, cfg.dead_window)})
+            for g in state.groups]  # one transfer per group, not per cell
     mm = grid_mmcs(state, ground_truth) if ground_truth is not None else None
     out = []
     for c in cells:
-        g = state.groups[c.group]
+        g = host[c.group]
         s = {k: v[c.slot] for k, v in stats[c.group].items()}
-        diverged = bool(g.diverged[c.slot])
+        diverged = bool(g["diverged"][c.slot])
         out.append({
             "index": c.index, "l1": c.l1, "ratio": c.ratio, "dict_size": c.dict_size,
             "seed": c.seed, "noise": c.noise,
             "mmcs": None if mm is None or diverged else _f(mm[c.index]),
-            "dead": int(metrics.dead_latents(g.since_fired[c.slot], cfg.dead_window)),
+            "dead": int(g["dead"][c.slot]),
             "recon_loss": _f(s["recon_loss"]), "l1_loss": _f(s["l1_loss"]),
             "l0": _f(s["l0"]), "fvu": _f(s["fvu"]),
-            "diverged": diverged, "n_resampled": int(g.n_resampled[c.slot]),
+            "diverged": diverged, "n_resampled": int(g["n_resampled"][c.slot]),
         })
     return out
 
