@@ -1,6 +1,7 @@
 """Time to recovery on the report's world (d 256, h 512, k 5, decay 0.99, ratio 1), side by side
-in one run: sae_jax with the fast recipe and sae_jax with the report recipe. (SAELens's synthetic
-runner is not raced yet.)
+in one run: sae_jax with the fast recipe, sae_jax with the report recipe, and SAELens's
+synthetic-data trainer on the same world when `sae_lens` is installed (`pip install -e
+'.[bench]'`; see benchmarks/_saelens_race.py for how its L1 coefficient is mapped).
 
 Prints, per alpha, the wall seconds (from the start of each run, compile included) and steps at
 which MMCS with the ground truth first reached 0.95 and 0.99, checked every --check-every steps.
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--l1", default="0.1,0.2,0.3")
     p.add_argument("--check-every", type=int, default=250)
     p.add_argument("--recipes", default="fast,report")
+    p.add_argument("--saelens-batch", type=int, default=128)
+    p.add_argument("--saelens-lr", type=float, default=3e-3)
     args = p.parse_args()
     fmt = lambda v, unit: "    never" if v is None else f"{v:>7}{unit}"
     print(f"{'runner':<16}{'alpha':>7}{'final MMCS':>12}{'to 0.95':>14}{'to 0.99':>14}"
@@ -49,8 +52,20 @@ def main() -> None:
                       f"{fmt(c['seconds_to_0.95'], 's'):>14}{fmt(c['seconds_to_0.99'], 's'):>14}"
                       f"{fmt(c['steps_to_0.95'], ''):>12}{fmt(c['steps_to_0.99'], ''):>12}")
             print(f"{'':<16}whole command: {wall:.1f} s for {args.steps} steps")
-    print("SAELens: not raced here (its synthetic runner is not wired in; the issue measured "
-          "about 150 s to MMCS 0.925 on this world on a 2-core CPU)")
+    try:
+        import _saelens_race
+    except ImportError as e:
+        print(f"SAELens: not raced ({e}; pip install -e '.[bench]')")
+        return
+    t = time.perf_counter()
+    cells = _saelens_race.race([float(a) for a in args.l1.split(",")], args.steps, args.check_every,
+                               batch_size=args.saelens_batch, lr=args.saelens_lr)
+    for c in cells:
+        print(f"{'SAELens':<16}{c['l1']:>7g}{c['mmcs']:>12.4f}"
+              f"{fmt(c['seconds_to_0.95'], 's'):>14}{fmt(c['seconds_to_0.99'], 's'):>14}"
+              f"{fmt(c['steps_to_0.95'], ''):>12}{fmt(c['steps_to_0.99'], ''):>12}")
+    print(f"{'':<16}whole race: {time.perf_counter() - t:.1f} s for {args.steps} steps "
+          f"(batch {args.saelens_batch}, lr {args.saelens_lr:g})")
 
 if __name__ == "__main__":
     main()

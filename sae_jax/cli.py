@@ -49,11 +49,16 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr-warmup", type=int)
     t.add_argument("--lr-decay-steps", type=int, help="cosine decay to 0 over this many steps")
     t.add_argument("--l1-warmup", type=int)
+    t.add_argument("--tied-init", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the encoder as the decoder, W_e = D (on in --recipe fast)")
     t.add_argument("--dead-window", type=int, default=10)
     r = p.add_argument_group("resampling (on in --recipe fast)")
     r.add_argument("--resample-every", type=int)
-    r.add_argument("--resample-pool", type=int)
-    r.add_argument("--resample-worst", type=int)
+    r.add_argument("--resample-pool", type=int,
+                   help="K: the pool keeps each of the last K steps' worst-reconstructed input "
+                        "(default: the period)")
+    r.add_argument("--resample-worst", type=int,
+                   help="new atoms come from the pool's n currently worst (default: all)")
     r.add_argument("--resample-dead-window", type=int)
     r.add_argument("--dedup-threshold", type=float)
     r.add_argument("--resample-encoder-scale", type=float,
@@ -78,6 +83,7 @@ def train_config(args: argparse.Namespace, preset: dict) -> "grid.TrainConfig":
 
     recipe = dict(toyrun.RECIPES[args.recipe or "report"])
     until_frac = recipe.pop("resample_until_frac", 0.0)
+    decay_frac = recipe.pop("lr_decay_frac", 0.0)
     values = {"batch_size": preset.get("batch_size", 256), **recipe}
     if args.recipe is None:  # the preset's own additions to the report's recipe
         values.update(preset.get("report_recipe_extras", {}))
@@ -91,6 +97,10 @@ def train_config(args: argparse.Namespace, preset: dict) -> "grid.TrainConfig":
     values.update({k: v for k, v in flags.items() if v is not None})
     if "resample_until" not in values and until_frac:
         values["resample_until"] = int(until_frac * args.steps)
+    if "lr_decay_steps" not in values and decay_frac:
+        values["lr_decay_steps"] = int(decay_frac * args.steps)
+    if args.tied_init is not None:
+        values["tied_init"] = args.tied_init
     for k in ("lr", "b1", "b2", "dedup_threshold"):
         if not math.isfinite(values.get(k, 0.0)):
             raise UsageError(f"--{k.replace('_', '-')} must be finite, got {values[k]}")

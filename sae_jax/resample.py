@@ -4,9 +4,11 @@ At a resampling step a latent j of a cell is *recycled* when
 - it is dead: it did not fire in the last `resample_dead_window` steps (default: the period), or
 - it is a duplicate: cos(D_j, D_i) > `dedup_threshold` for some earlier latent i < j.
 
-A recycled latent gets, from a shared pool of samples x and the cell's reconstructions x^:
-- decoder atom  D_j = r / ||r||, r = x - x^ of one of the `resample_worst` worst-reconstructed
-  samples of the pool (chosen at random, without repeats while they last);
+A recycled latent gets, from the cell's pool of samples x (the worst-reconstructed training
+input of each of the last K steps, so the pool costs nothing to draw and comes from the training
+stream, toy or stored) and the cell's current reconstructions x^:
+- decoder atom  D_j = r / ||r||, r = x - x^ of one of the `resample_worst` samples of the pool
+  worst reconstructed now (chosen at random, without repeats while they last);
 - encoder row   W_e[j] = s * D_j * mean_{live i} ||W_e[i]||  (all rows when none is live; the
                 scale s is `resample_encoder_scale`, 1 by default);
 - bias          b_e[j] = mean_{live i} b_e[i]  (0 when none is live);
@@ -15,8 +17,6 @@ Nothing changes in a cell where no latent qualifies, or in a diverged cell.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,11 +85,10 @@ def resample_cell(cell, pool_PxD: Array, key: Array, dead_window: int, dedup_thr
                         n_resampled=cell.n_resampled + jnp.sum(mask).astype(jnp.int32))
 
 
-def resample_grid(state, pool_fn: Callable[[Array], Array], cfg):
-    """Resamples every cell of every group (vmapped, so a sharded cell axis stays local); the
-    pool pool_fn(key) is shared by all cells."""
+def resample_grid(state, cfg):
+    """Resamples every cell of every group from its own pool (vmapped, so a sharded cell axis
+    stays local)."""
     key = jax.random.fold_in(jax.random.fold_in(state.data_key, state.step), 0x5EED)
-    pool = pool_fn(key)
     window = cfg.resample_dead_window or cfg.resample_every
     groups = []
     for g in state.groups:
@@ -97,8 +96,7 @@ def resample_grid(state, pool_fn: Callable[[Array], Array], cfg):
         # One key for the whole group: a cell's resampling must not depend on its slot.
         k = jax.random.fold_in(key, g.dict_size)
         keys = jnp.broadcast_to(k, (n,) + k.shape)
-        fn = lambda cell, k: resample_cell(cell, pool, k, window, cfg.dedup_threshold,
-                                           min(cfg.resample_worst, pool.shape[0]),
-                                           cfg.resample_encoder_scale)
+        fn = lambda cell, k: resample_cell(cell, cell.pool_x, k, window, cfg.dedup_threshold,
+                                           cfg.n_worst, cfg.resample_encoder_scale)
         groups.append(jax.vmap(fn)(g, keys))
     return state.replace(groups=tuple(groups))

@@ -6,7 +6,8 @@
     L1  = ||c||_1 / m  ("report" convention)  or  ||c||_1  ("sum" convention)
 
 The decoder is stored as rows D_MxD (atom j is row j). It is orthogonally initialised; the
-encoder is Xavier-uniform with zero bias. The gradient flows through the normalisation.
+encoder is Xavier-uniform (or tied: W_e = D at init) with zero bias. The gradient flows through
+the normalisation.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ class LossAux(NamedTuple):
     l1: Array  # L1(c), batch mean, in the chosen convention (before alpha)
     l0: Array  # mean number of active latents per sample
     fired_M: Array  # bool: latent fired (c > 0) on some sample of the batch
+    sq_err_B: Array  # per-sample ||t - x^||^2
 
 
-def init(key: Array, d: int, m: int) -> SAEParams:
-    """Xavier-uniform encoder, zero bias, orthogonal decoder."""
+def init(key: Array, d: int, m: int, tied: bool = False) -> SAEParams:
+    """Orthogonal decoder, zero bias, and a Xavier-uniform encoder, or with `tied` the encoder
+    W_e = D (each latent starts reading the direction it writes)."""
     k_enc, k_dec = jax.random.split(key)
     w_enc = jax.nn.initializers.xavier_uniform()(k_enc, (m, d), jnp.float32)
     dec = jax.nn.initializers.orthogonal()(k_dec, (m, d), jnp.float32)
-    return SAEParams(w_enc, jnp.zeros((m,), jnp.float32), dec)
+    return SAEParams(dec if tied else w_enc, jnp.zeros((m,), jnp.float32), dec)
 
 
 def unit_rows(w: Array, eps: float = 1e-8) -> Array:
@@ -81,9 +84,10 @@ def loss(params: SAEParams, x_BxD: Array, l1_coeff: Array, convention: L1Convent
     target = x_BxD if target_BxD is None else target_BxD
     c = encode(params, x_BxD)
     x_hat = decode(params, c)
-    mse = jnp.mean(jnp.square(target - x_hat))
+    sq = jnp.square(target - x_hat)
+    mse = jnp.mean(sq)
     l1 = l1_penalty(c, convention)
     active = c > 0
     aux = LossAux(mse, l1, jnp.mean(jnp.sum(active, axis=-1).astype(jnp.float32)),
-                  jnp.any(active, axis=0))
+                  jnp.any(active, axis=0), jnp.sum(sq, axis=-1))
     return mse + l1_coeff * l1, aux

@@ -38,8 +38,10 @@ PRESETS: dict[str, dict] = {
 # Training recipes: the report's (Adam 1e-3, no resampling) and the fast one of issue #7.
 RECIPES: dict[str, dict] = {
     "report": dict(lr=1e-3, b1=0.9, b2=0.999),
-    "fast": dict(lr=3e-3, b1=0.9, b2=0.99, batch_size=128, resample_every=250, resample_pool=8192,
-                 resample_worst=512, dedup_threshold=0.9, resample_until_frac=0.75),
+    "fast": dict(lr=5e-3, b1=0.9, b2=0.99, batch_size=64, tied_init=True, resample_every=100,
+                 resample_worst=16, resample_dead_window=500, dedup_threshold=0.9,
+                 resample_encoder_scale=0.2, resample_until_frac=0.75, lr_decay_frac=1.0,
+                 full_finite_check=False),
 }
 
 

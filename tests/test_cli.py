@@ -133,6 +133,8 @@ def test_resume_refuses_different_arguments(tmp_path):
     (["--batch-size", "0"], "--batch-size"),
     (["--l1", "abc"], "--l1"),
     (["--resume"], "--resume"),
+    (["--recipe", "fast", "--resample-pool", "500"], "--resample-pool"),
+    (["--recipe", "fast", "--resample-worst", "200"], "--resample-worst"),
 ])
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys, args, needle):
     base = ["toy", "--d", "16", "--features", "32", "--mean-active", "3", "--l1", "0.1",
@@ -146,6 +148,21 @@ def test_bad_arguments_one_line_exit_2(tmp_path, capsys, args, needle):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_fast_recipe_resolves_to_its_values_and_flags_override_them():
+    parser = cli.build_parser()
+    args = parser.parse_args(["toy", "--recipe", "fast", "--steps", "8000"])
+    cfg = cli.train_config(args, {"batch_size": 256})
+    assert (cfg.lr, cfg.b2, cfg.batch_size, cfg.tied_init) == (5e-3, 0.99, 64, True)
+    assert (cfg.resample_every, cfg.pool_size, cfg.n_worst) == (100, 100, 16)
+    assert (cfg.resample_until, cfg.lr_decay_steps) == (6000, 8000)  # 75% and 100% of the steps
+    args = parser.parse_args(["toy", "--recipe", "fast", "--steps", "8000", "--batch-size", "128",
+                              "--no-tied-init", "--resample-until", "0", "--lr-decay-steps", "0"])
+    cfg = cli.train_config(args, {"batch_size": 256})
+    assert (cfg.batch_size, cfg.tied_init, cfg.resample_until, cfg.lr_decay_steps) == (128, False, 0, 0)
+    report = cli.train_config(parser.parse_args(["toy", "--steps", "8000"]), {"batch_size": 256})
+    assert (report.lr, report.b2, report.resample_every, report.tied_init) == (1e-3, 0.999, 0, False)
 
 
 def test_bad_argument_in_a_real_process_has_no_traceback(tmp_path):

@@ -17,8 +17,7 @@ STEPS = 100
 # sum convention and lr 1e-2 so that, within 100 steps, latents die and get resampled.
 SPEC = grid.GridSpec(l1=(0.01, 0.1, 0.3), dict_sizes=(24, 32), seeds=(0, 1))
 OFF = grid.TrainConfig(batch_size=64, lr=1e-2, l1_convention="sum")
-ON = dataclasses.replace(OFF, resample_every=20, resample_pool=256, resample_worst=32,
-                         dedup_threshold=0.9)
+ON = dataclasses.replace(OFF, resample_every=20, resample_worst=8, dedup_threshold=0.9)
 
 
 def _train(world, spec=SPEC, cfg=OFF, steps=STEPS, chunk=STEPS, pad=1, edit=None, key=KEY):
@@ -97,9 +96,36 @@ def test_bad_train_config_raises_usage_error(field, value):
         grid.init_grid(KEY, SPEC, 16, cfg)
 
 
-def test_resample_worst_must_fit_the_pool():
-    with pytest.raises(UsageError):
-        dataclasses.replace(ON, resample_worst=300, resample_pool=256).validate()
+def test_resample_pool_must_fit_the_period_and_worst_the_pool():
+    assert ON.validate().pool_size == 20  # default: one row per step of the period
+    with pytest.raises(UsageError, match="resample-pool"):
+        dataclasses.replace(ON, resample_pool=21).validate()
+    with pytest.raises(UsageError, match="resample-worst"):
+        dataclasses.replace(ON, resample_pool=10, resample_worst=11).validate()
+
+
+def test_pool_row_t_is_the_worst_reconstructed_input_of_step_t(tiny_world):
+    """The resampling pool costs no extra sampling: step t writes the batch's worst-reconstructed
+    input (under the parameters before the step) to row t mod K, per cell."""
+    cfg = dataclasses.replace(ON, resample_every=50)  # no resampling within the 7 steps
+    state = grid.init_grid(KEY, SPEC, tiny_world.d, cfg)
+    for t in range(7):
+        key = jax.random.fold_in(state.data_key, state.step)
+        x, _ = grid.toy_batch(tiny_world, key, cfg.batch_size)
+        before = state
+        state, _ = grid.run_toy_chunk(state, tiny_world, cfg, 1)
+        for g_before, g_after in zip(before.groups, state.groups):
+            for c in range(g_before.valid.shape[0]):
+                p = jax.tree.map(lambda a: a[c], g_before.params)
+                err = np.sum(np.square(np.asarray(x - sae.decode(p, sae.encode(p, x)))), axis=1)
+                np.testing.assert_array_equal(np.asarray(g_after.pool_x[c, t]),
+                                              np.asarray(x[np.argmax(err)]))
+    assert not np.asarray(state.groups[0].pool_x[:, 7:]).any()  # rows not yet written
+
+
+def test_pool_is_a_placeholder_row_when_resampling_is_off(tiny_world):
+    state = grid.init_grid(KEY, SPEC, tiny_world.d, OFF)
+    assert state.groups[0].pool_x.shape == (6, 1, tiny_world.d)
 
 
 def test_bad_train_call_raises(tiny_world):
@@ -183,9 +209,11 @@ def test_since_fired_and_dead_count_match_brute_force(tiny_world, baseline):
 
 
 # ----------------------------------------------------------------------------- divergence
-def test_diverged_cell_is_isolated(tiny_world, baseline):
+@pytest.mark.parametrize("full_check", [True, False])
+def test_diverged_cell_is_isolated(tiny_world, baseline, full_check):
     """A cell whose loss overflows is flagged, keeps its last finite parameters, and leaves
-    every other cell exactly as in the grid without it."""
+    every other cell as in the grid without it (with either divergence check)."""
+    cfg = dataclasses.replace(OFF, full_finite_check=full_check)
     bad = SPEC.cells()[9]  # group 1, slot 3
 
     def blow_up(state):
@@ -195,8 +223,8 @@ def test_diverged_cell_is_isolated(tiny_world, baseline):
         return state.replace(groups=tuple(g if i == bad.group else h
                                           for i, h in enumerate(state.groups)))
 
-    start = blow_up(grid.init_grid(KEY, SPEC, tiny_world.d, OFF))
-    state = _train(tiny_world, edit=blow_up)
+    start = blow_up(grid.init_grid(KEY, SPEC, tiny_world.d, cfg))
+    state = _train(tiny_world, cfg=cfg, edit=blow_up)
     for cell in SPEC.cells():
         assert bool(grid.cell_field(state, cell, "diverged")) == (cell == bad), cell
         view = _cell_view(state, cell)
@@ -229,7 +257,7 @@ def test_small_world_recovered_to_mmcs_095():
     world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=32, features=64, mean_active=3))
     spec = grid.GridSpec.from_ratios(l1=(0.1, 0.3, 1.0), ratios=(1,), features=64)
     cfg = grid.TrainConfig(batch_size=128, lr=3e-3, b2=0.99, resample_every=250,
-                           resample_pool=2048, resample_worst=128, dedup_threshold=0.9)
+                           resample_worst=16, dedup_threshold=0.9)
     t0 = time.perf_counter()
     state = grid.train(grid.init_grid(jax.random.PRNGKey(0), spec, 32, cfg), cfg, 2000,
                        world=world, chunk=500, progress=False)

@@ -28,7 +28,7 @@ def test_sae_jax_grid_on_a_store_recovers_the_features(tmp_path, capsys):
     activations.write_store(store, np.asarray(x), shard_rows=7_000)
     out = tmp_path / "grid"
     code = cli.main(["grid", "--activations", str(store), "--l1", "0.3,1,3", "--dict-sizes", "16,32,64",
-                     "--steps", "2500", "--batch-size", "128", "--recipe", "fast",
+                     "--steps", "2500", "--recipe", "fast",
                      "--eval-samples", "2048", "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())

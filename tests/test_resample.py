@@ -152,7 +152,9 @@ def test_resample_grid_result_does_not_depend_on_a_cells_slot():
     state = grid.GridState((group,), jnp.asarray(250, jnp.int32), jax.random.PRNGKey(5))
     cfg = grid.TrainConfig(resample_every=250, resample_pool=P, resample_worst=WORST,
                            resample_dead_window=WINDOW, dedup_threshold=THR)
-    out = resample.resample_grid(state, lambda k: jax.random.normal(k, (P, D)), cfg).groups[0]
+    group = group.replace(pool_x=jnp.stack([_pool()] * 3))
+    state = state.replace(groups=(group,))
+    out = resample.resample_grid(state, cfg).groups[0]
     assert np.all(np.asarray(out.n_resampled) == 3 + len(EXPECTED))
     for leaf in jax.tree.leaves(out):
         leaf = np.asarray(leaf)

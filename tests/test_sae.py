@@ -116,3 +116,9 @@ def test_init_is_orthogonal_decoder_xavier_encoder_zero_bias(m):
     other = sae.init(jax.random.PRNGKey(4), D, m)
     np.testing.assert_array_equal(np.asarray(again.D_MxD), dec.astype(np.float32))
     assert not np.allclose(other.D_MxD, dec)
+
+
+def test_tied_init_starts_the_encoder_as_the_decoder():
+    plain, tied = sae.init(jax.random.PRNGKey(3), D, 40), sae.init(jax.random.PRNGKey(3), D, 40, tied=True)
+    np.testing.assert_array_equal(np.asarray(tied.W_enc_MxD), np.asarray(tied.D_MxD))
+    np.testing.assert_array_equal(np.asarray(tied.D_MxD), np.asarray(plain.D_MxD))  # same decoder
