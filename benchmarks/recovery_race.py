@@ -32,6 +32,16 @@ def race(recipe: str, args: argparse.Namespace, out: str) -> tuple[list[dict], f
         return json.load(f)["cells"], time.perf_counter() - t
 
 
+def _never(v, unit: str) -> str:
+    return "    never" if v is None else f"{v:>7}{unit}"
+
+
+def print_cell(runner: str, c: dict) -> None:
+    print(f"{runner:<16}{c['l1']:>7g}{c['mmcs']:>12.4f}"
+          f"{_never(c['seconds_to_0.95'], 's'):>14}{_never(c['seconds_to_0.99'], 's'):>14}"
+          f"{_never(c['steps_to_0.95'], ''):>12}{_never(c['steps_to_0.99'], ''):>12}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8000)
@@ -41,16 +51,13 @@ def main() -> None:
     p.add_argument("--saelens-batch", type=int, default=128)
     p.add_argument("--saelens-lr", type=float, default=3e-3)
     args = p.parse_args()
-    fmt = lambda v, unit: "    never" if v is None else f"{v:>7}{unit}"
     print(f"{'runner':<16}{'alpha':>7}{'final MMCS':>12}{'to 0.95':>14}{'to 0.99':>14}"
           f"{'steps 0.95':>12}{'steps 0.99':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes.split(","):
             cells, wall = race(recipe, args, os.path.join(tmp, recipe))
             for c in cells:
-                print(f"{'sae_jax ' + recipe:<16}{c['l1']:>7g}{c['mmcs']:>12.4f}"
-                      f"{fmt(c['seconds_to_0.95'], 's'):>14}{fmt(c['seconds_to_0.99'], 's'):>14}"
-                      f"{fmt(c['steps_to_0.95'], ''):>12}{fmt(c['steps_to_0.99'], ''):>12}")
+                print_cell("sae_jax " + recipe, c)
             print(f"{'':<16}whole command: {wall:.1f} s for {args.steps} steps")
     try:
         import _saelens_race
@@ -61,11 +68,10 @@ def main() -> None:
     cells = _saelens_race.race([float(a) for a in args.l1.split(",")], args.steps, args.check_every,
                                batch_size=args.saelens_batch, lr=args.saelens_lr)
     for c in cells:
-        print(f"{'SAELens':<16}{c['l1']:>7g}{c['mmcs']:>12.4f}"
-              f"{fmt(c['seconds_to_0.95'], 's'):>14}{fmt(c['seconds_to_0.99'], 's'):>14}"
-              f"{fmt(c['steps_to_0.95'], ''):>12}{fmt(c['steps_to_0.99'], ''):>12}")
+        print_cell("SAELens", c)
     print(f"{'':<16}whole race: {time.perf_counter() - t:.1f} s for {args.steps} steps "
           f"(batch {args.saelens_batch}, lr {args.saelens_lr:g})")
+
 
 if __name__ == "__main__":
     main()

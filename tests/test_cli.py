@@ -17,7 +17,8 @@ from sae_jax import cli
 
 TINY = ["toy", "--d", "16", "--features", "32", "--mean-active", "3", "--l1", "0.1,1",
         "--ratios", "0.5,1", "--batch-size", "64", "--eval-samples", "512", "--no-progress",
-        "--check-every", "100", "--recipe", "fast", "--resample-every", "50"]  # resampling on
+        "--check-every", "100", "--recipe", "fast", "--resample-every", "50",
+        "--resample-dead-window", "50"]  # resampling on, and often
 
 
 def sae_jax(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

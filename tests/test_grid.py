@@ -2,7 +2,6 @@
 counters, divergence isolation, padding, validation, and recovery of a small world."""
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -253,19 +252,17 @@ def test_padding_cells_are_inert_and_change_nothing(tiny_world, baseline):
 
 # ----------------------------------------------------------------------------- recovery
 def test_small_world_recovered_to_mmcs_095():
-    """d = 32, h = 64, k = 3 at ratio 1 with the fast recipe: MMCS >= 0.95 within a minute."""
+    """d = 32, h = 64, k = 3 at ratio 1 with resampling: MMCS >= 0.95 after 2,000 steps (how fast
+    is benchmarks/recovery_race.py's business, not a test's)."""
     world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=32, features=64, mean_active=3))
     spec = grid.GridSpec.from_ratios(l1=(0.1, 0.3, 1.0), ratios=(1,), features=64)
     cfg = grid.TrainConfig(batch_size=128, lr=3e-3, b2=0.99, resample_every=250,
                            resample_worst=16, dedup_threshold=0.9)
-    t0 = time.perf_counter()
     state = grid.train(grid.init_grid(jax.random.PRNGKey(0), spec, 32, cfg), cfg, 2000,
                        world=world, chunk=500, progress=False)
     scores = [metrics.mmcs(sae.dictionary(grid.cell_params(state, c)), world.features_HxD)
               for c in spec.cells()]
-    elapsed = time.perf_counter() - t0
     assert max(scores) >= 0.95, scores
-    assert elapsed < 60, elapsed
     # Before training the same dictionaries are far from the features.
     start = grid.init_grid(jax.random.PRNGKey(0), spec, 32, cfg)
     assert metrics.mmcs(sae.dictionary(grid.cell_params(start, spec.cells()[0])),
