@@ -82,8 +82,9 @@ def train_config(args: argparse.Namespace, preset: dict) -> "grid.TrainConfig":
     from sae_jax import grid, toyrun
 
     recipe = dict(toyrun.RECIPES[args.recipe or "report"])
-    until_frac = recipe.pop("resample_until_frac", 0.0)
-    decay_frac = recipe.pop("lr_decay_frac", 0.0)
+    # Step counts a recipe gives as fractions of the run: "<field>_frac" -> field.
+    fracs = {"resample_until": recipe.pop("resample_until_frac", 0.0),
+             "lr_decay_steps": recipe.pop("lr_decay_frac", 0.0)}
     values = {"batch_size": preset.get("batch_size", 256), **recipe}
     if args.recipe is None:  # the preset's own additions to the report's recipe
         values.update(preset.get("report_recipe_extras", {}))
@@ -93,14 +94,11 @@ def train_config(args: argparse.Namespace, preset: dict) -> "grid.TrainConfig":
              "resample_pool": args.resample_pool, "resample_worst": args.resample_worst,
              "resample_dead_window": args.resample_dead_window,
              "dedup_threshold": args.dedup_threshold, "resample_until": args.resample_until,
-             "resample_encoder_scale": args.resample_encoder_scale}
+             "resample_encoder_scale": args.resample_encoder_scale, "tied_init": args.tied_init}
     values.update({k: v for k, v in flags.items() if v is not None})
-    if "resample_until" not in values and until_frac:
-        values["resample_until"] = int(until_frac * args.steps)
-    if "lr_decay_steps" not in values and decay_frac:
-        values["lr_decay_steps"] = int(decay_frac * args.steps)
-    if args.tied_init is not None:
-        values["tied_init"] = args.tied_init
+    for field, frac in fracs.items():
+        if field not in values and frac:
+            values[field] = int(frac * args.steps)
     for k in ("lr", "b1", "b2", "dedup_threshold"):
         if not math.isfinite(values.get(k, 0.0)):
             raise UsageError(f"--{k.replace('_', '-')} must be finite, got {values[k]}")
