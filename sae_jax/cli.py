@@ -52,6 +52,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tied-init", action=argparse.BooleanOptionalAction, default=None,
                    help="start the encoder as the decoder, W_e = D (on in --recipe fast)")
     t.add_argument("--dead-window", type=int, default=10)
+    t.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="matmul operands (float32 accumulation; weights, Adam, loss stay float32)")
+    t.add_argument("--fused-step", action="store_true",
+                   help="the group's gradients by hand in fast layouts (always on in bfloat16)")
     r = p.add_argument_group("resampling (on in --recipe fast)")
     r.add_argument("--resample-every", type=int)
     r.add_argument("--resample-pool", type=int,
@@ -103,6 +107,7 @@ def train_config(args: argparse.Namespace, preset: dict) -> "grid.TrainConfig":
         if not math.isfinite(values.get(k, 0.0)):
             raise UsageError(f"--{k.replace('_', '-')} must be finite, got {values[k]}")
     return grid.TrainConfig(l1_convention=args.l1_convention, dead_window=args.dead_window,
+                            compute_dtype=args.compute_dtype, fused_step=args.fused_step,
                             **values).validate()
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from sae_jax import resample, sae, toy
+from sae_jax import fused, resample, sae, toy
 from sae_jax.errors import UsageError
 
 Array = jax.Array
@@ -144,6 +144,10 @@ class TrainConfig:
     dedup_threshold: float = 0.0  # 0: off; else recycle atoms with cos > threshold to an earlier one
     resample_encoder_scale: float = 1.0  # new encoder row = scale * direction * mean live row norm
     resample_until: int = 0  # stop resampling after this step (0: never stop)
+    # Matmul operands in this dtype, float32 accumulation; parameters, Adam, loss and metrics stay
+    # float32. bfloat16 always takes the fused step.
+    compute_dtype: str = "float32"
+    fused_step: bool = False  # the group's gradients by hand (sae_jax.fused), not autodiff
 
     def validate(self) -> "TrainConfig":
         if self.batch_size < 1:
@@ -172,9 +176,16 @@ class TrainConfig:
                              f"({self.pool_size})")
         if not (math.isfinite(self.resample_encoder_scale) and self.resample_encoder_scale > 0):
             raise UsageError(f"--resample-encoder-scale must be > 0, got {self.resample_encoder_scale}")
+        if self.compute_dtype not in fused.COMPUTE_DTYPES:
+            raise UsageError(f"--compute-dtype must be one of {', '.join(fused.COMPUTE_DTYPES)}, "
+                             f"got {self.compute_dtype!r}")
         if not (0 <= self.dedup_threshold < 1):
             raise UsageError(f"--dedup-threshold must be in [0, 1), got {self.dedup_threshold}")
         return self
+
+    @property
+    def uses_fused_step(self) -> bool:
+        return self.fused_step or self.compute_dtype != "float32"
 
     @property
     def pool_size(self) -> int:
@@ -301,12 +312,19 @@ def _sq_norm(tree: Any) -> Array:
 
 def cell_update(cell: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array, l1_mult: Array,
                 cfg: TrainConfig, step: Array) -> tuple[Cells, tuple[Array, Array]]:
-    """One Adam step of one cell (unbatched leaves) on input x + noise * eps, target x.
-    A non-finite loss or gradient marks the cell diverged; it keeps its last finite state.
-    With resampling on, the batch's worst-reconstructed target goes to pool row step mod K."""
+    """One Adam step of one cell (unbatched leaves) on input x + noise * eps, target x, with the
+    gradient of `sae.loss` by autodiff (the float32 reference path)."""
     x_in = x_BxD if eps_BxD is None else x_BxD + cell.noise * eps_BxD
     (total, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(
         cell.params, x_in, cell.l1_coeff * l1_mult, cfg.l1_convention, x_BxD)
+    return apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
+
+
+def apply_grads(cell: Cells, grads: sae.SAEParams, total: Array, aux: sae.LossAux, x_BxD: Array,
+                lr_mult: Array, cfg: TrainConfig, step: Array) -> tuple[Cells, tuple[Array, Array]]:
+    """Adam on one cell's gradients. A non-finite loss or gradient marks the cell diverged; it
+    keeps its last finite state. With resampling on, the batch's worst-reconstructed target goes
+    to pool row step mod K."""
     updates, opt = cfg.adam().update(grads, cell.opt)
     params = jax.tree.map(lambda p, u: p - cell.lr * lr_mult * u, cell.params, updates)
     if cfg.full_finite_check:  # every gradient and updated parameter element
@@ -322,17 +340,31 @@ def cell_update(cell: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array
         diverged=diverged,
     )
     if cfg.resample_every:
-        worst = x_BxD[jnp.argmax(aux.sq_err_B)]
+        worst = x_BxD[jnp.argmax(aux.sq_err_B)].astype(jnp.float32)
         new = new.replace(pool_x=cell.pool_x.at[step % cfg.pool_size].set(worst))
     return new, (total, aux.mse)
+
+
+def group_update(group: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array,
+                 l1_mult: Array, cfg: TrainConfig, step: Array) -> tuple[Cells, tuple[Array, Array]]:
+    """One Adam step of every cell of a size group. With `cfg.fused_step` (always in bfloat16)
+    the whole group's gradients come from `fused.group_loss_and_grad`; otherwise from autodiff,
+    cell by cell under vmap."""
+    if not cfg.uses_fused_step:
+        return jax.vmap(cell_update, in_axes=(0, None, None, None, None, None, None))(
+            group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
+    x_in = x_BxD if eps_BxD is None else x_BxD + group.noise[:, None, None] * eps_BxD
+    (total, aux), grads = fused.group_loss_and_grad(
+        group.params, x_in, group.l1_coeff * l1_mult, cfg.l1_convention, x_BxD, cfg.compute_dtype)
+    return jax.vmap(apply_grads, in_axes=(0, 0, 0, 0, None, None, None, None))(
+        group, grads, total, aux, x_BxD, lr_mult, cfg, step)
 
 
 def train_step(state: GridState, x_BxD: Array, cfg: TrainConfig,
                eps_BxD: Array | None = None) -> tuple[GridState, StepMetrics]:
     """Updates every cell of every size group on one shared batch (eps: shared input noise)."""
     lr_mult, l1_mult = _schedules(state.step, cfg)
-    step_group = jax.vmap(cell_update, in_axes=(0, None, None, None, None, None, None))
-    outs = [step_group(g, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, state.step) for g in state.groups]
+    outs = [group_update(g, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, state.step) for g in state.groups]
     groups = tuple(o[0] for o in outs)
     metrics = StepMetrics(tuple(o[1][0] for o in outs), tuple(o[1][1] for o in outs))
     return state.replace(groups=groups, step=state.step + 1), metrics
