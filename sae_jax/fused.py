@@ -35,6 +35,16 @@ Array = jax.Array
 F32 = jnp.float32
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
+# The step's five matmuls for a shared batch, as einsums over c (cell), m (latent), k = (c, m),
+# d (input dimension) and b (sample); benchmarks/grid_step.py times each of them.
+MATMULS = {
+    "encoder forward": "kd,db->kb",
+    "decoder forward": "cdm,cmb->cdb",
+    "gradient wrt codes": "cmd,cdb->cmb",
+    "gradient wrt decoder": "cmb,cdb->cmd",
+    "gradient wrt encoder": "kb,bd->kd",
+}
+
 
 def _swap_last(a: Array) -> Array:
     """a with its last two axes swapped, materialised by a gather. XLA's CPU backend runs a
@@ -54,7 +64,9 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     """((L_C, aux with a leading cell axis), dL_c/dparams_c) for every cell c of a size group.
 
     `params` leaves carry a leading cell axis C; x (B, d) is shared by every cell, or given per
-    cell as (C, B, d) (denoising: then the target t (B, d) is required); t defaults to x. Same values as `jax.vmap(jax.value_and_grad(sae.loss, has_aux=True))`.
+    cell as (C, B, d) (denoising: then the target t (B, d) is required); t defaults to x.
+    Same values as `jax.vmap(jax.value_and_grad(sae.loss, has_aux=True))` (to float tolerance in
+    float32).
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
@@ -74,7 +86,7 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     shared = x_BxD.ndim == 2  # else (C, B, d): one input per cell (denoising)
     x_lo = x_BxD.astype(dt)
     if shared:
-        pre_CxMxB = _mm("kd,db->kb", w_CxMxD.reshape(n_cells * m, d), swap(x_lo), dt)
+        pre_CxMxB = _mm(MATMULS["encoder forward"], w_CxMxD.reshape(n_cells * m, d), swap(x_lo), dt)
     else:
         pre_CxMxB = _mm("cmd,cdb->cmb", w_CxMxD, swap(x_lo), dt)
     pre_CxMxB = pre_CxMxB.reshape(n_cells, m, batch) + b_CxM[:, :, None]
@@ -86,7 +98,7 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     n_active_CxM = jnp.sum(active_lo.astype(F32), axis=2)
     atoms, unit_vjp = jax.vjp(sae.unit_rows, d_CxMxD)
     atoms_lo = atoms.astype(dt)
-    xhat_CxDxB = _mm("cdm,cmb->cdb", swap(atoms_lo), c_lo, dt)
+    xhat_CxDxB = _mm(MATMULS["decoder forward"], swap(atoms_lo), c_lo, dt)
     r_CxDxB = xhat_CxDxB - t_DxB
     sq_CxB = jnp.sum(jnp.square(r_CxDxB), axis=1)
     mse_C = jnp.sum(sq_CxB, axis=1) / (batch * d)
@@ -95,12 +107,13 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
 
     # backward
     g_lo = (r_CxDxB * (2.0 / (batch * d))).astype(dt)
-    dc_CxMxB = _mm("cmd,cdb->cmb", atoms_lo, g_lo, dt)
+    dc_CxMxB = _mm(MATMULS["gradient wrt codes"], atoms_lo, g_lo, dt)
     dpre_CxMxB = jnp.where(active_lo, dc_CxMxB + (l1_coeff_C * l1_scale)[:, None, None], 0.0)
-    d_atoms = _mm("cmb,cdb->cmd", c_lo, g_lo, dt)
+    d_atoms = _mm(MATMULS["gradient wrt decoder"], c_lo, g_lo, dt)
     dpre_lo = dpre_CxMxB.astype(dt)
     if shared:
-        d_w = _mm("kb,bd->kd", dpre_lo.reshape(n_cells * m, batch), x_lo, dt).reshape(n_cells, m, d)
+        d_w = _mm(MATMULS["gradient wrt encoder"], dpre_lo.reshape(n_cells * m, batch), x_lo, dt)
+        d_w = d_w.reshape(n_cells, m, d)
     else:
         d_w = _mm("cmb,cbd->cmd", dpre_lo, x_lo, dt)
     grads = sae.SAEParams(d_w, jnp.sum(dpre_CxMxB, axis=2),
