@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="sae-jax: %(message)s")
     args = build_parser().parse_args(argv)
+    from sae_jax import compile_cache
+    compile_cache.enable()
     try:
         if getattr(args, "distributed", False):
             from sae_jax import sharding

@@ -34,6 +34,7 @@ from sae_jax import sae
 Array = jax.Array
 F32 = jnp.float32
 COMPUTE_DTYPES = ("float32", "bfloat16")
+_ONES = 16  # columns of ones appended to x in the encoder-gradient matmul
 
 # The step's five matmuls for a shared batch, as einsums over c (cell), m (latent), k = (c, m),
 # d (input dimension) and b (sample); benchmarks/grid_step.py times each of them.
@@ -94,15 +95,16 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     c_lo = c_CxMxB.astype(dt)
     active_lo = c_lo > 0  # = [pre > 0]; bfloat16 keeps float32's exponent range
     l1_scale = 1.0 / (m * batch) if convention == "report" else 1.0 / batch
-    l1_C = jnp.sum(c_CxMxB, axis=(1, 2)) * l1_scale
-    n_active_CxM = jnp.sum(active_lo.astype(F32), axis=2)
+    c_sum_CxM = jnp.sum(c_CxMxB, axis=2)
+    l1_C = jnp.sum(c_sum_CxM, axis=1) * l1_scale
+    n_active_CxM = jnp.sum(active_lo.astype(F32), axis=2)  # only for L0: unused in the grid step
     atoms, unit_vjp = jax.vjp(sae.unit_rows, d_CxMxD)
     atoms_lo = atoms.astype(dt)
     xhat_CxDxB = _mm(MATMULS["decoder forward"], swap(atoms_lo), c_lo, dt)
     r_CxDxB = xhat_CxDxB - t_DxB
     sq_CxB = jnp.sum(jnp.square(r_CxDxB), axis=1)
     mse_C = jnp.sum(sq_CxB, axis=1) / (batch * d)
-    aux = sae.LossAux(mse_C, l1_C, jnp.sum(n_active_CxM, axis=1) / batch, n_active_CxM > 0, sq_CxB)
+    aux = sae.LossAux(mse_C, l1_C, jnp.sum(n_active_CxM, axis=1) / batch, c_sum_CxM > 0, sq_CxB)
     total_C = mse_C + l1_coeff_C * l1_C
 
     # backward
@@ -111,11 +113,13 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     dpre_CxMxB = jnp.where(active_lo, dc_CxMxB + (l1_coeff_C * l1_scale)[:, None, None], 0.0)
     d_atoms = _mm(MATMULS["gradient wrt decoder"], c_lo, g_lo, dt)
     dpre_lo = dpre_CxMxB.astype(dt)
+    # [x, 1]: the encoder-gradient matmul also sums dL/dpre over the batch (dL/db_e), so no
+    # reduction pass over the (C, m, B) array is needed. Padded to 16 columns for the GEMM.
+    x_aug = jnp.concatenate([x_lo, jnp.ones(x_lo.shape[:-1] + (_ONES,), dt)], axis=-1)
     if shared:
-        d_w = _mm(MATMULS["gradient wrt encoder"], dpre_lo.reshape(n_cells * m, batch), x_lo, dt)
-        d_w = d_w.reshape(n_cells, m, d)
+        d_wb = _mm(MATMULS["gradient wrt encoder"], dpre_lo.reshape(n_cells * m, batch), x_aug, dt)
+        d_wb = d_wb.reshape(n_cells, m, d + _ONES)
     else:
-        d_w = _mm("cmb,cbd->cmd", dpre_lo, x_lo, dt)
-    grads = sae.SAEParams(d_w, jnp.sum(dpre_CxMxB, axis=2),
-                          unit_vjp(d_atoms)[0])
+        d_wb = _mm("cmb,cbd->cmd", dpre_lo, x_aug, dt)
+    grads = sae.SAEParams(d_wb[..., :d], d_wb[..., d], unit_vjp(d_atoms)[0])
     return (total_C, aux), grads
