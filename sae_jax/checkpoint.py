@@ -107,10 +107,10 @@ def _one_line(exc: BaseException) -> str:
 def _concrete_target(abstract_state: PyTree) -> PyTree:
     """The restore target: shape, dtype and sharding of every array leaf.
 
-    Leaves without a sharding go to the default device, so a checkpoint written on
-    another device count still restores. Multi-host runs must give shardings.
+    Leaves without a sharding go to this process's first device, so a checkpoint written
+    on another device (or process) count still restores.
     """
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or default)
         if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else x,
@@ -127,7 +127,7 @@ class Checkpointer:
     is finished before the process exits.
     """
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, process_local: bool = False):
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise UsageError(f"max_to_keep must be an integer >= 1, got {max_to_keep!r}")
         self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
@@ -142,8 +142,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
             create=True,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not process_local or jax.process_index() == 0,
             enable_async_checkpointing=True,
+            # process_local: only this process calls this manager (host arrays, no barriers)
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=jax.process_index(), active_processes={jax.process_index()})
+            if process_local and jax.process_count() > 1 else ocp.options.MultiprocessingOptions(),
         )
         self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
         self._warned: set[tuple[int, str]] = set()
@@ -373,3 +377,29 @@ def metadata_mismatches(
 
 def _show(value: Any) -> str:
     return "nothing" if value is _MISSING else json.dumps(value)
+
+
+def resume(ckpt: Checkpointer, template: PyTree, run_config: Mapping[str, Any],
+           may_grow: Iterable[str] = (), check: Any = None) -> tuple[PyTree, dict[str, Any], int]:
+    """``--resume``: ``(state, metadata, step)`` of the newest usable checkpoint, restored into
+    the structure, shapes and dtypes of ``template``.
+
+    Refused (one line) when there is no complete checkpoint, or when the checkpoint's
+    ``run_config`` differs from ``run_config``, except that the top-level keys in ``may_grow``
+    (step counts of an extended run) may be larger now. ``check(metadata)`` may refuse first.
+    No array is read before these checks.
+    """
+    if ckpt.latest_step() is None:
+        raise CheckpointError(f"--resume: no complete checkpoint under {ckpt.directory}")
+    meta = ckpt.read_metadata()
+    if check is not None:
+        check(meta)
+    saved, current = dict(meta.get("run_config", {})), dict(run_config)
+    for key in may_grow:
+        if key in saved and key in current and saved[key] < current[key]:
+            saved.pop(key), current.pop(key)
+    diffs = metadata_mismatches(saved, current)
+    if diffs:
+        raise CheckpointError("--resume with different arguments: " + "; ".join(diffs[:3]))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), template)
+    return ckpt.restore(abstract)

@@ -32,9 +32,11 @@ Array = jax.Array
 
 # ----------------------------------------------------------------------------- specification
 @dataclasses.dataclass(frozen=True)
-class Cell:
+class CellSpec:
+    """One cell of the grid: its hyperparameters and where its state lives."""
+
     index: int
-    l1: float
+    l1_coeff: float  # alpha
     dict_size: int
     ratio: float
     seed: int
@@ -45,46 +47,46 @@ class Cell:
 
 @dataclasses.dataclass(frozen=True)
 class GridSpec:
-    """The grid: every (l1, dict_size, noise, seed). Cells are ordered size-major, then l1, then
-    input-noise std (denoising; (0,) for plain autoencoders), then seed."""
+    """The grid: every (alpha, dict_size, noise, seed). Cells are ordered size-major, then alpha,
+    then input-noise std (denoising; (0,) for plain autoencoders), then seed."""
 
-    l1: tuple[float, ...]
+    l1_coeff: tuple[float, ...]  # alpha
     dict_sizes: tuple[int, ...]
     seeds: tuple[int, ...] = (0,)
     features: int | None = None  # h, when sizes came from ratios (for reporting only)
     noise: tuple[float, ...] = (0.0,)
 
     @classmethod
-    def from_ratios(cls, l1: Sequence[float], ratios: Sequence[float], features: int,
+    def from_ratios(cls, l1_coeff: Sequence[float], ratios: Sequence[float], features: int,
                     seeds: int | Sequence[int] = 1, noise: Sequence[float] = (0.0,)) -> "GridSpec":
         """Dictionary sizes m = round(ratio * features)."""
-        _check_positive("--ratios", ratios)
+        _check_positive("ratios", ratios)
         sizes = tuple(max(1, int(round(r * features))) for r in ratios)
         if isinstance(seeds, int):
             if seeds < 1:
-                raise UsageError(f"--seeds must be >= 1, got {seeds}")
+                raise UsageError(f"`seeds` must be >= 1, got {seeds}", field="seeds")
             seeds = tuple(range(seeds))
-        return cls(tuple(float(a) for a in l1), sizes, tuple(seeds), features,
+        return cls(tuple(float(a) for a in l1_coeff), sizes, tuple(seeds), features,
                    tuple(float(n) for n in noise)).validate()
 
     def validate(self) -> "GridSpec":
-        if not self.l1:
-            raise UsageError("--l1 needs at least one value")
-        for a in self.l1:
+        if not self.l1_coeff:
+            raise UsageError("`l1_coeff` needs at least one value", field="l1_coeff")
+        for a in self.l1_coeff:
             if not (math.isfinite(a) and a >= 0):
-                raise UsageError(f"--l1 values must be finite and >= 0, got {a}")
+                raise UsageError(f"`l1_coeff` values must be finite and >= 0, got {a}", field="l1_coeff")
         if not self.dict_sizes:
-            raise UsageError("--ratios needs at least one value")
-        _check_positive("dictionary size", self.dict_sizes)
+            raise UsageError("`dict_sizes` needs at least one value", field="dict_sizes")
+        _check_positive("dict_sizes", self.dict_sizes)
         if any(m != int(m) for m in self.dict_sizes):
-            raise UsageError(f"dictionary sizes must be integers, got {list(self.dict_sizes)}")
+            raise UsageError(f"dictionary sizes must be integers, got {list(self.dict_sizes)}", field="dict_sizes")
         if len(set(self.dict_sizes)) != len(self.dict_sizes):
-            raise UsageError(f"dictionary sizes must be distinct, got {list(self.dict_sizes)}")
+            raise UsageError(f"dictionary sizes must be distinct, got {list(self.dict_sizes)}", field="dict_sizes")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise UsageError(f"--seeds must be >= 1 distinct seeds, got {list(self.seeds)}")
+            raise UsageError(f"`seeds` must be >= 1 distinct seeds, got {list(self.seeds)}", field="seeds")
         for n in self.noise:
             if not (math.isfinite(n) and n >= 0):
-                raise UsageError(f"noise std values must be finite and >= 0, got {n}")
+                raise UsageError(f"noise std values must be finite and >= 0, got {n}", field="noise")
         return self
 
     @property
@@ -94,25 +96,27 @@ class GridSpec:
     def ratio(self, m: int) -> float:
         return m / self.features if self.features else float(m)
 
-    def cells(self) -> list[Cell]:
+    def cells(self) -> list[CellSpec]:
         out = []
         for g, m in enumerate(self.dict_sizes):
             slot = 0
-            for a in self.l1:
+            for a in self.l1_coeff:
                 for n in self.noise:
                     for s in self.seeds:
-                        out.append(Cell(len(out), a, m, self.ratio(m), s, g, slot, n))
+                        out.append(CellSpec(len(out), a, m, self.ratio(m), s, g, slot, n))
                         slot += 1
         return out
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """As results.json and checkpoints record it (alpha under `l1`; lists)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {("l1" if k == "l1_coeff" else k): v for k, v in d.items()}
 
 
 def _check_positive(name: str, values: Iterable[float]) -> None:
     for v in values:
         if not (math.isfinite(v) and v > 0):
-            raise UsageError(f"{name} must be > 0, got {v}")
+            raise UsageError(f"`{name}` must be > 0, got {v}", field=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,55 +139,35 @@ class TrainConfig:
     l1_warmup: int = 0  # alpha ramps linearly from 0 over this many steps
     dead_window: int = 10  # dead = did not fire in the last N steps
     denoise: bool = False  # add each cell's Gaussian input noise (noise * eps); target stays clean
-    # Resampling (0 disables it); see sae_jax.resample.
-    resample_every: int = 0
-    resample_pool: int = 0  # K: the pool holds the worst-reconstructed input of each of the last
-    #                        K steps, per cell (0: K = resample_every)
-    resample_worst: int = 0  # new atoms come from the `resample_worst` currently worst (0: all K)
-    resample_dead_window: int = 0  # 0: the whole period
-    dedup_threshold: float = 0.0  # 0: off; else recycle atoms with cos > threshold to an earlier one
-    resample_encoder_scale: float = 1.0  # new encoder row = scale * direction * mean live row norm
-    resample_until: int = 0  # stop resampling after this step (0: never stop)
+    resample: resample.ResampleConfig = resample.ResampleConfig()  # off by default
 
     def validate(self) -> "TrainConfig":
+        for name in ("lr", "b1", "b2"):
+            if not math.isfinite(getattr(self, name)):
+                raise UsageError(f"`{name}` must be finite, got {getattr(self, name)}", field=name)
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be finite and > 0, got {self.lr}")
-        for name, b in (("--adam-b1", self.b1), ("--adam-b2", self.b2)):
-            if not (0 <= b < 1):
-                raise UsageError(f"{name} must be in [0, 1), got {b}")
+            raise UsageError(f"`batch_size` must be >= 1, got {self.batch_size}", field="batch_size")
+        if not self.lr > 0:
+            raise UsageError(f"`lr` must be finite and > 0, got {self.lr}", field="lr")
+        for name in ("b1", "b2"):
+            if not (0 <= getattr(self, name) < 1):
+                raise UsageError(f"`{name}` must be in [0, 1), got {getattr(self, name)}", field=name)
         if self.l1_convention not in sae.L1_CONVENTIONS:
-            raise UsageError(f"--l1-convention must be one of {sae.L1_CONVENTIONS}")
+            raise UsageError(f"`l1_convention` must be one of {sae.L1_CONVENTIONS}", field="l1_convention")
         if self.dead_window < 1:
-            raise UsageError(f"--dead-window must be >= 1, got {self.dead_window}")
-        for name in ("lr_warmup", "lr_decay_steps", "l1_warmup", "resample_every",
-                     "resample_until", "resample_dead_window"):
+            raise UsageError(f"`dead_window` must be >= 1, got {self.dead_window}", field="dead_window")
+        for name in ("lr_warmup", "lr_decay_steps", "l1_warmup"):
             if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
-        if self.resample_pool < 0 or self.resample_worst < 0:
-            raise UsageError("--resample-pool and --resample-worst must be >= 0")
-        if self.resample_every and self.pool_size > self.resample_every:
-            raise UsageError(f"--resample-pool ({self.resample_pool}) must be <= --resample-every "
-                             f"({self.resample_every}): the pool holds one sample per step since "
-                             "the last resampling")
-        if self.resample_every and self.resample_worst > self.pool_size:
-            raise UsageError(f"--resample-worst ({self.resample_worst}) must be <= the pool size "
-                             f"({self.pool_size})")
-        if not (math.isfinite(self.resample_encoder_scale) and self.resample_encoder_scale > 0):
-            raise UsageError(f"--resample-encoder-scale must be > 0, got {self.resample_encoder_scale}")
-        if not (0 <= self.dedup_threshold < 1):
-            raise UsageError(f"--dedup-threshold must be in [0, 1), got {self.dedup_threshold}")
+                raise UsageError(f"`{name}` must be >= 0", field=name)
+        self.resample.validate()
         return self
 
-    @property
-    def pool_size(self) -> int:
-        """Rows of each cell's resampling pool (1 placeholder row when resampling is off)."""
-        return (self.resample_pool or self.resample_every) if self.resample_every else 1
-
-    @property
-    def n_worst(self) -> int:
-        return self.resample_worst or self.pool_size
+    def to_dict(self) -> dict:
+        """Flat, with the resampling fields under their `resample.FIELDS` names (results.json)."""
+        d = dataclasses.asdict(self)
+        d.update({k: d["resample"][f] for k, f in resample.FIELDS.items()})
+        del d["resample"]
+        return d
 
     def adam(self) -> optax.GradientTransformation:
         return optax.scale_by_adam(self.b1, self.b2, self.eps)
@@ -191,8 +175,8 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- state
 @struct.dataclass
-class Cells:
-    """One size group; every leaf has a leading cell axis C."""
+class GroupState:
+    """The state of one size group's cells; every leaf has a leading cell axis C."""
 
     params: sae.SAEParams
     opt: optax.ScaleByAdamState
@@ -213,7 +197,7 @@ class Cells:
 
 @struct.dataclass
 class GridState:
-    groups: tuple[Cells, ...]
+    groups: tuple[GroupState, ...]
     step: Array  # () int32
     data_key: Array  # raw uint32 PRNG key
 
@@ -241,17 +225,17 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
         mine = [c for c in cells if c.group == g]
         keys = jnp.stack([cell_key(init_key, m, c.seed) for c in mine])
         params = jax.vmap(lambda k: sae.init(k, d, m, cfg.tied_init))(keys)
-        groups.append(Cells(
+        groups.append(GroupState(
             params=params,
             opt=jax.vmap(cfg.adam().init)(params),
-            l1_coeff=jnp.asarray([c.l1 for c in mine], jnp.float32),
+            l1_coeff=jnp.asarray([c.l1_coeff for c in mine], jnp.float32),
             noise=jnp.asarray([c.noise for c in mine], jnp.float32),
             lr=jnp.full((len(mine),), cfg.lr, jnp.float32),
             since_fired=jnp.zeros((len(mine), m), jnp.int32),
             diverged=jnp.zeros((len(mine),), bool),
             n_resampled=jnp.zeros((len(mine),), jnp.int32),
             valid=jnp.ones((len(mine),), bool),
-            pool_x=jnp.zeros((len(mine), cfg.pool_size, d), jnp.float32),
+            pool_x=jnp.zeros((len(mine), cfg.resample.pool_size, d), jnp.float32),
         ))
     return pad(GridState(tuple(groups), jnp.zeros((), jnp.int32), data_key), pad_multiple)
 
@@ -259,7 +243,7 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
 def pad(state: GridState, multiple: int) -> GridState:
     """Pads each group with copies of its last cell made inert (lr 0, valid False) up to a
     multiple of `multiple` cells. Inert cells never show in results."""
-    def one(g: Cells) -> Cells:
+    def one(g: GroupState) -> GroupState:
         n_pad = (-g.valid.shape[0]) % multiple
         if not n_pad:
             return g
@@ -299,8 +283,8 @@ def _sq_norm(tree: Any) -> Array:
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
-def cell_update(cell: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array, l1_mult: Array,
-                cfg: TrainConfig, step: Array) -> tuple[Cells, tuple[Array, Array]]:
+def cell_update(cell: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array, l1_mult: Array,
+                cfg: TrainConfig, step: Array) -> tuple[GroupState, tuple[Array, Array]]:
     """One Adam step of one cell (unbatched leaves) on input x + noise * eps, target x.
     A non-finite loss or gradient marks the cell diverged; it keeps its last finite state.
     With resampling on, the batch's worst-reconstructed target goes to pool row step mod K."""
@@ -321,9 +305,9 @@ def cell_update(cell: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array
         since_fired=keep(jnp.where(aux.fired_M, 0, cell.since_fired + 1), cell.since_fired),
         diverged=diverged,
     )
-    if cfg.resample_every:
+    if cfg.resample.every:
         worst = x_BxD[jnp.argmax(aux.sq_err_B)]
-        new = new.replace(pool_x=cell.pool_x.at[step % cfg.pool_size].set(worst))
+        new = new.replace(pool_x=cell.pool_x.at[step % cfg.resample.pool_size].set(worst))
     return new, (total, aux.mse)
 
 
@@ -347,15 +331,6 @@ def toy_batch(world: toy.ToyWorld, key: Array, batch_size: int,
     return x, (jax.random.normal(k_n, x.shape) if denoise else None)
 
 
-def _maybe_resample(state: GridState, cfg: TrainConfig) -> GridState:
-    if not cfg.resample_every:
-        return state
-    due = (state.step % cfg.resample_every == 0)
-    if cfg.resample_until:
-        due &= state.step <= cfg.resample_until
-    return jax.lax.cond(due, lambda s: resample.resample_grid(s, cfg), lambda s: s, state)
-
-
 def _chunk_metrics(metrics: StepMetrics) -> StepMetrics:
     return jax.tree.map(lambda a: jnp.mean(a, axis=0), metrics)
 
@@ -368,7 +343,7 @@ def run_toy_chunk(state: GridState, world: toy.ToyWorld, cfg: TrainConfig,
         key = jax.random.fold_in(s.data_key, s.step)
         x, eps = toy_batch(world, key, cfg.batch_size, cfg.denoise)
         s, m = train_step(s, x, cfg, eps)
-        return _maybe_resample(s, cfg), m
+        return resample.maybe_resample(s, cfg.resample), m
     state, metrics = jax.lax.scan(body, state, None, length=n_steps)
     return state, _chunk_metrics(metrics)
 
@@ -379,9 +354,17 @@ def run_batches_chunk(state: GridState, xs_TxBxD: Array, cfg: TrainConfig) -> tu
     The resampling pool fills from the same stream, exactly as with the toy sampler."""
     def body(s, x):
         s, m = train_step(s, x, cfg)
-        return _maybe_resample(s, cfg), m
+        return resample.maybe_resample(s, cfg.resample), m
     state, metrics = jax.lax.scan(body, state, xs_TxBxD)
     return state, _chunk_metrics(metrics)
+
+
+@jax.jit
+def _mean_loss(losses: tuple[Array, ...], valid: tuple[Array, ...]) -> Array:
+    """Mean loss over real, non-NaN cells, as one replicated scalar (fetchable on any process)."""
+    loss, ok = jnp.concatenate(losses), jnp.concatenate(valid)
+    ok = ok & ~jnp.isnan(loss)
+    return jnp.sum(jnp.where(ok, loss, 0.0)) / jnp.sum(ok)
 
 
 def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWorld | None = None,
@@ -397,7 +380,7 @@ def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWor
     if (world is None) == (batches is None):
         raise ValueError("train() needs exactly one of world= or batches=")
     if n_steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {n_steps}")
+        raise UsageError(f"`steps` must be >= 1, got {n_steps}", field="steps")
     from tqdm.auto import tqdm
     start = int(state.step)
     bar = tqdm(total=n_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
@@ -408,9 +391,9 @@ def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWor
             state, metrics = run_toy_chunk(state, world, cfg, n)
         else:
             state, metrics = run_batches_chunk(state, jnp.asarray(batches(t0, n)), cfg)
-        losses = np.concatenate([np.asarray(l) for l in metrics.loss])
-        valid = np.concatenate([np.asarray(g.valid) for g in state.groups])
-        bar.set_postfix(loss=f"{np.nanmean(np.where(valid, losses, np.nan)):.4g}", refresh=False)
+        if progress:
+            loss = _mean_loss(metrics.loss, tuple(g.valid for g in state.groups))
+            bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
         bar.update(n)
         if callback is not None:
             callback(state, metrics)
@@ -419,10 +402,10 @@ def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWor
 
 
 # ----------------------------------------------------------------------------- views
-def cell_params(state: GridState, cell: Cell) -> sae.SAEParams:
+def cell_params(state: GridState, cell: CellSpec) -> sae.SAEParams:
     """One cell's parameters, unbatched."""
     return jax.tree.map(lambda a: a[cell.slot], state.groups[cell.group].params)
 
 
-def cell_field(state: GridState, cell: Cell, name: str) -> Array:
+def cell_field(state: GridState, cell: CellSpec, name: str) -> Array:
     return getattr(state.groups[cell.group], name)[cell.slot]

@@ -43,12 +43,23 @@ def state_shardings(state: grid.GridState, mesh: Mesh) -> grid.GridState:
     return grid.GridState(groups, replicated(mesh), replicated(mesh))
 
 
-def gather_to_host(state: grid.GridState) -> grid.GridState:
-    """On several hosts, every process gets the whole grid (for evaluation and outputs)."""
+def to_host(tree):
+    """Every leaf as a NumPy array in this process. On several processes it is an all-gather:
+    every process must call it at the same point."""
     if jax.process_count() == 1:
-        return state
+        return jax.device_get(tree)
     from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(state, tiled=True)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def gather_to_host(state: grid.GridState) -> grid.GridState:
+    """On several processes, every process gets the whole grid (for evaluation and outputs)."""
+    return state if jax.process_count() == 1 else to_host(state)
+
+
+def replicate(tree, mesh: Mesh):
+    """Host values every process holds alike, as arrays replicated over the mesh."""
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a), replicated(mesh)), tree)
 
 
 def shard_state(state: grid.GridState, mesh: Mesh) -> grid.GridState:
