@@ -139,15 +139,17 @@ class Checkpointer:
             ) from e
         if not os.access(self.directory, os.W_OK):
             raise CheckpointError(f"checkpoint directory {self.directory} is not writable")
+        # process_local (on several processes): only this process calls this manager, with
+        # host arrays; no barriers with the others. Only process 0 cleans up after killed saves.
+        alone = process_local and jax.process_count() > 1
+        me = jax.process_index()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
-            create=True,
-            cleanup_tmp_directories=not process_local or jax.process_index() == 0,
+            create=not alone,
+            cleanup_tmp_directories=not alone or me == 0,
             enable_async_checkpointing=True,
-            # process_local: only this process calls this manager (host arrays, no barriers)
             multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=jax.process_index(), active_processes={jax.process_index()})
-            if process_local and jax.process_count() > 1 else ocp.options.MultiprocessingOptions(),
+                **({"primary_host": me, "active_processes": {me}} if alone else {})),
         )
         self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
         self._warned: set[tuple[int, str]] = set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from sae_jax.errors import UsageError
@@ -151,6 +152,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _summary(out: dict, path: str, figures: bool) -> None:
+    import jax
+
+    if jax.process_index() != 0:  # process 0 wrote the outputs and says so
+        return
     s = out.get("suggested") or {}
     opt = out.get("ground_truth_optimum")
     print(f"wrote {path}/results.json, dictionaries.npz" + (", REPORT.md and figures/" if figures else ""))
@@ -206,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sae-jax: interrupted; the newest checkpoint is kept: rerun with --resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001
+        if not getattr(args, "distributed", False):
+            raise
+        # Most often another process died; exit now, skipping a shutdown that waits for it.
+        import jax
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(f"sae-jax: error: process {jax.process_index()} of {jax.process_count()} stopped "
+              f"(another process may have died; rerun all with --resume): {first}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from sae_jax import grid
 from sae_jax.errors import UsageError
 
 AXIS = "grid"
+HEARTBEAT_S = int(os.environ.get("SAE_JAX_HEARTBEAT_TIMEOUT", "60"))  # seconds, --distributed
 
 
 def make_mesh(devices: int | None = None) -> Mesh:
@@ -81,8 +82,12 @@ def initialize_distributed() -> None:
                 kwargs[arg] = int(os.environ[env])
     except ValueError:
         raise UsageError("--distributed: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+    # A process whose peer died learns it at its next collective (cli.main prints one line and
+    # exits) or from the coordination service within ~HEARTBEAT_S seconds; it never waits on.
+    jax.config.update("jax_enable_preemption_service", False)  # its own noisy error path
     try:
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=HEARTBEAT_S,
+                                   shutdown_timeout_seconds=HEARTBEAT_S)
     except Exception as e:  # noqa: BLE001 - any failure here is the user's cluster setup
         addr = os.environ.get("JAX_COORDINATOR_ADDRESS", "unset")
         raise UsageError(f"--distributed: jax.distributed.initialize() failed "
