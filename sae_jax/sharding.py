@@ -50,7 +50,12 @@ def to_host(tree):
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
+
+    def one(a):  # only arrays spanning other processes' devices need the gather
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return multihost_utils.process_allgather(a, tiled=True)
+        return jax.device_get(a)
+    return jax.tree.map(one, tree)
 
 
 def gather_to_host(state: grid.GridState) -> grid.GridState:
