@@ -139,10 +139,8 @@ class Checkpointer:
             ) from e
         if not os.access(self.directory, os.W_OK):
             raise CheckpointError(f"checkpoint directory {self.directory} is not writable")
-        # process_local (on several processes): only this process calls this manager, with
-        # host arrays; no barriers with the others. Only process 0 cleans up after killed saves.
-        alone = process_local and jax.process_count() > 1
-        me = jax.process_index()
+        # process_local: only this process uses it (host arrays, no barriers with the others)
+        alone, me = process_local and jax.process_count() > 1, jax.process_index()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
             create=not alone,
@@ -383,23 +381,17 @@ def _show(value: Any) -> str:
 
 def resume(ckpt: Checkpointer, template: PyTree, run_config: Mapping[str, Any],
            may_grow: Iterable[str] = (), check: Any = None) -> tuple[PyTree, dict[str, Any], int]:
-    """``--resume``: ``(state, metadata, step)`` of the newest usable checkpoint, restored into
-    the structure, shapes and dtypes of ``template``.
-
-    Refused (one line) when there is no complete checkpoint, or when the checkpoint's
-    ``run_config`` differs from ``run_config``, except that the top-level keys in ``may_grow``
-    (step counts of an extended run) may be larger now. ``check(metadata)`` may refuse first.
-    No array is read before these checks.
-    """
+    """``(state, metadata, step)`` of the newest usable checkpoint, shaped like ``template``;
+    refused (one line, no array read) when there is none, when ``check(metadata)`` raises, or
+    when its ``run_config`` differs, except for ``may_grow`` keys that grew (extended runs)."""
     if ckpt.latest_step() is None:
         raise CheckpointError(f"--resume: no complete checkpoint under {ckpt.directory}")
     meta = ckpt.read_metadata()
     if check is not None:
         check(meta)
     saved, current = dict(meta.get("run_config", {})), dict(run_config)
-    for key in may_grow:
-        if key in saved and key in current and saved[key] < current[key]:
-            saved.pop(key), current.pop(key)
+    for key in [k for k in may_grow if k in saved and k in current and saved[k] < current[k]]:
+        saved.pop(key), current.pop(key)
     diffs = metadata_mismatches(saved, current)
     if diffs:
         raise CheckpointError("--resume with different arguments: " + "; ".join(diffs[:3]))

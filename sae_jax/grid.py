@@ -142,23 +142,15 @@ class TrainConfig:
     resample: resample.ResampleConfig = resample.ResampleConfig()  # off by default
 
     def validate(self) -> "TrainConfig":
-        for name in ("lr", "b1", "b2"):
-            if not math.isfinite(getattr(self, name)):
-                raise UsageError(f"`{name}` must be finite, got {getattr(self, name)}", field=name)
-        if self.batch_size < 1:
-            raise UsageError(f"`batch_size` must be >= 1, got {self.batch_size}", field="batch_size")
-        if not self.lr > 0:
-            raise UsageError(f"`lr` must be finite and > 0, got {self.lr}", field="lr")
-        for name in ("b1", "b2"):
-            if not (0 <= getattr(self, name) < 1):
-                raise UsageError(f"`{name}` must be in [0, 1), got {getattr(self, name)}", field=name)
-        if self.l1_convention not in sae.L1_CONVENTIONS:
-            raise UsageError(f"`l1_convention` must be one of {sae.L1_CONVENTIONS}", field="l1_convention")
-        if self.dead_window < 1:
-            raise UsageError(f"`dead_window` must be >= 1, got {self.dead_window}", field="dead_window")
-        for name in ("lr_warmup", "lr_decay_steps", "l1_warmup"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"`{name}` must be >= 0", field=name)
+        checks = [(n, "must be finite", math.isfinite) for n in ("lr", "b1", "b2")] + [
+            ("batch_size", "must be >= 1", lambda v: v >= 1), ("lr", "must be finite and > 0", lambda v: v > 0),
+            ("b1", "must be in [0, 1)", lambda v: 0 <= v < 1), ("b2", "must be in [0, 1)", lambda v: 0 <= v < 1),
+            ("l1_convention", f"must be one of {sae.L1_CONVENTIONS}", lambda v: v in sae.L1_CONVENTIONS),
+            ("dead_window", "must be >= 1", lambda v: v >= 1)] + [
+            (n, "must be >= 0", lambda v: v >= 0) for n in ("lr_warmup", "lr_decay_steps", "l1_warmup")]
+        for name, must, ok in checks:
+            if not ok(getattr(self, name)):
+                raise UsageError(f"`{name}` {must}, got {getattr(self, name)!r}", field=name)
         self.resample.validate()
         return self
 
@@ -322,7 +314,6 @@ def train_step(state: GridState, x_BxD: Array, cfg: TrainConfig,
     return state.replace(groups=groups, step=state.step + 1), metrics
 
 
-# ----------------------------------------------------------------------------- data sources
 def toy_batch(world: toy.ToyWorld, key: Array, batch_size: int,
               denoise: bool = False) -> tuple[Array, Array | None]:
     """(x, eps): a toy batch and, when denoising, standard normal noise of the same shape."""
@@ -361,9 +352,8 @@ def run_batches_chunk(state: GridState, xs_TxBxD: Array, cfg: TrainConfig) -> tu
 
 @jax.jit
 def _mean_loss(losses: tuple[Array, ...], valid: tuple[Array, ...]) -> Array:
-    """Mean loss over real, non-NaN cells, as one replicated scalar (fetchable on any process)."""
-    loss, ok = jnp.concatenate(losses), jnp.concatenate(valid)
-    ok = ok & ~jnp.isnan(loss)
+    """Mean loss over real, non-NaN cells: one replicated scalar, fetchable on any process."""
+    loss, ok = jnp.concatenate(losses), jnp.concatenate(valid) & ~jnp.isnan(jnp.concatenate(losses))
     return jnp.sum(jnp.where(ok, loss, 0.0)) / jnp.sum(ok)
 
 
@@ -377,10 +367,9 @@ def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWor
     returns a (T, B, d) array of the batches for steps start_step .. start_step+T-1. After each
     chunk `callback(state, chunk_metrics)` runs on the host (checkpoints, recovery tracking).
     """
-    if (world is None) == (batches is None):
-        raise ValueError("train() needs exactly one of world= or batches=")
-    if n_steps < 1:
-        raise UsageError(f"`steps` must be >= 1, got {n_steps}", field="steps")
+    if (world is None) == (batches is None) or n_steps < 1:
+        raise UsageError(f"train() needs exactly one of world= or batches=, and `steps` >= 1 (got "
+                         f"{n_steps})", field="steps")
     from tqdm.auto import tqdm
     start = int(state.step)
     bar = tqdm(total=n_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
@@ -401,7 +390,6 @@ def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWor
     return state
 
 
-# ----------------------------------------------------------------------------- views
 def cell_params(state: GridState, cell: CellSpec) -> sae.SAEParams:
     """One cell's parameters, unbatched."""
     return jax.tree.map(lambda a: a[cell.slot], state.groups[cell.group].params)

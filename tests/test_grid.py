@@ -134,7 +134,7 @@ def test_bad_train_call_raises(tiny_world):
     state = grid.init_grid(KEY, SPEC, tiny_world.d, OFF)
     with pytest.raises(UsageError):
         grid.train(state, OFF, 0, world=tiny_world, progress=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         grid.train(state, OFF, 10, progress=False)
 
 
