@@ -44,7 +44,7 @@ from sae_jax import toy
 
 THRESHOLDS = (0.95, 0.99)
 CHUNK = 128  # batches drawn per sampler call
-WORLD_SALT = 0x3017D  # sae_jax.toyrun: world key = fold_in(PRNGKey(seed), 0x3017D)
+WORLD_SALT = 0x3017D  # sae_jax.run: world key = fold_in(PRNGKey(seed), 0x3017D)
 
 
 def mmcs(decoder_MxD: torch.Tensor, truth_HxD: torch.Tensor) -> float:

@@ -107,10 +107,10 @@ def _one_line(exc: BaseException) -> str:
 def _concrete_target(abstract_state: PyTree) -> PyTree:
     """The restore target: shape, dtype and sharding of every array leaf.
 
-    Leaves without a sharding go to the default device, so a checkpoint written on
-    another device count still restores. Multi-host runs must give shardings.
+    Leaves without a sharding go to this process's first device, so a checkpoint written
+    on another device (or process) count still restores.
     """
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or default)
         if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else x,
@@ -127,7 +127,7 @@ class Checkpointer:
     is finished before the process exits.
     """
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, process_local: bool = False):
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise UsageError(f"max_to_keep must be an integer >= 1, got {max_to_keep!r}")
         self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
@@ -139,11 +139,15 @@ class Checkpointer:
             ) from e
         if not os.access(self.directory, os.W_OK):
             raise CheckpointError(f"checkpoint directory {self.directory} is not writable")
+        # process_local: only this process uses it (host arrays, no barriers with the others)
+        alone, me = process_local and jax.process_count() > 1, jax.process_index()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not alone,
+            cleanup_tmp_directories=not alone or me == 0,
             enable_async_checkpointing=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                **({"primary_host": me, "active_processes": {me}} if alone else {})),
         )
         self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
         self._warned: set[tuple[int, str]] = set()
@@ -373,3 +377,23 @@ def metadata_mismatches(
 
 def _show(value: Any) -> str:
     return "nothing" if value is _MISSING else json.dumps(value)
+
+
+def resume(ckpt: Checkpointer, template: PyTree, run_config: Mapping[str, Any],
+           may_grow: Iterable[str] = (), check: Any = None) -> tuple[PyTree, dict[str, Any], int]:
+    """``(state, metadata, step)`` of the newest usable checkpoint, shaped like ``template``;
+    refused (one line, no array read) when there is none, when ``check(metadata)`` raises, or
+    when its ``run_config`` differs, except for ``may_grow`` keys that grew (extended runs)."""
+    if ckpt.latest_step() is None:
+        raise CheckpointError(f"--resume: no complete checkpoint under {ckpt.directory}")
+    meta = ckpt.read_metadata()
+    if check is not None:
+        check(meta)
+    saved, current = dict(meta.get("run_config", {})), dict(run_config)
+    for key in [k for k in may_grow if k in saved and k in current and saved[k] < current[k]]:
+        saved.pop(key), current.pop(key)
+    diffs = metadata_mismatches(saved, current)
+    if diffs:
+        raise CheckpointError("--resume with different arguments: " + "; ".join(diffs[:3]))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), template)
+    return ckpt.restore(abstract)

@@ -1,17 +1,32 @@
-"""The `sae-jax` command. Input errors print one line and exit with status 2."""
+"""The `sae-jax` command: parsers, and handlers that map arguments onto the library's
+dataclasses (`recipes`, `grid.GridSpec`, `run.RunOptions`) and call `run.run`. Input errors
+print one line and exit with status 2; library errors name fields, shown here as flags."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
+import os
 import sys
-from typing import TYPE_CHECKING
 
 from sae_jax.errors import UsageError
 
-if TYPE_CHECKING:
-    from sae_jax import grid, runner
+# Field names (dataclass fields, as library errors name them) whose flag is not --field-name.
+FLAGS = {"l1_coeff": "--l1", "b1": "--adam-b1", "b2": "--adam-b2"}
+
+# Training fields with a flag (TrainConfig's and ResampleConfig's, as recipes name them).
+TRAIN_FIELDS = ("batch_size", "lr", "b1", "b2", "lr_warmup", "lr_decay_steps", "l1_warmup",
+                "tied_init", "l1_convention", "dead_window", "resample_every", "resample_pool",
+                "resample_worst", "resample_dead_window", "dedup_threshold",
+                "resample_encoder_scale", "resample_until", "compute_dtype", "fused_step")
+
+
+def flag(field: str) -> str:
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _dest(field: str) -> str:
+    return flag(field)[2:].replace("-", "_")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,9 +67,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tied-init", action=argparse.BooleanOptionalAction, default=None,
                    help="start the encoder as the decoder, W_e = D (on in --recipe fast)")
     t.add_argument("--dead-window", type=int, default=10)
-    t.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+    t.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
                    help="matmul operands (float32 accumulation; weights, Adam, loss stay float32)")
-    t.add_argument("--fused-step", action="store_true",
+    t.add_argument("--fused-step", action="store_true", default=None,
                    help="the group's gradients by hand in fast layouts (always on in bfloat16)")
     r = p.add_argument_group("resampling (on in --recipe fast)")
     r.add_argument("--resample-every", type=int)
@@ -72,79 +87,79 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--out", default=None, help="output directory")
     o.add_argument("--checkpoint-every", type=int, default=1000, help="0 turns checkpoints off")
     o.add_argument("--keep-checkpoints", type=int, default=3)
-    o.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint (a larger --steps extends the run)")
     o.add_argument("--check-every", type=int, default=250, help="MMCS recovery checks (toy)")
     o.add_argument("--eval-samples", type=int, default=8192)
     o.add_argument("--devices", type=int, help="use the first N devices (default: all)")
-    o.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize()")
+    o.add_argument("--distributed", action="store_true",
+                   help="one process of several: jax.distributed.initialize() (README: several hosts)")
     o.add_argument("--no-progress", action="store_true")
     o.add_argument("--no-figures", action="store_true")
 
 
-def train_config(args: argparse.Namespace, preset: dict) -> "grid.TrainConfig":
-    """The recipe's values, then the preset's batch size, then any explicit flag."""
-    from sae_jax import grid, toyrun
-
-    recipe = dict(toyrun.RECIPES[args.recipe or "report"])
-    # Step counts a recipe gives as fractions of the run: "<field>_frac" -> field.
-    fracs = {"resample_until": recipe.pop("resample_until_frac", 0.0),
-             "lr_decay_steps": recipe.pop("lr_decay_frac", 0.0)}
-    values = {"batch_size": preset.get("batch_size", 256), **recipe}
-    if args.recipe is None:  # the preset's own additions to the report's recipe
-        values.update(preset.get("report_recipe_extras", {}))
-    flags = {"batch_size": args.batch_size, "lr": args.lr, "b1": args.adam_b1, "b2": args.adam_b2,
-             "lr_warmup": args.lr_warmup, "lr_decay_steps": args.lr_decay_steps,
-             "l1_warmup": args.l1_warmup, "resample_every": args.resample_every,
-             "resample_pool": args.resample_pool, "resample_worst": args.resample_worst,
-             "resample_dead_window": args.resample_dead_window,
-             "dedup_threshold": args.dedup_threshold, "resample_until": args.resample_until,
-             "resample_encoder_scale": args.resample_encoder_scale, "tied_init": args.tied_init}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    for field, frac in fracs.items():
-        if field not in values and frac:
-            values[field] = int(frac * args.steps)
-    for k in ("lr", "b1", "b2", "dedup_threshold"):
-        if not math.isfinite(values.get(k, 0.0)):
-            raise UsageError(f"--{k.replace('_', '-')} must be finite, got {values[k]}")
-    return grid.TrainConfig(l1_convention=args.l1_convention, dead_window=args.dead_window,
-                            compute_dtype=args.compute_dtype, fused_step=args.fused_step,
-                            **values).validate()
+def _train_overrides(args: argparse.Namespace) -> dict:
+    return {f: getattr(args, _dest(f)) for f in TRAIN_FIELDS}
 
 
-def run_options(args: argparse.Namespace, default_out: str, **kw) -> "runner.RunOptions":
-    from sae_jax import runner
+def _run_options(args: argparse.Namespace, default_out: str, steps: int, overrides: dict):
+    from sae_jax import recipes, run
 
-    values = dict(out=args.out or default_out, steps=args.steps, seed=args.seed,
-                  checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                  resume=args.resume, check_every=args.check_every, eval_samples=args.eval_samples,
-                  progress=not args.no_progress, devices=args.devices)
-    return runner.RunOptions(**{**values, **kw}).validate()
+    return run.RunOptions(
+        out=args.out or default_out, steps=steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume, check_every=args.check_every,
+        eval_samples=args.eval_samples, progress=not args.no_progress, devices=args.devices,
+        figures=not args.no_figures, derived_from_steps=recipes.derived_from_steps(args.recipe, overrides))
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
-    from sae_jax import grid, toy, toyrun
+    from sae_jax import grid, recipes, run, toy
 
-    preset = toyrun.PRESETS[args.preset]
-    pick = lambda name: preset[name] if getattr(args, name) is None else getattr(args, name)
-    args.steps = pick("steps")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    preset = recipes.PRESETS[args.preset]
+    pick = lambda name, field=None: getattr(preset, field or name) if getattr(args, name) is None else getattr(args, name)
+    steps = pick("steps")
     world = toy.ToyConfig(d=pick("d"), features=pick("features"), mean_active=pick("mean_active"),
                           decay=pick("decay"), correlated=not args.no_correlation,
                           fresh_z=not args.fixed_z).validate()
-    spec = grid.GridSpec.from_ratios(pick("l1"), pick("ratios"), world.features, pick("seeds"))
-    cfg = train_config(args, preset)
+    spec = grid.GridSpec.from_ratios(pick("l1", "l1_coeff"), pick("ratios"), world.features, pick("seeds"))
+    overrides = _train_overrides(args)
+    train = recipes.train_config(args.recipe, steps, overrides, preset)
     custom = any(getattr(args, k) is not None for k in ("d", "features", "l1", "ratios"))
     appendix = args.appendix or not (args.no_appendix or custom)
-    run = toyrun.ToyRun(world, spec, cfg, run_options(args, f"runs/toy-{args.preset}"),
-                        denoise_noise=preset["denoise_noise"] if appendix else (),
-                        denoise_steps=min(preset["denoise_steps"], args.steps))
-    out = toyrun.run(run, figures=not args.no_figures)
-    _summary(out, run.opts.out, figures=not args.no_figures)
+    data = run.ToyData(world, preset.denoise_noise if appendix else (), min(preset.denoise_steps, steps))
+    opts = _run_options(args, f"runs/toy-{args.preset}", steps, overrides)
+    _summary(run.run(spec, train, opts, data), opts.out, opts.figures)
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from sae_jax import grid, recipes, run
+
+    data = run.StoreData.open(args.activations, args.buffer_rows)
+    d = data.store.d
+    steps = 5000 if args.steps is None else args.steps
+    if args.l1 is None:
+        raise UsageError("--l1 is required (a comma list of L1 coefficients)")
+    if (args.ratios is None) == (args.dict_sizes is None):
+        raise UsageError("give exactly one of --ratios (of the activation width) or --dict-sizes")
+    sizes = args.ratios
+    if args.dict_sizes is not None:
+        if any(m <= 0 or m != int(m) for m in args.dict_sizes):
+            raise UsageError(f"--dict-sizes must be positive integers, got {list(args.dict_sizes)}")
+        sizes = [m / d for m in args.dict_sizes]
+    spec = grid.GridSpec.from_ratios(args.l1, sizes, d, args.seeds or 1)
+    overrides = _train_overrides(args)
+    train = recipes.train_config(args.recipe, steps, overrides)
+    opts = _run_options(args, "runs/grid", steps, overrides)
+    _summary(run.run(spec, train, opts, data, compare_toy=args.compare_toy), opts.out, opts.figures)
     return 0
 
 
 def _summary(out: dict, path: str, figures: bool) -> None:
+    import jax
+
+    if jax.process_index() != 0:  # process 0 wrote the outputs and says so
+        return
     s = out.get("suggested") or {}
     opt = out.get("ground_truth_optimum")
     print(f"wrote {path}/results.json, dictionaries.npz" + (", REPORT.md and figures/" if figures else ""))
@@ -171,9 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--appendix", action="store_true", help="run the denoising appendix grid even so")
     add_training_args(p)
     p.set_defaults(func=cmd_toy)
-    from sae_jax import cli_lm, grid_cli  # the other subcommands
 
-    grid_cli.register(sub)
+    p = sub.add_parser("grid", help="train an SAE grid on stored activations")
+    p.add_argument("--activations", required=True, help="a store from `sae-jax harvest`, or an (n, d) .npy")
+    p.add_argument("--dict-sizes", type=floats, help="comma list of absolute dictionary sizes")
+    p.add_argument("--buffer-rows", type=int, default=131072, help="rows shuffled in memory at a time")
+    p.add_argument("--compare-toy", help="a toy run directory to show beside figures 11-13")
+    add_training_args(p)
+    p.set_defaults(func=cmd_grid)
+
+    from sae_jax import cli_lm  # train-lm and harvest
+
     cli_lm.register(sub)
     return parser
 
@@ -189,11 +212,20 @@ def main(argv: list[str] | None = None) -> int:
             sharding.initialize_distributed()
         return args.func(args)
     except UsageError as e:
-        print(f"sae-jax: error: {e}", file=sys.stderr)
+        print(f"sae-jax: error: {e.render(flag)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sae-jax: interrupted; the newest checkpoint is kept: rerun with --resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001
+        if not getattr(args, "distributed", False):
+            raise
+        # Most often another process died; exit now, skipping a shutdown that waits for it.
+        import jax
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(f"sae-jax: error: process {jax.process_index()} of {jax.process_count()} stopped "
+              f"(another process may have died; rerun all with --resume): {first}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 if __name__ == "__main__":

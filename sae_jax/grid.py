@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,95 +26,12 @@ from flax import struct
 
 from sae_jax import fused, resample, sae, toy
 from sae_jax.errors import UsageError
+from sae_jax.spec import CellSpec, GridSpec  # noqa: F401  (re-exported: grid.GridSpec)
 
 Array = jax.Array
 
 
-# ----------------------------------------------------------------------------- specification
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    index: int
-    l1: float
-    dict_size: int
-    ratio: float
-    seed: int
-    group: int
-    slot: int  # position inside its size group
-    noise: float = 0.0  # input-noise std (denoising grids)
-
-
-@dataclasses.dataclass(frozen=True)
-class GridSpec:
-    """The grid: every (l1, dict_size, noise, seed). Cells are ordered size-major, then l1, then
-    input-noise std (denoising; (0,) for plain autoencoders), then seed."""
-
-    l1: tuple[float, ...]
-    dict_sizes: tuple[int, ...]
-    seeds: tuple[int, ...] = (0,)
-    features: int | None = None  # h, when sizes came from ratios (for reporting only)
-    noise: tuple[float, ...] = (0.0,)
-
-    @classmethod
-    def from_ratios(cls, l1: Sequence[float], ratios: Sequence[float], features: int,
-                    seeds: int | Sequence[int] = 1, noise: Sequence[float] = (0.0,)) -> "GridSpec":
-        """Dictionary sizes m = round(ratio * features)."""
-        _check_positive("--ratios", ratios)
-        sizes = tuple(max(1, int(round(r * features))) for r in ratios)
-        if isinstance(seeds, int):
-            if seeds < 1:
-                raise UsageError(f"--seeds must be >= 1, got {seeds}")
-            seeds = tuple(range(seeds))
-        return cls(tuple(float(a) for a in l1), sizes, tuple(seeds), features,
-                   tuple(float(n) for n in noise)).validate()
-
-    def validate(self) -> "GridSpec":
-        if not self.l1:
-            raise UsageError("--l1 needs at least one value")
-        for a in self.l1:
-            if not (math.isfinite(a) and a >= 0):
-                raise UsageError(f"--l1 values must be finite and >= 0, got {a}")
-        if not self.dict_sizes:
-            raise UsageError("--ratios needs at least one value")
-        _check_positive("dictionary size", self.dict_sizes)
-        if any(m != int(m) for m in self.dict_sizes):
-            raise UsageError(f"dictionary sizes must be integers, got {list(self.dict_sizes)}")
-        if len(set(self.dict_sizes)) != len(self.dict_sizes):
-            raise UsageError(f"dictionary sizes must be distinct, got {list(self.dict_sizes)}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise UsageError(f"--seeds must be >= 1 distinct seeds, got {list(self.seeds)}")
-        for n in self.noise:
-            if not (math.isfinite(n) and n >= 0):
-                raise UsageError(f"noise std values must be finite and >= 0, got {n}")
-        return self
-
-    @property
-    def denoising(self) -> bool:
-        return any(n > 0 for n in self.noise)
-
-    def ratio(self, m: int) -> float:
-        return m / self.features if self.features else float(m)
-
-    def cells(self) -> list[Cell]:
-        out = []
-        for g, m in enumerate(self.dict_sizes):
-            slot = 0
-            for a in self.l1:
-                for n in self.noise:
-                    for s in self.seeds:
-                        out.append(Cell(len(out), a, m, self.ratio(m), s, g, slot, n))
-                        slot += 1
-        return out
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _check_positive(name: str, values: Iterable[float]) -> None:
-    for v in values:
-        if not (math.isfinite(v) and v > 0):
-            raise UsageError(f"{name} must be > 0, got {v}")
-
-
+# ----------------------------------------------------------------------------- configuration
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Static training options shared by every cell (the report's recipe by default)."""
@@ -135,66 +52,37 @@ class TrainConfig:
     l1_warmup: int = 0  # alpha ramps linearly from 0 over this many steps
     dead_window: int = 10  # dead = did not fire in the last N steps
     denoise: bool = False  # add each cell's Gaussian input noise (noise * eps); target stays clean
-    # Resampling (0 disables it); see sae_jax.resample.
-    resample_every: int = 0
-    resample_pool: int = 0  # K: the pool holds the worst-reconstructed input of each of the last
-    #                        K steps, per cell (0: K = resample_every)
-    resample_worst: int = 0  # new atoms come from the `resample_worst` currently worst (0: all K)
-    resample_dead_window: int = 0  # 0: the whole period
-    dedup_threshold: float = 0.0  # 0: off; else recycle atoms with cos > threshold to an earlier one
-    resample_encoder_scale: float = 1.0  # new encoder row = scale * direction * mean live row norm
-    resample_until: int = 0  # stop resampling after this step (0: never stop)
+    resample: resample.ResampleConfig = resample.ResampleConfig()  # off by default
     # Matmul operands in this dtype, float32 accumulation; parameters, Adam, loss and metrics stay
     # float32. bfloat16 always takes the fused step.
     compute_dtype: str = "float32"
     fused_step: bool = False  # the group's gradients by hand (sae_jax.fused), not autodiff
 
     def validate(self) -> "TrainConfig":
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be finite and > 0, got {self.lr}")
-        for name, b in (("--adam-b1", self.b1), ("--adam-b2", self.b2)):
-            if not (0 <= b < 1):
-                raise UsageError(f"{name} must be in [0, 1), got {b}")
-        if self.l1_convention not in sae.L1_CONVENTIONS:
-            raise UsageError(f"--l1-convention must be one of {sae.L1_CONVENTIONS}")
-        if self.dead_window < 1:
-            raise UsageError(f"--dead-window must be >= 1, got {self.dead_window}")
-        for name in ("lr_warmup", "lr_decay_steps", "l1_warmup", "resample_every",
-                     "resample_until", "resample_dead_window"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
-        if self.resample_pool < 0 or self.resample_worst < 0:
-            raise UsageError("--resample-pool and --resample-worst must be >= 0")
-        if self.resample_every and self.pool_size > self.resample_every:
-            raise UsageError(f"--resample-pool ({self.resample_pool}) must be <= --resample-every "
-                             f"({self.resample_every}): the pool holds one sample per step since "
-                             "the last resampling")
-        if self.resample_every and self.resample_worst > self.pool_size:
-            raise UsageError(f"--resample-worst ({self.resample_worst}) must be <= the pool size "
-                             f"({self.pool_size})")
-        if not (math.isfinite(self.resample_encoder_scale) and self.resample_encoder_scale > 0):
-            raise UsageError(f"--resample-encoder-scale must be > 0, got {self.resample_encoder_scale}")
-        if self.compute_dtype not in fused.COMPUTE_DTYPES:
-            raise UsageError(f"--compute-dtype must be one of {', '.join(fused.COMPUTE_DTYPES)}, "
-                             f"got {self.compute_dtype!r}")
-        if not (0 <= self.dedup_threshold < 1):
-            raise UsageError(f"--dedup-threshold must be in [0, 1), got {self.dedup_threshold}")
+        checks = [(n, "must be finite", math.isfinite) for n in ("lr", "b1", "b2")] + [
+            ("batch_size", "must be >= 1", lambda v: v >= 1), ("lr", "must be finite and > 0", lambda v: v > 0),
+            ("b1", "must be in [0, 1)", lambda v: 0 <= v < 1), ("b2", "must be in [0, 1)", lambda v: 0 <= v < 1),
+            ("l1_convention", f"must be one of {sae.L1_CONVENTIONS}", lambda v: v in sae.L1_CONVENTIONS),
+            ("dead_window", "must be >= 1", lambda v: v >= 1),
+            ("compute_dtype", f"must be one of {', '.join(fused.COMPUTE_DTYPES)}",
+             lambda v: v in fused.COMPUTE_DTYPES)] + [
+            (n, "must be >= 0", lambda v: v >= 0) for n in ("lr_warmup", "lr_decay_steps", "l1_warmup")]
+        for name, must, ok in checks:
+            if not ok(getattr(self, name)):
+                raise UsageError(f"`{name}` {must}, got {getattr(self, name)!r}", field=name)
+        self.resample.validate()
         return self
 
     @property
     def uses_fused_step(self) -> bool:
         return self.fused_step or self.compute_dtype != "float32"
 
-    @property
-    def pool_size(self) -> int:
-        """Rows of each cell's resampling pool (1 placeholder row when resampling is off)."""
-        return (self.resample_pool or self.resample_every) if self.resample_every else 1
-
-    @property
-    def n_worst(self) -> int:
-        return self.resample_worst or self.pool_size
+    def to_dict(self) -> dict:
+        """Flat, with the resampling fields under their `resample.FIELDS` names (results.json)."""
+        d = dataclasses.asdict(self)
+        d.update({k: d["resample"][f] for k, f in resample.FIELDS.items()})
+        del d["resample"]
+        return d
 
     def adam(self) -> optax.GradientTransformation:
         return optax.scale_by_adam(self.b1, self.b2, self.eps)
@@ -202,8 +90,8 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- state
 @struct.dataclass
-class Cells:
-    """One size group; every leaf has a leading cell axis C."""
+class GroupState:
+    """The state of one size group's cells; every leaf has a leading cell axis C."""
 
     params: sae.SAEParams
     opt: optax.ScaleByAdamState
@@ -224,7 +112,7 @@ class Cells:
 
 @struct.dataclass
 class GridState:
-    groups: tuple[Cells, ...]
+    groups: tuple[GroupState, ...]
     step: Array  # () int32
     data_key: Array  # raw uint32 PRNG key
 
@@ -259,17 +147,17 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
         mine = [c for c in cells if c.group == g]
         keys = jnp.stack([cell_key(init_key, m, c.seed) for c in mine])
         params = _init_group(keys, d, m, cfg.tied_init)
-        groups.append(Cells(
+        groups.append(GroupState(
             params=params,
             opt=jax.vmap(cfg.adam().init)(params),
-            l1_coeff=jnp.asarray([c.l1 for c in mine], jnp.float32),
+            l1_coeff=jnp.asarray([c.l1_coeff for c in mine], jnp.float32),
             noise=jnp.asarray([c.noise for c in mine], jnp.float32),
             lr=jnp.full((len(mine),), cfg.lr, jnp.float32),
             since_fired=jnp.zeros((len(mine), m), jnp.int32),
             diverged=jnp.zeros((len(mine),), bool),
             n_resampled=jnp.zeros((len(mine),), jnp.int32),
             valid=jnp.ones((len(mine),), bool),
-            pool_x=jnp.zeros((len(mine), cfg.pool_size, d), jnp.float32),
+            pool_x=jnp.zeros((len(mine), cfg.resample.pool_size, d), jnp.float32),
         ))
     return pad(GridState(tuple(groups), jnp.zeros((), jnp.int32), data_key), pad_multiple)
 
@@ -277,7 +165,7 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
 def pad(state: GridState, multiple: int) -> GridState:
     """Pads each group with copies of its last cell made inert (lr 0, valid False) up to a
     multiple of `multiple` cells. Inert cells never show in results."""
-    def one(g: Cells) -> Cells:
+    def one(g: GroupState) -> GroupState:
         n_pad = (-g.valid.shape[0]) % multiple
         if not n_pad:
             return g
@@ -317,8 +205,8 @@ def _sq_norm(tree: Any) -> Array:
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
-def cell_update(cell: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array, l1_mult: Array,
-                cfg: TrainConfig, step: Array) -> tuple[Cells, tuple[Array, Array]]:
+def cell_update(cell: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array, l1_mult: Array,
+                cfg: TrainConfig, step: Array) -> tuple[GroupState, tuple[Array, Array]]:
     """One Adam step of one cell (unbatched leaves) on input x + noise * eps, target x, with the
     gradient of `sae.loss` by autodiff (the float32 reference path)."""
     x_in = x_BxD if eps_BxD is None else x_BxD + cell.noise * eps_BxD
@@ -327,8 +215,9 @@ def cell_update(cell: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array
     return apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
 
 
-def apply_grads(cell: Cells, grads: sae.SAEParams, total: Array, aux: sae.LossAux, x_BxD: Array,
-                lr_mult: Array, cfg: TrainConfig, step: Array) -> tuple[Cells, tuple[Array, Array]]:
+def apply_grads(cell: GroupState, grads: sae.SAEParams, total: Array, aux: sae.LossAux,
+                x_BxD: Array, lr_mult: Array, cfg: TrainConfig,
+                step: Array) -> tuple[GroupState, tuple[Array, Array]]:
     """Adam on one cell's gradients. A non-finite loss or gradient marks the cell diverged; it
     keeps its last finite state. With resampling on, the batch's worst-reconstructed target goes
     to pool row step mod K."""
@@ -346,14 +235,15 @@ def apply_grads(cell: Cells, grads: sae.SAEParams, total: Array, aux: sae.LossAu
         since_fired=keep(jnp.where(aux.fired_M, 0, cell.since_fired + 1), cell.since_fired),
         diverged=diverged,
     )
-    if cfg.resample_every:
+    if cfg.resample.every:
         worst = x_BxD[jnp.argmax(aux.sq_err_B)].astype(jnp.float32)
-        new = new.replace(pool_x=cell.pool_x.at[step % cfg.pool_size].set(worst))
+        new = new.replace(pool_x=cell.pool_x.at[step % cfg.resample.pool_size].set(worst))
     return new, (total, aux.mse)
 
 
-def group_update(group: Cells, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array,
-                 l1_mult: Array, cfg: TrainConfig, step: Array) -> tuple[Cells, tuple[Array, Array]]:
+def group_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array,
+                 l1_mult: Array, cfg: TrainConfig,
+                 step: Array) -> tuple[GroupState, tuple[Array, Array]]:
     """One Adam step of every cell of a size group. With `cfg.fused_step` (always in bfloat16)
     the whole group's gradients come from `fused.group_loss_and_grad`; otherwise from autodiff,
     cell by cell under vmap."""
@@ -377,22 +267,12 @@ def train_step(state: GridState, x_BxD: Array, cfg: TrainConfig,
     return state.replace(groups=groups, step=state.step + 1), metrics
 
 
-# ----------------------------------------------------------------------------- data sources
 def toy_batch(world: toy.ToyWorld, key: Array, batch_size: int,
               denoise: bool = False) -> tuple[Array, Array | None]:
     """(x, eps): a toy batch and, when denoising, standard normal noise of the same shape."""
     k_x, k_n = jax.random.split(key)
     x, _ = toy.sample(k_x, world, batch_size)
     return x, (jax.random.normal(k_n, x.shape) if denoise else None)
-
-
-def _maybe_resample(state: GridState, cfg: TrainConfig) -> GridState:
-    if not cfg.resample_every:
-        return state
-    due = (state.step % cfg.resample_every == 0)
-    if cfg.resample_until:
-        due &= state.step <= cfg.resample_until
-    return jax.lax.cond(due, lambda s: resample.resample_grid(s, cfg), lambda s: s, state)
 
 
 def _chunk_metrics(metrics: StepMetrics) -> StepMetrics:
@@ -407,7 +287,7 @@ def run_toy_chunk(state: GridState, world: toy.ToyWorld, cfg: TrainConfig,
         key = jax.random.fold_in(s.data_key, s.step)
         x, eps = toy_batch(world, key, cfg.batch_size, cfg.denoise)
         s, m = train_step(s, x, cfg, eps)
-        return _maybe_resample(s, cfg), m
+        return resample.maybe_resample(s, cfg.resample), m
     state, metrics = jax.lax.scan(body, state, None, length=n_steps)
     return state, _chunk_metrics(metrics)
 
@@ -418,9 +298,16 @@ def run_batches_chunk(state: GridState, xs_TxBxD: Array, cfg: TrainConfig) -> tu
     The resampling pool fills from the same stream, exactly as with the toy sampler."""
     def body(s, x):
         s, m = train_step(s, x, cfg)
-        return _maybe_resample(s, cfg), m
+        return resample.maybe_resample(s, cfg.resample), m
     state, metrics = jax.lax.scan(body, state, xs_TxBxD)
     return state, _chunk_metrics(metrics)
+
+
+@jax.jit
+def _mean_loss(losses: tuple[Array, ...], valid: tuple[Array, ...]) -> Array:
+    """Mean loss over real, non-NaN cells: one replicated scalar, fetchable on any process."""
+    loss, ok = jnp.concatenate(losses), jnp.concatenate(valid) & ~jnp.isnan(jnp.concatenate(losses))
+    return jnp.sum(jnp.where(ok, loss, 0.0)) / jnp.sum(ok)
 
 
 def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWorld | None = None,
@@ -433,10 +320,9 @@ def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWor
     returns a (T, B, d) array of the batches for steps start_step .. start_step+T-1. After each
     chunk `callback(state, chunk_metrics)` runs on the host (checkpoints, recovery tracking).
     """
-    if (world is None) == (batches is None):
-        raise ValueError("train() needs exactly one of world= or batches=")
-    if n_steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {n_steps}")
+    if (world is None) == (batches is None) or n_steps < 1:
+        raise UsageError(f"train() needs exactly one of world= or batches=, and `steps` >= 1 (got "
+                         f"{n_steps})", field="steps")
     from tqdm.auto import tqdm
     start = int(state.step)
     bar = tqdm(total=n_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
@@ -447,9 +333,9 @@ def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWor
             state, metrics = run_toy_chunk(state, world, cfg, n)
         else:
             state, metrics = run_batches_chunk(state, jnp.asarray(batches(t0, n)), cfg)
-        losses = np.concatenate([np.asarray(l) for l in metrics.loss])
-        valid = np.concatenate([np.asarray(g.valid) for g in state.groups])
-        bar.set_postfix(loss=f"{np.nanmean(np.where(valid, losses, np.nan)):.4g}", refresh=False)
+        if progress:
+            loss = _mean_loss(metrics.loss, tuple(g.valid for g in state.groups))
+            bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
         bar.update(n)
         if callback is not None:
             callback(state, metrics)
@@ -457,11 +343,10 @@ def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWor
     return state
 
 
-# ----------------------------------------------------------------------------- views
-def cell_params(state: GridState, cell: Cell) -> sae.SAEParams:
+def cell_params(state: GridState, cell: CellSpec) -> sae.SAEParams:
     """One cell's parameters, unbatched."""
     return jax.tree.map(lambda a: a[cell.slot], state.groups[cell.group].params)
 
 
-def cell_field(state: GridState, cell: Cell, name: str) -> Array:
+def cell_field(state: GridState, cell: CellSpec, name: str) -> Array:
     return getattr(state.groups[cell.group], name)[cell.slot]

@@ -247,16 +247,11 @@ def _open_checkpoints(directory, every: int, resume: bool):
 
 def _resume(ckpt, state: LMState, run_config: dict[str, Any]) -> tuple[LMState, list[float]]:
     """The newest complete checkpoint's state and loss history; refuses different arguments."""
-    from sae_jax.checkpoint import metadata_mismatches
+    from sae_jax.checkpoint import resume
 
-    if ckpt is None or ckpt.latest_step() is None:
-        where = "" if ckpt is None else f" under {ckpt.directory}"
-        raise UsageError(f"--resume: no complete checkpoint{where}")
-    diffs = metadata_mismatches(ckpt.read_metadata().get("run_config", {}), run_config)
-    if diffs:
-        raise UsageError("--resume with different arguments: " + "; ".join(diffs[:3]))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    state, meta, _ = ckpt.restore(abstract)
+    if ckpt is None:
+        raise UsageError("--resume: no complete checkpoint (no checkpoint directory)")
+    state, meta, _ = resume(ckpt, state, run_config)
     return state, list(meta.get("losses", []))
 
 
@@ -292,13 +287,12 @@ def train_lm(
     tokens_per_step = tcfg.batch_size * cfg.context_len
     losses: list[float] = []
     ckpt = _open_checkpoints(checkpoint_dir, checkpoint_every, resume)
-    if resume:
-        state, losses = _resume(ckpt, state, run_config or {})
-    start = int(state.step)
-    pending: list[jax.Array] = []
-    t_start = time.perf_counter()
-    t_first = t_start
-    try:
+    try:  # closes the checkpointer on every path, early errors included
+        if resume:
+            state, losses = _resume(ckpt, state, run_config or {})
+        start = int(state.step)
+        pending: list[jax.Array] = []
+        t_start = t_first = time.perf_counter()
         with tqdm(total=tcfg.steps, initial=start, desc="train-lm", unit="step", disable=not progress) as bar:
             for i in range(start, tcfg.steps):
                 state, loss = _jit_train_step(state, train_dev_N, cfg, tcfg)

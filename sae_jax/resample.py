@@ -18,12 +18,74 @@ Nothing changes in a cell where no latent qualifies, or in a diverged cell.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 
 from sae_jax import sae
+from sae_jax.errors import UsageError
+
+if TYPE_CHECKING:  # typing only: grid imports this module
+    from sae_jax.grid import GridState, GroupState
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ResampleConfig:
+    """When and how dead and duplicate latents are recycled (`every` = 0: never)."""
+
+    every: int = 0  # resample at steps that are multiples of this
+    pool: int = 0  # K: the pool holds the worst-reconstructed input of each of the last K steps,
+    #               per cell (0: K = every)
+    worst: int = 0  # new atoms come from the `worst` currently worst pool rows (0: all K)
+    dead_window: int = 0  # dead = did not fire in this many steps (0: the whole period)
+    dedup_threshold: float = 0.0  # 0: off; else recycle atoms with cos > threshold to an earlier one
+    encoder_scale: float = 1.0  # new encoder row = scale * direction * mean live row norm
+    until: int = 0  # last step that may resample (0: no limit)
+
+    def validate(self) -> "ResampleConfig":
+        for f in ("every", "pool", "worst", "dead_window", "until"):
+            if getattr(self, f) < 0:
+                raise UsageError(f"`{_name(f)}` must be >= 0, got {getattr(self, f)}", field=_name(f))
+        if self.every and self.pool_size > self.every:
+            raise UsageError(f"`resample_pool` ({self.pool}) must be <= `resample_every` ({self.every}): "
+                             "the pool holds one sample per step since the last resampling",
+                             field="resample_pool")
+        if self.every and self.worst > self.pool_size:
+            raise UsageError(f"`resample_worst` ({self.worst}) must be <= the pool size ({self.pool_size})",
+                             field="resample_worst")
+        if not (math.isfinite(self.encoder_scale) and self.encoder_scale > 0):
+            raise UsageError(f"`resample_encoder_scale` must be > 0, got {self.encoder_scale}",
+                             field="resample_encoder_scale")
+        if not math.isfinite(self.dedup_threshold):
+            raise UsageError(f"`dedup_threshold` must be finite, got {self.dedup_threshold}",
+                             field="dedup_threshold")
+        if not (0 <= self.dedup_threshold < 1):
+            raise UsageError(f"`dedup_threshold` must be in [0, 1), got {self.dedup_threshold}",
+                             field="dedup_threshold")
+        return self
+
+    @property
+    def pool_size(self) -> int:
+        """Rows of each cell's resampling pool (1 placeholder row when resampling is off)."""
+        return (self.pool or self.every) if self.every else 1
+
+    @property
+    def n_worst(self) -> int:
+        return self.worst or self.pool_size
+
+
+# Each field's name outside this module (in recipes, errors and flags): field -> its name here.
+FIELDS = {("dedup_threshold" if f.name == "dedup_threshold" else f"resample_{f.name}"): f.name
+          for f in dataclasses.fields(ResampleConfig)}
+
+
+def _name(field: str) -> str:
+    return next(k for k, v in FIELDS.items() if v == field)
 
 
 def duplicate_mask(atoms_MxD: Array, threshold: float, block: int = 512) -> Array:
@@ -55,9 +117,9 @@ def _zero_rows(tree: sae.SAEParams, mask_M: Array) -> sae.SAEParams:
     return jax.tree.map(lambda a: jnp.where(mask_M.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a), tree)
 
 
-def resample_cell(cell, pool_PxD: Array, key: Array, dead_window: int, dedup_threshold: float,
-                  n_worst: int, encoder_scale: float = 1.0):
-    """Recycles one cell's dead and duplicate latents (unbatched `grid.Cells` leaves)."""
+def resample_cell(cell: GroupState, pool_PxD: Array, key: Array, dead_window: int,
+                  dedup_threshold: float, n_worst: int, encoder_scale: float = 1.0) -> GroupState:
+    """Recycles one cell's dead and duplicate latents (unbatched `grid.GroupState` leaves)."""
     p = cell.params
     mask = recycle_mask(p, cell.since_fired, dead_window, dedup_threshold) & ~cell.diverged
     err = jnp.sum(jnp.square(pool_PxD - sae.decode(p, sae.encode(p, pool_PxD))), axis=1)
@@ -85,11 +147,11 @@ def resample_cell(cell, pool_PxD: Array, key: Array, dead_window: int, dedup_thr
                         n_resampled=cell.n_resampled + jnp.sum(mask).astype(jnp.int32))
 
 
-def resample_grid(state, cfg):
+def resample_grid(state: GridState, cfg: ResampleConfig) -> GridState:
     """Resamples every cell of every group from its own pool (vmapped, so a sharded cell axis
     stays local)."""
     key = jax.random.fold_in(jax.random.fold_in(state.data_key, state.step), 0x5EED)
-    window = cfg.resample_dead_window or cfg.resample_every
+    window = cfg.dead_window or cfg.every
     groups = []
     for g in state.groups:
         n = g.valid.shape[0]
@@ -97,6 +159,16 @@ def resample_grid(state, cfg):
         k = jax.random.fold_in(key, g.dict_size)
         keys = jnp.broadcast_to(k, (n,) + k.shape)
         fn = lambda cell, k: resample_cell(cell, cell.pool_x, k, window, cfg.dedup_threshold,
-                                           cfg.n_worst, cfg.resample_encoder_scale)
+                                           cfg.n_worst, cfg.encoder_scale)
         groups.append(jax.vmap(fn)(g, keys))
     return state.replace(groups=tuple(groups))
+
+
+def maybe_resample(state: GridState, cfg: ResampleConfig) -> GridState:
+    """`resample_grid` at steps that are multiples of `every`, up to `until`."""
+    if not cfg.every:
+        return state
+    due = (state.step % cfg.every == 0)
+    if cfg.until:
+        due &= state.step <= cfg.until
+    return jax.lax.cond(due, lambda s: resample_grid(s, cfg), lambda s: s, state)

@@ -29,10 +29,12 @@ def _group_max_cos(params: sae.SAEParams, reference_NxD: Array) -> Array:
 
 def grid_mmcs(state: grid.GridState, reference_NxD: Array) -> np.ndarray:
     """MMCS against the reference for every cell, in cell order (padding dropped)."""
+    from sae_jax import sharding
+
     out = []
-    for g in state.groups:
-        vals = np.asarray(_group_max_cos(g.params, reference_NxD))
-        out.append(vals[np.asarray(g.valid)])
+    for g in state.groups:  # (on several processes, an all-gather per group)
+        vals, valid = sharding.to_host((_group_max_cos(g.params, reference_NxD), g.valid))
+        out.append(np.asarray(vals)[np.asarray(valid)])
     return np.concatenate(out)
 
 
@@ -57,7 +59,7 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
         s = {k: v[c.slot] for k, v in stats[c.group].items()}
         diverged = bool(g["diverged"][c.slot])
         out.append({
-            "index": c.index, "l1": c.l1, "ratio": c.ratio, "dict_size": c.dict_size,
+            "index": c.index, "l1": c.l1_coeff, "ratio": c.ratio, "dict_size": c.dict_size,
             "seed": c.seed, "noise": c.noise,
             "mmcs": None if mm is None or diverged else _f(mm[c.index]),
             "dead": int(g["dead"][c.slot]),

@@ -18,6 +18,7 @@ from sae_jax import grid
 from sae_jax.errors import UsageError
 
 AXIS = "grid"
+HEARTBEAT_S = int(os.environ.get("SAE_JAX_HEARTBEAT_TIMEOUT", "60"))  # seconds, --distributed
 
 
 def make_mesh(devices: int | None = None) -> Mesh:
@@ -43,12 +44,28 @@ def state_shardings(state: grid.GridState, mesh: Mesh) -> grid.GridState:
     return grid.GridState(groups, replicated(mesh), replicated(mesh))
 
 
-def gather_to_host(state: grid.GridState) -> grid.GridState:
-    """On several hosts, every process gets the whole grid (for evaluation and outputs)."""
+def to_host(tree):
+    """Every leaf as a NumPy array in this process. On several processes it is an all-gather:
+    every process must call it at the same point."""
     if jax.process_count() == 1:
-        return state
+        return jax.device_get(tree)
     from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(state, tiled=True)
+
+    def one(a):  # only arrays spanning other processes' devices need the gather
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return multihost_utils.process_allgather(a, tiled=True)
+        return jax.device_get(a)
+    return jax.tree.map(one, tree)
+
+
+def gather_to_host(state: grid.GridState) -> grid.GridState:
+    """On several processes, every process gets the whole grid (for evaluation and outputs)."""
+    return state if jax.process_count() == 1 else to_host(state)
+
+
+def replicate(tree, mesh: Mesh):
+    """Host values every process holds alike, as arrays replicated over the mesh."""
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a), replicated(mesh)), tree)
 
 
 def shard_state(state: grid.GridState, mesh: Mesh) -> grid.GridState:
@@ -70,8 +87,12 @@ def initialize_distributed() -> None:
                 kwargs[arg] = int(os.environ[env])
     except ValueError:
         raise UsageError("--distributed: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+    # A process whose peer died learns it at its next collective (cli.main prints one line and
+    # exits) or from the coordination service within ~HEARTBEAT_S seconds; it never waits on.
+    jax.config.update("jax_enable_preemption_service", False)  # its own noisy error path
     try:
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=HEARTBEAT_S,
+                                   shutdown_timeout_seconds=HEARTBEAT_S)
     except Exception as e:  # noqa: BLE001 - any failure here is the user's cluster setup
         addr = os.environ.get("JAX_COORDINATOR_ADDRESS", "unset")
         raise UsageError(f"--distributed: jax.distributed.initialize() failed "

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from sae_jax import cli
+from sae_jax import cli, recipes
 
 TINY = ["toy", "--d", "16", "--features", "32", "--mean-active", "3", "--l1", "0.1,1",
         "--ratios", "0.5,1", "--batch-size", "64", "--eval-samples", "512", "--no-progress",
@@ -152,18 +152,23 @@ def test_bad_arguments_one_line_exit_2(tmp_path, capsys, args, needle):
 
 
 def test_fast_recipe_resolves_to_its_values_and_flags_override_them():
-    parser = cli.build_parser()
-    args = parser.parse_args(["toy", "--recipe", "fast", "--steps", "8000"])
-    cfg = cli.train_config(args, {"batch_size": 256})
+    cfg = recipes.train_config("fast", 8000)
     assert (cfg.lr, cfg.b2, cfg.batch_size, cfg.tied_init) == (5e-3, 0.99, 64, True)
-    assert (cfg.resample_every, cfg.pool_size, cfg.n_worst) == (100, 100, 16)
-    assert (cfg.resample_until, cfg.lr_decay_steps) == (6000, 8000)  # 75% and 100% of the steps
-    args = parser.parse_args(["toy", "--recipe", "fast", "--steps", "8000", "--batch-size", "128",
-                              "--no-tied-init", "--resample-until", "0", "--lr-decay-steps", "0"])
-    cfg = cli.train_config(args, {"batch_size": 256})
-    assert (cfg.batch_size, cfg.tied_init, cfg.resample_until, cfg.lr_decay_steps) == (128, False, 0, 0)
-    report = cli.train_config(parser.parse_args(["toy", "--steps", "8000"]), {"batch_size": 256})
-    assert (report.lr, report.b2, report.resample_every, report.tied_init) == (1e-3, 0.999, 0, False)
+    assert (cfg.resample.every, cfg.resample.pool_size, cfg.resample.n_worst) == (100, 100, 16)
+    assert (cfg.resample.until, cfg.lr_decay_steps) == (6000, 8000)  # 75% and 100% of the steps
+    assert recipes.derived_from_steps("fast") == ("resample_until", "lr_decay_steps")
+    # the CLI maps flags onto the same fields: explicit flags win over the recipe
+    args = cli.build_parser().parse_args(
+        ["toy", "--recipe", "fast", "--steps", "8000", "--batch-size", "128", "--no-tied-init",
+         "--resample-until", "0", "--lr-decay-steps", "0", "--adam-b2", "0.9"])
+    overrides = cli._train_overrides(args)
+    cfg = recipes.train_config("fast", 8000, overrides)
+    assert (cfg.batch_size, cfg.tied_init, cfg.resample.until, cfg.lr_decay_steps, cfg.b2) == (128, False, 0, 0, 0.9)
+    assert recipes.derived_from_steps("fast", overrides) == ()
+    report = recipes.train_config(None, 8000, preset=recipes.PRESETS["small"])
+    assert (report.lr, report.b2, report.resample.every, report.tied_init) == (1e-3, 0.999, 0, False)
+    assert report.l1_warmup == 1000  # the small preset's addition to the report recipe
+    assert recipes.train_config("report", 8000, preset=recipes.PRESETS["small"]).l1_warmup == 0
 
 
 def test_bad_argument_in_a_real_process_has_no_traceback(tmp_path):

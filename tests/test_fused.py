@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import fused, grid, metrics, sae, toy
+from sae_jax import fused, grid, metrics, resample, sae, toy
 from sae_jax.errors import UsageError
 
 C, B, D, M = 3, 48, 16, 40
@@ -86,14 +86,14 @@ def test_bad_dtype_and_missing_target(group, batch):
         fused.group_loss_and_grad(group, batch[0], ALPHAS, compute_dtype="float16")
     with pytest.raises(ValueError, match="shared target"):
         fused.group_loss_and_grad(group, batch[1], ALPHAS)
-    with pytest.raises(UsageError, match="--compute-dtype must be one of float32, bfloat16"):
+    with pytest.raises(UsageError, match="`compute_dtype` must be one of float32, bfloat16"):
         grid.TrainConfig(compute_dtype="float16").validate()
 
 
 # ----------------------------------------------------------------------------- in the grid
-SPEC = grid.GridSpec(l1=(0.01, 0.3), dict_sizes=(24, 32), seeds=(0, 1))
-BASE = grid.TrainConfig(batch_size=64, lr=1e-2, l1_convention="sum", resample_every=20,
-                        resample_worst=8, dedup_threshold=0.9)
+SPEC = grid.GridSpec(l1_coeff=(0.01, 0.3), dict_sizes=(24, 32), seeds=(0, 1))
+BASE = grid.TrainConfig(batch_size=64, lr=1e-2, l1_convention="sum", resample=resample.ResampleConfig(
+    every=20, worst=8, dedup_threshold=0.9))
 
 
 def _train(world, cfg, spec=SPEC, steps=60):
@@ -107,7 +107,7 @@ def _train(world, cfg, spec=SPEC, steps=60):
 def test_cell_in_fused_grid_equals_cell_trained_alone(tiny_world, cfg):
     full = _train(tiny_world, cfg)
     for cell in SPEC.cells()[::3]:
-        alone = _train(tiny_world, cfg, grid.GridSpec((cell.l1,), (cell.dict_size,), (cell.seed,)))
+        alone = _train(tiny_world, cfg, grid.GridSpec((cell.l1_coeff,), (cell.dict_size,), (cell.seed,)))
         a = jax.tree.map(lambda x: x[cell.slot], full.groups[cell.group])
         b = jax.tree.map(lambda x: x[0], alone.groups[0])
         for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -127,7 +127,7 @@ def test_fused_float32_training_tracks_autodiff(tiny_world):
 
 def test_denoising_grid_runs_fused(tiny_world):
     """Per-cell noisy inputs (the denoising appendix) through the fused step equal autodiff."""
-    spec = grid.GridSpec(l1=(0.1,), dict_sizes=(32,), noise=(0.0, 0.1))
+    spec = grid.GridSpec(l1_coeff=(0.1,), dict_sizes=(32,), noise=(0.0, 0.1))
     cfg = dataclasses.replace(grid.TrainConfig(batch_size=64, lr=3e-3), denoise=True)
     ref = _train(tiny_world, cfg, spec, steps=30)
     got = _train(tiny_world, dataclasses.replace(cfg, fused_step=True), spec, steps=30)
@@ -137,9 +137,9 @@ def test_denoising_grid_runs_fused(tiny_world):
 def test_small_world_recovered_in_bfloat16():
     """The bfloat16 step recovers a d = 32, h = 64 world to MMCS >= 0.95, as float32 does."""
     world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=32, features=64, mean_active=3))
-    spec = grid.GridSpec.from_ratios(l1=(0.1, 0.3, 1.0), ratios=(1,), features=64)
-    cfg = grid.TrainConfig(batch_size=128, lr=3e-3, b2=0.99, resample_every=250, resample_worst=16,
-                           dedup_threshold=0.9, compute_dtype="bfloat16")
+    spec = grid.GridSpec.from_ratios((0.1, 0.3, 1.0), ratios=(1,), features=64)
+    cfg = grid.TrainConfig(batch_size=128, lr=3e-3, b2=0.99, compute_dtype="bfloat16",
+                           resample=resample.ResampleConfig(every=250, worst=16, dedup_threshold=0.9))
     state = grid.train(grid.init_grid(jax.random.PRNGKey(0), spec, 32, cfg), cfg, 2000,
                        world=world, chunk=500, progress=False)
     scores = [metrics.mmcs(sae.dictionary(grid.cell_params(state, c)), world.features_HxD)

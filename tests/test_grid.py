@@ -8,15 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import grid, metrics, sae, toy
+from sae_jax import grid, metrics, resample, sae, toy
 from sae_jax.errors import UsageError
 
 KEY = jax.random.PRNGKey(7)
 STEPS = 100
 # sum convention and lr 1e-2 so that, within 100 steps, latents die and get resampled.
-SPEC = grid.GridSpec(l1=(0.01, 0.1, 0.3), dict_sizes=(24, 32), seeds=(0, 1))
+SPEC = grid.GridSpec(l1_coeff=(0.01, 0.1, 0.3), dict_sizes=(24, 32), seeds=(0, 1))
 OFF = grid.TrainConfig(batch_size=64, lr=1e-2, l1_convention="sum")
-ON = dataclasses.replace(OFF, resample_every=20, resample_worst=8, dedup_threshold=0.9)
+ON = dataclasses.replace(OFF, resample=resample.ResampleConfig(every=20, worst=8, dedup_threshold=0.9))
 
 
 def _train(world, spec=SPEC, cfg=OFF, steps=STEPS, chunk=STEPS, pad=1, edit=None, key=KEY):
@@ -50,7 +50,7 @@ def _cell_view(state, cell):
 def test_cells_are_size_major_then_l1_then_seed():
     cells = SPEC.cells()
     assert len(cells) == 12
-    assert [(c.dict_size, c.l1, c.seed) for c in cells[:6]] == [
+    assert [(c.dict_size, c.l1_coeff, c.seed) for c in cells[:6]] == [
         (24, 0.01, 0), (24, 0.01, 1), (24, 0.1, 0), (24, 0.1, 1), (24, 0.3, 0), (24, 0.3, 1)]
     assert [c.index for c in cells] == list(range(12))
     assert [(c.group, c.slot) for c in cells[6:8]] == [(1, 0), (1, 1)]
@@ -60,16 +60,16 @@ def test_cells_are_size_major_then_l1_then_seed():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: grid.GridSpec(l1=(-0.1,), dict_sizes=(8,)),
-    lambda: grid.GridSpec(l1=(float("nan"),), dict_sizes=(8,)),
-    lambda: grid.GridSpec(l1=(float("inf"),), dict_sizes=(8,)),
-    lambda: grid.GridSpec(l1=(), dict_sizes=(8,)),
-    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=()),
-    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(0,)),
-    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(8, 8)),
-    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(8,), seeds=()),
-    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(8,), seeds=(0, 0)),
-    lambda: grid.GridSpec(l1=(0.1,), dict_sizes=(8,), noise=(-1.0,)),
+    lambda: grid.GridSpec(l1_coeff=(-0.1,), dict_sizes=(8,)),
+    lambda: grid.GridSpec(l1_coeff=(float("nan"),), dict_sizes=(8,)),
+    lambda: grid.GridSpec(l1_coeff=(float("inf"),), dict_sizes=(8,)),
+    lambda: grid.GridSpec(l1_coeff=(), dict_sizes=(8,)),
+    lambda: grid.GridSpec(l1_coeff=(0.1,), dict_sizes=()),
+    lambda: grid.GridSpec(l1_coeff=(0.1,), dict_sizes=(0,)),
+    lambda: grid.GridSpec(l1_coeff=(0.1,), dict_sizes=(8, 8)),
+    lambda: grid.GridSpec(l1_coeff=(0.1,), dict_sizes=(8,), seeds=()),
+    lambda: grid.GridSpec(l1_coeff=(0.1,), dict_sizes=(8,), seeds=(0, 0)),
+    lambda: grid.GridSpec(l1_coeff=(0.1,), dict_sizes=(8,), noise=(-1.0,)),
     lambda: grid.GridSpec.from_ratios([0.1], [0.0], features=64),
     lambda: grid.GridSpec.from_ratios([0.1], [-1.0], features=64),
     lambda: grid.GridSpec.from_ratios([0.1], [float("nan")], features=64),
@@ -84,29 +84,32 @@ def test_bad_grid_spec_raises_usage_error(make):
 
 @pytest.mark.parametrize("field,value", [
     ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")), ("b1", 1.0), ("b2", -0.1),
-    ("l1_convention", "mean"), ("dead_window", 0), ("l1_warmup", -1), ("dedup_threshold", 1.0),
-    ("resample_every", -5),
+    ("l1_convention", "mean"), ("dead_window", 0), ("l1_warmup", -1),
+    ("resample", resample.ResampleConfig(dedup_threshold=1.0)),
+    ("resample", resample.ResampleConfig(every=-5)),
 ])
 def test_bad_train_config_raises_usage_error(field, value):
     cfg = dataclasses.replace(OFF, **{field: value})
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as e:
         cfg.validate()
+    assert e.value.field is not None and f"`{e.value.field}`" in str(e.value)  # names its field
     with pytest.raises(UsageError):
         grid.init_grid(KEY, SPEC, 16, cfg)
 
 
 def test_resample_pool_must_fit_the_period_and_worst_the_pool():
-    assert ON.validate().pool_size == 20  # default: one row per step of the period
-    with pytest.raises(UsageError, match="resample-pool"):
-        dataclasses.replace(ON, resample_pool=21).validate()
-    with pytest.raises(UsageError, match="resample-worst"):
-        dataclasses.replace(ON, resample_pool=10, resample_worst=11).validate()
+    assert ON.validate().resample.pool_size == 20  # default: one row per step of the period
+    with pytest.raises(UsageError, match="resample_pool") as e:
+        dataclasses.replace(ON.resample, pool=21).validate()
+    assert e.value.field == "resample_pool"
+    with pytest.raises(UsageError, match="resample_worst"):
+        dataclasses.replace(ON.resample, pool=10, worst=11).validate()
 
 
 def test_pool_row_t_is_the_worst_reconstructed_input_of_step_t(tiny_world):
     """The resampling pool costs no extra sampling: step t writes the batch's worst-reconstructed
     input (under the parameters before the step) to row t mod K, per cell."""
-    cfg = dataclasses.replace(ON, resample_every=50)  # no resampling within the 7 steps
+    cfg = dataclasses.replace(ON, resample=dataclasses.replace(ON.resample, every=50))  # none in 7 steps
     state = grid.init_grid(KEY, SPEC, tiny_world.d, cfg)
     for t in range(7):
         key = jax.random.fold_in(state.data_key, state.step)
@@ -131,7 +134,7 @@ def test_bad_train_call_raises(tiny_world):
     state = grid.init_grid(KEY, SPEC, tiny_world.d, OFF)
     with pytest.raises(UsageError):
         grid.train(state, OFF, 0, world=tiny_world, progress=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         grid.train(state, OFF, 10, progress=False)
 
 
@@ -154,7 +157,7 @@ def test_cell_in_grid_equals_cell_trained_alone(tiny_world, baseline, mode):
         resampled = [c for c in SPEC.cells() if int(grid.cell_field(full, c, "n_resampled")) > 0]
         assert len({c.slot for c in resampled}) >= 3, "no resampling happened: weak test"
     for cell in SPEC.cells():
-        alone_spec = grid.GridSpec(l1=(cell.l1,), dict_sizes=(cell.dict_size,), seeds=(cell.seed,))
+        alone_spec = grid.GridSpec(l1_coeff=(cell.l1_coeff,), dict_sizes=(cell.dict_size,), seeds=(cell.seed,))
         alone = _train(tiny_world, alone_spec, cfg)
         a, b = _cell_view(full, cell), alone.groups[0]
         b = jax.tree.map(lambda x: x[0], b)
@@ -255,9 +258,9 @@ def test_small_world_recovered_to_mmcs_095():
     """d = 32, h = 64, k = 3 at ratio 1 with resampling: MMCS >= 0.95 after 2,000 steps (how fast
     is benchmarks/recovery_race.py's business, not a test's)."""
     world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=32, features=64, mean_active=3))
-    spec = grid.GridSpec.from_ratios(l1=(0.1, 0.3, 1.0), ratios=(1,), features=64)
-    cfg = grid.TrainConfig(batch_size=128, lr=3e-3, b2=0.99, resample_every=250,
-                           resample_worst=16, dedup_threshold=0.9)
+    spec = grid.GridSpec.from_ratios(l1_coeff=(0.1, 0.3, 1.0), ratios=(1,), features=64)
+    cfg = grid.TrainConfig(batch_size=128, lr=3e-3, b2=0.99,
+                           resample=resample.ResampleConfig(every=250, worst=16, dedup_threshold=0.9))
     state = grid.train(grid.init_grid(jax.random.PRNGKey(0), spec, 32, cfg), cfg, 2000,
                        world=world, chunk=500, progress=False)
     scores = [metrics.mmcs(sae.dictionary(grid.cell_params(state, c)), world.features_HxD)

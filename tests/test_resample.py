@@ -12,9 +12,9 @@ EXPECTED = [0, 5, 7, 9]  # dead: 0, 7 (and 5); duplicates of an earlier atom: 5 
 _resample = jax.jit(resample.resample_cell, static_argnums=(3, 4, 5))
 
 
-def _cell(seed: int = 0) -> grid.Cells:
+def _cell(seed: int = 0) -> grid.GroupState:
     """One unbatched cell with random Adam moments, two duplicate atoms and three dead latents."""
-    spec = grid.GridSpec(l1=(0.1,), dict_sizes=(M,))
+    spec = grid.GridSpec(l1_coeff=(0.1,), dict_sizes=(M,))
     state = grid.init_grid(jax.random.PRNGKey(seed), spec, D)
     cell = jax.tree.map(lambda a: a[0], state.groups[0])
     rng = np.random.default_rng(seed)
@@ -150,11 +150,11 @@ def test_resample_grid_result_does_not_depend_on_a_cells_slot():
     cell = _cell()
     group = jax.tree.map(lambda a: jnp.stack([a, a, a]), cell)
     state = grid.GridState((group,), jnp.asarray(250, jnp.int32), jax.random.PRNGKey(5))
-    cfg = grid.TrainConfig(resample_every=250, resample_pool=P, resample_worst=WORST,
-                           resample_dead_window=WINDOW, dedup_threshold=THR)
+    cfg = grid.TrainConfig(resample=resample.ResampleConfig(every=250, pool=P, worst=WORST,
+                                                            dead_window=WINDOW, dedup_threshold=THR))
     group = group.replace(pool_x=jnp.stack([_pool()] * 3))
     state = state.replace(groups=(group,))
-    out = resample.resample_grid(state, cfg).groups[0]
+    out = resample.resample_grid(state, cfg.resample).groups[0]
     assert np.all(np.asarray(out.n_resampled) == 3 + len(EXPECTED))
     for leaf in jax.tree.leaves(out):
         leaf = np.asarray(leaf)

@@ -6,12 +6,12 @@ import re
 import jax
 import numpy as np
 
-from sae_jax import grid, results, sharding, toy
+from sae_jax import grid, resample, results, sharding, toy
 
 assert jax.device_count() == 8, jax.devices()
 world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=16, features=32, mean_active=3))
 spec = grid.GridSpec.from_ratios([0.1, 0.3, 1.0], [0.5, 1.0], 32, seeds=1)  # 3 cells per group
-cfg = grid.TrainConfig(batch_size=64, resample_every=50, dedup_threshold=0.9)
+cfg = grid.TrainConfig(batch_size=64, resample=resample.ResampleConfig(every=50, dedup_threshold=0.9))
 x_eval = grid.toy_batch(world, jax.random.PRNGKey(9), 512)[0]
 
 out = {"params": {}, "cells": {}, "collectives": {}, "shardings": {}}
