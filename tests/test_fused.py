@@ -106,7 +106,7 @@ def _train(world, cfg, spec=SPEC, steps=60):
                          ids=["float32", "bfloat16"])
 def test_cell_in_fused_grid_equals_cell_trained_alone(tiny_world, cfg):
     full = _train(tiny_world, cfg)
-    for cell in SPEC.cells()[::3]:
+    for cell in (SPEC.cells()[1], SPEC.cells()[-1]):  # one cell of each size group
         alone = _train(tiny_world, cfg, grid.GridSpec((cell.l1_coeff,), (cell.dict_size,), (cell.seed,)))
         a = jax.tree.map(lambda x: x[cell.slot], full.groups[cell.group])
         b = jax.tree.map(lambda x: x[0], alone.groups[0])
@@ -134,6 +134,7 @@ def test_denoising_grid_runs_fused(tiny_world):
     np.testing.assert_allclose(got.groups[0].params.D_MxD, ref.groups[0].params.D_MxD, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_small_world_recovered_in_bfloat16():
     """The bfloat16 step recovers a d = 32, h = 64 world to MMCS >= 0.95, as float32 does."""
     world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=32, features=64, mean_active=3))
