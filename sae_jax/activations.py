@@ -1,4 +1,4 @@
-"""On-disk activation stores: harvest a transformer layer's MLP activations, stream shuffled batches.
+"""On-disk activation stores and users' activation files: open, validate, stream shuffled batches.
 
 A store is a directory that numpy alone can read:
 
@@ -24,19 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from sae_jax import transformer
-from sae_jax.transformer import TransformerConfig
 
 FORMAT = "sae_jax.activations/1"
 DTYPES = ("float16", "float32")
@@ -264,77 +257,3 @@ def write_store(
     for lo in range(0, len(array_NxD), step):
         writer.append(array_NxD[lo : lo + step])
     return writer.close()
-
-
-# ----------------------------------------------------------------------------- harvest
-
-
-def _layer_acts(params: Any, tokens_BxL: jax.Array, cfg: TransformerConfig, layer: int) -> jax.Array:
-    """Post-GELU MLP activations of `layer` as float16 rows (B·L, F); later layers are dead code."""
-    _, acts = transformer.apply(params, tokens_BxL, cfg, capture_layers=(layer,))
-    return acts[layer].reshape(-1, cfg.d_mlp).astype(jnp.float16)
-
-
-_jit_layer_acts = jax.jit(_layer_acts, static_argnums=(2, 3))
-
-
-def harvest(
-    params: Any,
-    cfg: TransformerConfig,
-    tokens_N: np.ndarray,
-    layer: int,
-    out: str | os.PathLike,
-    max_tokens: int | None = None,
-    batch_size: int = 64,
-    shard_rows: int | None = None,
-    source: dict | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> tuple[ActivationStore, dict[str, float]]:
-    """Run the model over windows of the corpus and store layer `layer`'s MLP activations (float16).
-
-    The corpus is cut into ⌊N / L⌋ non-overlapping windows of L = context_len tokens; when
-    `max_tokens` asks for fewer, ⌈max_tokens / L⌉ windows evenly spaced over the corpus are used
-    and the rows are cut to exactly `max_tokens`. Returns the store and throughput statistics.
-    """
-    from tqdm.auto import tqdm
-
-    if not 0 <= layer < cfg.n_layers:
-        raise ValueError(f"layer {layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
-    L = cfg.context_len
-    tokens_N = np.asarray(tokens_N, np.int32)
-    available = len(tokens_N) // L
-    if available == 0:
-        raise ValueError(f"corpus has {len(tokens_N)} tokens, fewer than one window of {L}")
-    n_rows = available * L if max_tokens is None else min(int(max_tokens), available * L)
-    if n_rows <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    n_windows = math.ceil(n_rows / L)
-    starts_W = (np.arange(n_windows) * available // n_windows) * L
-    meta = {"kind": "harvest", "layer": layer, "context_len": L, "windows": n_windows, **(source or {})}
-    writer = StoreWriter(out, cfg.d_mlp, shard_rows, "float16", meta, overwrite)
-
-    def dispatch(first: int) -> tuple[jax.Array, int]:
-        """Start the forward pass of windows [first, first + batch_size); (rows (B·L, F), valid rows)."""
-        idx_B = starts_W[first : first + batch_size]
-        windows_BxL = np.zeros((batch_size, L), np.int32)  # fixed shape: one compilation
-        windows_BxL[: len(idx_B)] = tokens_N[idx_B[:, None] + np.arange(L)]
-        return _jit_layer_acts(params, jnp.asarray(windows_BxL), cfg, layer), len(idx_B) * L
-
-    dispatch(0)[0].block_until_ready()  # compile outside the timing
-    written = 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=n_rows, desc=f"harvest layer {layer}", unit="tok", unit_scale=True, disable=not progress)
-    with bar:
-        pending = dispatch(0)
-        for first in range(batch_size, n_windows + batch_size, batch_size):
-            upcoming = dispatch(first) if first < n_windows else None  # runs while we write `pending`
-            rows = np.asarray(pending[0])[: min(pending[1], n_rows - written)]
-            writer.append(rows)
-            written += len(rows)
-            bar.update(len(rows))
-            bar.set_postfix(tok_s=f"{written / (time.perf_counter() - t0):,.0f}")
-            pending = upcoming
-    seconds = time.perf_counter() - t0
-    store = writer.close()
-    return store, {"tokens": float(written), "seconds": seconds, "tokens_per_s": written / seconds}
