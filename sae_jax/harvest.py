@@ -124,10 +124,31 @@ def minilm_sequences(text: str, context_len: int = 128) -> list[list[int]]:
             for ids in minilm.encode_plain(paragraphs) for i in range(0, len(ids), step)]
 
 
-def _minilm_layer(params: Any, ids_BxT: jax.Array, mask_BxT: jax.Array, cfg: Any, layer: int) -> jax.Array:
+def pack(seqs: list[list[int]], context_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Next-fit packing in corpus order: (ids, segment ids), int32 (R, context_len); segment 0 = padding.
+
+    Each row holds consecutive sequences as segments 1, 2, …; reading the real tokens row by row
+    gives the sequences back in order.
+    """
+    rows: list[list[list[int]]] = [[]]
+    for s in seqs:
+        if sum(map(len, rows[-1])) + len(s) > context_len:
+            rows.append([])
+        rows[-1].append(s)
+    ids = np.zeros((len(rows), context_len), np.int32)
+    seg = np.zeros((len(rows), context_len), np.int32)
+    for r, row in enumerate(rows):
+        flat = [t for s in row for t in s]
+        ids[r, : len(flat)] = flat
+        seg[r, : len(flat)] = np.repeat(np.arange(1, len(row) + 1), [len(s) for s in row])
+    return ids, seg
+
+
+def _minilm_layer(params: Any, ids_BxT: jax.Array, seg_BxT: jax.Array, cfg: Any, layer: int) -> jax.Array:
     from sae_jax.models import minilm
 
-    return minilm.apply(params, ids_BxT, mask_BxT, cfg)[f"mlp_{layer}"].reshape(-1, cfg.d_mlp).astype(jnp.float16)
+    acts = minilm.apply(params, ids_BxT, seg_BxT > 0, cfg, segment_ids_BxT=seg_BxT)[f"mlp_{layer}"]
+    return acts.reshape(-1, cfg.d_mlp).astype(jnp.float16)
 
 
 _jit_minilm_layer = jax.jit(_minilm_layer, static_argnums=(3, 4))
@@ -148,10 +169,12 @@ def minilm(
 ) -> tuple[ActivationStore, dict[str, float]]:
     """Store MiniLM's post-GELU MLP activations of block `layer` (float16), one row per real token.
 
-    Sequences come from `minilm_sequences`; padding positions are not stored ([CLS] and [SEP] are).
-    When `max_tokens` asks for fewer tokens than the corpus holds, sequences evenly spaced over the
-    corpus are used and the rows cut to exactly `max_tokens`. `model` is (params, config) from
-    `minilm.load()` (loaded here when None).
+    Sequences come from `minilm_sequences`, in corpus order; [CLS] and [SEP] are stored, padding is
+    not. Short sequences are packed several to a row of context_len tokens (`pack`), each
+    attending only to itself with its own positions, so a token's activations are those of its
+    sequence run alone. When `max_tokens` asks for fewer tokens than the corpus holds, sequences
+    evenly spaced over the corpus are used and the rows cut to exactly `max_tokens`. `model` is
+    (params, config) from `minilm.load()` (loaded here when None).
     """
     from sae_jax.models import minilm as mm
 
@@ -171,20 +194,20 @@ def minilm(
         n_pick = min(len(seqs), math.ceil(len(seqs) * n_rows / total * 1.05) + 1)
         seqs = [seqs[i] for i in np.arange(n_pick) * len(seqs) // n_pick]
         n_rows = min(n_rows, sum(len(s) for s in seqs))
-    n_batches = math.ceil(len(seqs) / batch_size)
+    ids_RxT, seg_RxT = pack(seqs, context_len)
     meta = {"kind": "harvest", "model": mm.MODEL_NAME, "layer": layer,
             "hook_name": f"encoder.layer.{layer}.intermediate", "context_len": context_len,
-            "sequences": len(seqs), **(source or {})}
+            "sequences": len(seqs), "packed_rows": len(ids_RxT), **(source or {})}
     writer = StoreWriter(out, cfg.d_mlp, shard_rows, "float16", meta, overwrite)
 
     def dispatch(j: int) -> tuple[jax.Array, np.ndarray]:
         ids_BxT = np.zeros((batch_size, context_len), np.int32)  # fixed shape: one compilation
-        for b, s in enumerate(seqs[j * batch_size : (j + 1) * batch_size]):
-            ids_BxT[b, : len(s)] = s
-        mask_BxT = (np.arange(context_len) < np.array(
-            [len(s) for s in seqs[j * batch_size : (j + 1) * batch_size]] + [0] * batch_size
-        )[:batch_size, None]).astype(np.int32)
-        acts = _jit_minilm_layer(params, jnp.asarray(ids_BxT), jnp.asarray(mask_BxT), cfg, layer)
-        return acts, mask_BxT.reshape(-1).astype(bool)
+        seg_BxT = np.zeros((batch_size, context_len), np.int32)
+        chunk = slice(j * batch_size, (j + 1) * batch_size)
+        ids_BxT[: len(ids_RxT[chunk])] = ids_RxT[chunk]
+        seg_BxT[: len(seg_RxT[chunk])] = seg_RxT[chunk]
+        acts = _jit_minilm_layer(params, jnp.asarray(ids_BxT), jnp.asarray(seg_BxT), cfg, layer)
+        return acts, seg_BxT.reshape(-1) > 0
 
-    return _pipelined(dispatch, n_batches, writer, n_rows, f"harvest MiniLM layer {layer}", progress)
+    return _pipelined(dispatch, math.ceil(len(ids_RxT) / batch_size), writer, n_rows,
+                      f"harvest MiniLM layer {layer}", progress)

@@ -25,6 +25,23 @@ def test_sequences_cut_paragraphs_into_cls_piece_sep():
     assert len(seqs) == sum(-(-len(ids) // 10) for ids in paragraphs)  # pieces never span paragraphs
 
 
+def test_pack_keeps_corpus_order_in_next_fit_rows():
+    seqs = [[101, 5, 102], [101, 6, 7, 102], [101, 8, 9, 10, 11, 102], [101, 102]]
+    ids, seg = harvest.pack(seqs, context_len=8)
+    assert ids.shape == seg.shape == (2, 8)
+    assert list(seg[0]) == [1, 1, 1, 2, 2, 2, 2, 0] and list(seg[1]) == [1] * 6 + [2, 2]
+    assert [t for t in ids[seg > 0]] == [t for s in seqs for t in s]
+
+
+def test_packed_sequences_get_the_activations_they_get_alone():
+    params, cfg = minilm.load()
+    a, b = minilm.tokenize(["Packed tokens attend within their own sentence."])[0][0], [101, 7592, 102]
+    ids, seg = harvest.pack([list(a), b], context_len=len(a) + len(b) + 2)
+    packed = minilm.forward(params, ids, seg > 0, cfg, seg)["last_hidden"][0]
+    alone = [minilm.forward(params, np.array([s]), np.ones((1, len(s))), cfg)["last_hidden"][0] for s in (a, b)]
+    np.testing.assert_allclose(packed[: len(a) + len(b)], np.concatenate(alone), rtol=1e-4, atol=1e-4)
+
+
 def test_cli_harvest_stores_real_tokens_only(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS)

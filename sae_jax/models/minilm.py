@@ -15,6 +15,9 @@ The model is a post-LN BERT encoder (6 blocks, d_model 384, 12 heads, GELU MLP w
 
 with m = 0 on real keys and the float32 minimum on padding keys, as in Hugging Face's BertModel.
 `apply` returns "mlp_0".."mlp_5" (B, T, 1536) and "last_hidden" (B, T, 384), float32.
+Optional segment ids pack several sequences into one row: a token attends only to keys of its own
+segment and its position restarts at its segment's first token, so each packed sequence gets
+exactly the activations it gets alone.
 """
 
 from __future__ import annotations
@@ -119,31 +122,40 @@ def _dense(x: jax.Array, p: Params) -> jax.Array:
     return x @ p["w"] + p["b"]
 
 
-def _attention(x_BxTxD: jax.Array, p: Params, bias_Bx1x1xT: jax.Array, n_heads: int) -> jax.Array:
+def _attention(x_BxTxD: jax.Array, p: Params, bias_Bx1xTxT: jax.Array, n_heads: int) -> jax.Array:
     B, T, D = x_BxTxD.shape
     split = lambda y: y.reshape(B, T, n_heads, D // n_heads)  # noqa: E731
     q, k, v = (split(_dense(x_BxTxD, p[n])) for n in ("q", "k", "v"))
     att_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(D // n_heads))
-    att_BxHxTxT = jax.nn.softmax(att_BxHxTxT + bias_Bx1x1xT, axis=-1)
+    att_BxHxTxT = jax.nn.softmax(att_BxHxTxT + bias_Bx1xTxT, axis=-1)
     out_BxTxHxK = jnp.einsum("bhqk,bkhd->bqhd", att_BxHxTxT, v)
     return _dense(out_BxTxHxK.reshape(B, T, D), p["o"])
 
 
 def apply(params: Params, input_ids_BxT: jax.Array, attention_mask_BxT: jax.Array,
-          cfg: MiniLMConfig = MiniLMConfig()) -> dict[str, jax.Array]:
+          cfg: MiniLMConfig = MiniLMConfig(), segment_ids_BxT: jax.Array | None = None) -> dict[str, jax.Array]:
     """The encoder's activations: "mlp_0".."mlp_{L-1}" (B, T, d_mlp), post-GELU, and "last_hidden" (B, T, d).
 
-    Token types are all 0 (single sentences). Jit it with `jax.jit(apply, static_argnums=3)`,
-    or use `forward`, which is. Unused outputs are dead code under jit.
+    Token types are all 0 (single sentences). With `segment_ids_BxT`, tokens attend within their
+    segment only and positions restart per segment (packed sequences). Jit it with
+    `jax.jit(apply, static_argnums=3)`, or use `forward`, which is. Unused outputs are dead code
+    under jit.
     """
     ids = jnp.asarray(input_ids_BxT, jnp.int32)
     mask = jnp.asarray(attention_mask_BxT)
     T = ids.shape[1]
     if T > cfg.max_len:
         raise ValueError(f"sequence length {T} exceeds the model's {cfg.max_len} positions")
-    h = params["tok"][ids] + params["pos"][:T][None] + params["type"][0]
+    allowed_Bx1xTxT = (mask > 0)[:, None, None, :]
+    pos_BxT = jnp.broadcast_to(jnp.arange(T), ids.shape)
+    if segment_ids_BxT is not None:
+        seg = jnp.asarray(segment_ids_BxT, jnp.int32)
+        allowed_Bx1xTxT = allowed_Bx1xTxT & (seg[:, :, None] == seg[:, None, :])[:, None]
+        starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+        pos_BxT = pos_BxT - jax.lax.cummax(jnp.where(starts, pos_BxT, 0), axis=1)
+    h = params["tok"][ids] + params["pos"][pos_BxT] + params["type"][0]
     h = _ln(h, params["ln"], cfg.ln_eps)
-    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    bias = jnp.where(allowed_Bx1xTxT, 0.0, jnp.finfo(jnp.float32).min)
     out: dict[str, jax.Array] = {}
     for i, lp in enumerate(params["layers"]):
         a = _ln(h + _attention(h, lp, bias, cfg.n_heads), lp["ln_attn"], cfg.ln_eps)
