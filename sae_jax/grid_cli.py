@@ -16,26 +16,12 @@ import numpy as np
 from sae_jax.errors import UsageError
 
 
-def _open(path: str):
-    """An activation store directory, or a user's (n, d) .npy array (checked for shape and NaN)."""
+def _open(path: str, tensor: str | None = None):
+    """Any input `activations.open_activations` reads: a store, .npy, a .npy directory, a .safetensors tensor."""
     from sae_jax import activations
 
-    if not os.path.exists(path):
-        raise UsageError(f"--activations {path} does not exist")
     try:
-        if path.endswith(".npy"):
-            arr = np.load(path, mmap_mode="r")
-            if arr.ndim != 2 or min(arr.shape) < 1:
-                raise UsageError(f"--activations {path}: expected an (n, d) array, got shape {arr.shape}")
-            if arr.dtype.name not in activations.DTYPES:
-                raise UsageError(f"--activations {path}: dtype {arr.dtype} is not one of {activations.DTYPES}")
-            abspath = os.path.abspath(path)
-            store = activations.ActivationStore(
-                Path(os.path.dirname(abspath)), arr.shape[1], arr.shape[0], arr.dtype.name,
-                (os.path.basename(abspath),), (arr.shape[0],), {"npy": abspath})
-            store.validate_values()
-            return store
-        return activations.open_store(path)
+        return activations.open_activations(path, tensor)
     except ValueError as e:
         raise UsageError(f"--activations {path}: {str(e).splitlines()[0]}") from None
 
@@ -61,7 +47,7 @@ class _Batches:
 def cmd_grid(args: argparse.Namespace) -> int:
     from sae_jax import cli, grid, plots, report, results, runner
 
-    store = _open(args.activations)
+    store = _open(args.activations, args.tensor)
     d = store.d
     if args.steps is None:
         args.steps = 5000
@@ -83,7 +69,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
                   "eval_samples": opts.eval_samples, "buffer_rows": args.buffer_rows}
     batches = _Batches(store, cfg.batch_size, opts.seed, args.buffer_rows)
     state, extra = runner.train_grid(spec, cfg, opts, d, run_config, batches=batches)
-    eval_it = store.stream(min(opts.eval_samples, store.n), opts.seed + 1, args.buffer_rows)
+    eval_it = store.stream(min(opts.eval_samples, store.n), opts.seed + 1, args.buffer_rows, dtype=np.float32)
     x_eval = next(eval_it)
     cells, dicts, analysis = runner.finish(state, spec, cfg, x_eval, None, extra)
     out = results.write(opts.out, run_config, cells, analysis, dicts, None, extra)
@@ -112,7 +98,10 @@ def register(sub) -> None:
     from sae_jax import cli
 
     p = sub.add_parser("grid", help="train an SAE grid on stored activations")
-    p.add_argument("--activations", required=True, help="a store from `sae-jax harvest`, or an (n, d) .npy")
+    p.add_argument("--activations", required=True,
+                   help="a store from `sae-jax harvest`, an (n, d) or (batch, tokens, d) .npy, a directory of "
+                        ".npy shards, or a .safetensors file (float16, bfloat16 or float32)")
+    p.add_argument("--tensor", help="the tensor to read from a .safetensors file with several")
     p.add_argument("--dict-sizes", type=cli.floats, help="comma list of absolute dictionary sizes")
     p.add_argument("--buffer-rows", type=int, default=131072, help="rows shuffled in memory at a time")
     p.add_argument("--compare-toy", help="a toy run directory to show beside figures 11-13")
