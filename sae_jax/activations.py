@@ -236,30 +236,22 @@ def _npy_layout(path: Path) -> tuple[int, int, str, int]:
 
 def _safetensors_layout(path: Path, tensor: str | None) -> tuple[int, int, str, int]:
     """(n, d, dtype, data offset) of one tensor of a .safetensors file (the only one when `tensor` is None)."""
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError(f"{path.name}: the file is empty")
-    with open(path, "rb") as f:
-        try:
-            head_len = int.from_bytes(f.read(8), "little")
-            if not 0 < head_len <= size - 8:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(head_len))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path.name}: not a safetensors file ({e})") from None
-    names = sorted(k for k in header if k != "__metadata__")
+    from sae_jax import st
+
+    head, start = st.header(path)
+    names = sorted(head)
     if tensor is None:
         if len(names) != 1:
             raise ValueError(f"{path.name} holds {len(names)} tensors; name one with --tensor ({', '.join(names)})")
         tensor = names[0]
-    if tensor not in names:
+    if tensor not in head:
         raise ValueError(f"{path.name} has no tensor {tensor!r} (it has: {', '.join(names) or 'none'})")
-    entry = header[tensor]
+    entry = head[tensor]
     dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
     begin, end = entry["data_offsets"]
-    offset = 8 + head_len + begin
-    n, d = _matrix(f"{path.name}[{tensor}]", tuple(entry["shape"]), dtype, min(end, size - 8 - head_len) - begin)
-    return n, d, dtype, offset
+    size = path.stat().st_size - start
+    n, d = _matrix(f"{path.name}[{tensor}]", tuple(entry["shape"]), dtype, min(end, size) - begin)
+    return n, d, dtype, start + begin
 
 
 def open_activations(path: str | os.PathLike, tensor: str | None = None, check_values: bool = True) -> ActivationStore:

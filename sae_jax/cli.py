@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     grid_cli.register(sub)
     cli_lm.register(sub)
+    from sae_jax import cli_export
+    cli_export.register(sub)
     return parser
 
 

@@ -73,6 +73,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     x_eval = next(eval_it)
     cells, dicts, analysis = runner.finish(state, spec, cfg, x_eval, None, extra)
     out = results.write(opts.out, run_config, cells, analysis, dicts, None, extra)
+    from sae_jax import export
+    export.write_weights(opts.out, state, spec, x_eval)  # weights.safetensors: every cell's full weights
     if not args.no_figures:
         figs = plots.lm_figures(out, os.path.join(opts.out, "figures"))
         notes = []

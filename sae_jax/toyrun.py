@@ -75,6 +75,8 @@ def run(r: ToyRun, figures: bool = True) -> dict:
     if r.denoise_noise:
         extra["denoising"] = _denoising(r, cfg)
     out = results.write(r.opts.out, cfg, cells, analysis, dicts, np.asarray(world.features_HxD), extra)
+    from sae_jax import export
+    export.write_weights(r.opts.out, state, r.spec, x_eval)  # weights.safetensors: every cell's full weights
     if figures:
         figs = plots.toy_figures(out, os.path.join(r.opts.out, "figures"))
         report.write(r.opts.out, out, figs, "sae-jax toy reproduction")
