@@ -109,6 +109,10 @@ def test_cli_grid_writes_weights_and_export_round_trips(tmp_path, capsys):
                      "--steps", "20", "--batch-size", "32", "--out", str(run), "--no-progress", "--no-figures",
                      "--checkpoint-every", "0", "--eval-samples", "64"]) == 0
     dicts = np.load(run / "dictionaries.npz")
+    res = json.loads((run / "results.json").read_text())
+    for c in res["cells"]:  # the users' metrics sit beside ours in results.json
+        assert 1 - c["explained_variance"] == pytest.approx(c["fvu"], abs=1e-5)
+        assert 0 <= c["frac_alive"] <= 1 and c["l2_ratio"] > 0 and sum(c["density_hist"]) <= c["dict_size"]
     for i in range(4):
         np.testing.assert_array_equal(export.read_cell(run, i)["D_unit"], dicts[f"decoder_{i}"])
     assert cli.main(["export", str(run), "--cell", "3", "--format", "saelens", "--out", str(tmp_path / "e")]) == 0
