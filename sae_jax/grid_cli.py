@@ -66,7 +66,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     run_config = {"kind": "activations", "activations": os.path.abspath(args.activations),
                   "n_rows": int(store.n), "d": int(d), "grid": runner.to_jsonable(spec),
                   "train": runner.to_jsonable(cfg), "steps": opts.steps, "seed": opts.seed,
-                  "eval_samples": opts.eval_samples, "buffer_rows": args.buffer_rows}
+                  "eval_samples": opts.eval_samples, "buffer_rows": args.buffer_rows,
+                  **({"tensor": args.tensor} if args.tensor else {})}
     batches = _Batches(store, cfg.batch_size, opts.seed, args.buffer_rows)
     state, extra = runner.train_grid(spec, cfg, opts, d, run_config, batches=batches)
     eval_it = store.stream(min(opts.eval_samples, store.n), opts.seed + 1, args.buffer_rows, dtype=np.float32)

@@ -137,3 +137,20 @@ def test_saelens_loads_the_export_and_reconstructs_as_ours(trained, tmp_path):
     with torch.no_grad():
         x_hat = loaded.decode(loaded.encode(torch.from_numpy(np.array(x)))).numpy()
     np.testing.assert_allclose(x_hat, _ours(state, cell, x), rtol=1e-5, atol=1e-5)
+
+
+def test_saelens_metadata_names_the_model_and_hook_the_store_recorded(trained, tmp_path):
+    out, _, spec, _ = trained
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text(json.dumps({"source": {
+        "model": "sentence-transformers/all-MiniLM-L6-v2", "hook_name": "encoder.layer.1.intermediate"}}))
+    (out / "results.json").write_text(json.dumps({"config": {"activations": str(store)}}))
+    try:
+        export.export(out, 0, "saelens", tmp_path / "sl")
+    finally:
+        (out / "results.json").unlink()
+    meta = json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["hook_name"] == "encoder.layer.1.intermediate"
+    assert meta["sae_jax"]["l1"] == spec.cells()[0].l1 and meta["sae_jax"]["cell"] == 0
