@@ -7,7 +7,7 @@ Three numbers, all on this machine, in this process:
   2. roofline: every matmul of that forward, each shape jitted alone on random inputs and timed
      the same way; roofline GFLOP/s = Σ matmul FLOPs / Σ matmul times. It is the speed the
      forward would reach if it were nothing but its matmuls at this backend's matmul speed.
-  3. harvest:  `activations.harvest` end to end (windows from the corpus, device→host copy,
+  3. harvest:  `harvest.byte_lm` end to end (windows from the corpus, device→host copy,
      float16 shards on disk) in tokens/s.
 
     python benchmarks/harvest_throughput.py [--model DIR] [--layer 1] [--batch-size 64] [--max-tokens 131072]
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import activations, lm, transformer
+from sae_jax import harvest, lm, transformer
 
 
 def _median_seconds(fn, *args, repeats: int) -> float:
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_N = lm.encode(lm.default_corpus())
     windows_BxL = jnp.asarray(tokens_N[: B * L].reshape(B, L).astype(np.int32))
 
-    fwd = lambda p, t: activations._jit_layer_acts(p, t, cfg, args.layer)  # noqa: E731
+    fwd = lambda p, t: harvest._jit_layer_acts(p, t, cfg, args.layer)  # noqa: E731
     fwd_s = _median_seconds(fwd, params, windows_BxL, repeats=args.repeats)
     fwd_flops = transformer.forward_flops(cfg, B, L, through_layer=args.layer)
     mm_flops, mm_s = roofline(cfg, B, args.layer, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        store, stats = activations.harvest(params, cfg, tokens_N, args.layer, os.path.join(tmp, "store"),
+        store, stats = harvest.byte_lm(params, cfg, tokens_N, args.layer, os.path.join(tmp, "store"),
                                            max_tokens=args.max_tokens, batch_size=B, progress=False)
     result = {
         "device": str(jax.devices()[0]),

@@ -1,4 +1,4 @@
-"""On-disk activation stores: harvest a transformer layer's MLP activations, stream shuffled batches.
+"""On-disk activation stores and users' activation files: open, validate, stream shuffled batches.
 
 A store is a directory that numpy alone can read:
 
@@ -18,30 +18,32 @@ with `default_rng([seed, e, g])`, and appended to one endless stream; batch k is
 [k·B, (k+1)·B) of it. So every epoch yields every row exactly once, memory stays at about one
 group, and batch k is a function of (seed, B, buffer_rows, k) alone: `start_batch=k` resumes
 by loading only the group that holds row k·B.
+
+Users' own activations open through the same `ActivationStore` (`open_activations`): one `.npy`,
+a directory of `.npy` shards (sorted by name), or one tensor of a `.safetensors` file, in
+float16, bfloat16 or float32, 2-D (n, d) or 3-D (batch, tokens, d) flattened to (batch·tokens, d).
+Each is memory-mapped where it lies on disk and read group by group, never whole. Batches keep
+bfloat16 as bfloat16 (the device converts); float16 and float32 arrive as float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import jax
-import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-
-from sae_jax import transformer
-from sae_jax.transformer import TransformerConfig
 
 FORMAT = "sae_jax.activations/1"
 DTYPES = ("float16", "float32")
 SHARD_BYTES = 64 * 2**20
 _SHARD_RE = re.compile(r"shard_\d{5}\.npy")
+USER_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+               "float32": np.dtype(np.float32)}
 
 
 def _default_shard_rows(d: int, dtype: str) -> int:
@@ -59,12 +61,21 @@ class ActivationStore:
     shard_files: tuple[str, ...]
     shard_rows: tuple[int, ...]
     source: dict
+    shard_offsets: tuple[int, ...] = ()  # byte offset of each shard's C-order data; () = .npy files
 
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def batch_dtype(self) -> np.dtype:
+        """The dtype `stream` yields by default: bfloat16 stays bfloat16, the rest become float32."""
+        return USER_DTYPES["bfloat16"] if self.dtype == "bfloat16" else np.dtype(np.float32)
+
     def shard(self, i: int) -> np.ndarray:
         """Shard i as a read-only memory map of shape (shard_rows[i], d)."""
+        if self.shard_offsets:
+            return np.memmap(self.path / self.shard_files[i], USER_DTYPES[self.dtype], "r",
+                             self.shard_offsets[i], (self.shard_rows[i], self.d))
         return np.load(self.path / self.shard_files[i], mmap_mode="r")
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -106,9 +117,11 @@ class ActivationStore:
         return groups
 
     def stream(
-        self, batch_size: int, seed: int, buffer_rows: int = 131072, start_batch: int = 0
+        self, batch_size: int, seed: int, buffer_rows: int = 131072, start_batch: int = 0,
+        dtype: Any = None,
     ) -> Iterator[np.ndarray]:
-        """Endless iterator of shuffled float32 (batch_size, d) batches, starting at batch `start_batch`.
+        """Endless iterator of shuffled (batch_size, d) batches in `dtype` (default `batch_dtype`),
+        starting at batch `start_batch`.
 
         Peak memory is about two copies of one group, 2·buffer_rows·d·itemsize bytes. Batch k
         depends only on (seed, batch_size, buffer_rows, k); the module docstring gives the order.
@@ -119,8 +132,9 @@ class ActivationStore:
                 f"got {batch_size}, {buffer_rows}, {start_batch}"
             )
         shards = [self.shard(i) for i in range(len(self.shard_files))]
+        dtype = self.batch_dtype if dtype is None else np.dtype(dtype)
         epoch, skip = divmod(start_batch * batch_size, self.n)
-        carry = np.zeros((0, self.d), self.dtype)
+        carry = np.zeros((0, self.d), USER_DTYPES[self.dtype])
         while True:
             group_end = 0
             for g, blocks in enumerate(self._epoch_groups(seed, epoch, buffer_rows)):
@@ -136,7 +150,7 @@ class ActivationStore:
                 buf = np.concatenate([carry, rows]) if len(carry) else rows
                 n_full = len(buf) // batch_size
                 for b in range(n_full):
-                    yield buf[b * batch_size : (b + 1) * batch_size].astype(np.float32)
+                    yield buf[b * batch_size : (b + 1) * batch_size].astype(dtype)
                 carry = buf[n_full * batch_size :]
             epoch += 1
 
@@ -176,6 +190,103 @@ def open_store(path: str | os.PathLike, check_values: bool = True) -> Activation
                 f"manifest says ({r}, {d}) {dtype}"
             )
     store = ActivationStore(p, d, n, dtype, files, rows, dict(m.get("source") or {}))
+    if check_values:
+        store.validate_values()
+    return store
+
+
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+_FLOAT_NAMES = "float16, bfloat16 or float32"
+
+
+def _matrix(name: str, shape: tuple[int, ...], dtype: str, nbytes: int) -> tuple[int, int]:
+    """(n, d) of a 2-D array or a 3-D one flattened over its leading axes; ValueError otherwise."""
+    if dtype not in USER_DTYPES:
+        raise ValueError(f"{name}: dtype {dtype} is not {_FLOAT_NAMES}")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{name}: expected a 2-D (n, d) or 3-D (batch, tokens, d) array, got shape {shape}")
+    n, d = int(np.prod(shape[:-1])), int(shape[-1])
+    if n == 0 or d == 0:
+        raise ValueError(f"{name}: the array is empty (shape {shape})")
+    if nbytes < n * d * USER_DTYPES[dtype].itemsize:
+        raise ValueError(f"{name}: the file is truncated (shape {shape} needs more bytes than it holds)")
+    return n, d
+
+
+def _npy_layout(path: Path) -> tuple[int, int, str, int]:
+    """(n, d, dtype, data offset) of a C-order .npy file, from its header alone.
+    A 2-byte void dtype is bfloat16 (how numpy saves ml_dtypes.bfloat16 arrays)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path.name}: the file is empty")
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError as e:
+            raise ValueError(f"{path.name}: not a .npy file ({str(e).splitlines()[0]})") from None
+        offset = f.tell()
+    name = "bfloat16" if dtype == np.dtype("V2") else dtype.name
+    if fortran and len(shape) > 1:
+        raise ValueError(f"{path.name}: Fortran-order arrays are not supported (save np.ascontiguousarray(x))")
+    n, d = _matrix(path.name, shape, name, size - offset)
+    return n, d, name, offset
+
+
+def _safetensors_layout(path: Path, tensor: str | None) -> tuple[int, int, str, int]:
+    """(n, d, dtype, data offset) of one tensor of a .safetensors file (the only one when `tensor` is None)."""
+    from sae_jax import st
+
+    head, start = st.header(path)
+    names = sorted(head)
+    if tensor is None:
+        if len(names) != 1:
+            raise ValueError(f"{path.name} holds {len(names)} tensors; name one with --tensor ({', '.join(names)})")
+        tensor = names[0]
+    if tensor not in head:
+        raise ValueError(f"{path.name} has no tensor {tensor!r} (it has: {', '.join(names) or 'none'})")
+    entry = head[tensor]
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
+    begin, end = entry["data_offsets"]
+    size = path.stat().st_size - start
+    n, d = _matrix(f"{path.name}[{tensor}]", tuple(entry["shape"]), dtype, min(end, size) - begin)
+    return n, d, dtype, start + begin
+
+
+def open_activations(path: str | os.PathLike, tensor: str | None = None, check_values: bool = True) -> ActivationStore:
+    """Open any supported activations as a store: a store directory, one .npy, a directory of .npy
+    shards (sorted by name, same d and dtype), or a .safetensors tensor (`tensor`, needed when the
+    file holds several). Only headers are read here; with `check_values` every row is scanned for
+    NaN/Inf in memory-mapped chunks. Bad input raises ValueError with a one-line message."""
+    p = Path(path).expanduser().absolute()
+    if not p.exists():
+        raise ValueError(f"{p} does not exist")
+    is_st = p.suffix == ".safetensors"
+    if tensor is not None and not is_st:
+        raise ValueError(f"a tensor name applies only to a .safetensors file, not {p.name}")
+    if p.is_dir() and (p / "manifest.json").exists():
+        return open_store(p, check_values)
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.npy") if f.is_file())
+        if not files:
+            raise ValueError(f"{p.name} is neither an activation store (manifest.json) nor a directory of .npy files")
+        layouts = [_npy_layout(f) for f in files]
+        kinds = {(d, dt) for _, d, dt, _ in layouts}
+        if len(kinds) != 1:
+            raise ValueError(f"the .npy shards differ in width or dtype: {sorted(kinds)}")
+    elif p.suffix == ".npy":
+        files, layouts = [p], [_npy_layout(p)]
+    elif is_st:
+        files, layouts = [p], [_safetensors_layout(p, tensor)]
+    else:
+        raise ValueError(f"{p.name}: expected a store directory, a .npy file, a directory of .npy files "
+                         "or a .safetensors file")
+    n_rows = tuple(n for n, _, _, _ in layouts)
+    _, d, dtype, _ = layouts[0]
+    source = {"kind": "user", "path": str(p), **({"tensor": tensor} if tensor else {})}
+    store = ActivationStore(files[0].parent, d, sum(n_rows), dtype, tuple(f.name for f in files), n_rows,
+                            source, tuple(off for _, _, _, off in layouts))
     if check_values:
         store.validate_values()
     return store
@@ -264,77 +375,3 @@ def write_store(
     for lo in range(0, len(array_NxD), step):
         writer.append(array_NxD[lo : lo + step])
     return writer.close()
-
-
-# ----------------------------------------------------------------------------- harvest
-
-
-def _layer_acts(params: Any, tokens_BxL: jax.Array, cfg: TransformerConfig, layer: int) -> jax.Array:
-    """Post-GELU MLP activations of `layer` as float16 rows (B·L, F); later layers are dead code."""
-    _, acts = transformer.apply(params, tokens_BxL, cfg, capture_layers=(layer,))
-    return acts[layer].reshape(-1, cfg.d_mlp).astype(jnp.float16)
-
-
-_jit_layer_acts = jax.jit(_layer_acts, static_argnums=(2, 3))
-
-
-def harvest(
-    params: Any,
-    cfg: TransformerConfig,
-    tokens_N: np.ndarray,
-    layer: int,
-    out: str | os.PathLike,
-    max_tokens: int | None = None,
-    batch_size: int = 64,
-    shard_rows: int | None = None,
-    source: dict | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> tuple[ActivationStore, dict[str, float]]:
-    """Run the model over windows of the corpus and store layer `layer`'s MLP activations (float16).
-
-    The corpus is cut into ⌊N / L⌋ non-overlapping windows of L = context_len tokens; when
-    `max_tokens` asks for fewer, ⌈max_tokens / L⌉ windows evenly spaced over the corpus are used
-    and the rows are cut to exactly `max_tokens`. Returns the store and throughput statistics.
-    """
-    from tqdm.auto import tqdm
-
-    if not 0 <= layer < cfg.n_layers:
-        raise ValueError(f"layer {layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
-    L = cfg.context_len
-    tokens_N = np.asarray(tokens_N, np.int32)
-    available = len(tokens_N) // L
-    if available == 0:
-        raise ValueError(f"corpus has {len(tokens_N)} tokens, fewer than one window of {L}")
-    n_rows = available * L if max_tokens is None else min(int(max_tokens), available * L)
-    if n_rows <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    n_windows = math.ceil(n_rows / L)
-    starts_W = (np.arange(n_windows) * available // n_windows) * L
-    meta = {"kind": "harvest", "layer": layer, "context_len": L, "windows": n_windows, **(source or {})}
-    writer = StoreWriter(out, cfg.d_mlp, shard_rows, "float16", meta, overwrite)
-
-    def dispatch(first: int) -> tuple[jax.Array, int]:
-        """Start the forward pass of windows [first, first + batch_size); (rows (B·L, F), valid rows)."""
-        idx_B = starts_W[first : first + batch_size]
-        windows_BxL = np.zeros((batch_size, L), np.int32)  # fixed shape: one compilation
-        windows_BxL[: len(idx_B)] = tokens_N[idx_B[:, None] + np.arange(L)]
-        return _jit_layer_acts(params, jnp.asarray(windows_BxL), cfg, layer), len(idx_B) * L
-
-    dispatch(0)[0].block_until_ready()  # compile outside the timing
-    written = 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=n_rows, desc=f"harvest layer {layer}", unit="tok", unit_scale=True, disable=not progress)
-    with bar:
-        pending = dispatch(0)
-        for first in range(batch_size, n_windows + batch_size, batch_size):
-            upcoming = dispatch(first) if first < n_windows else None  # runs while we write `pending`
-            rows = np.asarray(pending[0])[: min(pending[1], n_rows - written)]
-            writer.append(rows)
-            written += len(rows)
-            bar.update(len(rows))
-            bar.set_postfix(tok_s=f"{written / (time.perf_counter() - t0):,.0f}")
-            pending = upcoming
-    seconds = time.perf_counter() - t0
-    store = writer.close()
-    return store, {"tokens": float(written), "seconds": seconds, "tokens_per_s": written / seconds}

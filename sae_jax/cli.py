@@ -135,7 +135,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
 def cmd_grid(args: argparse.Namespace) -> int:
     from sae_jax import grid, recipes, run
 
-    data = run.StoreData.open(args.activations, args.buffer_rows)
+    data = run.StoreData.open(args.activations, args.buffer_rows, args.tensor)
     d = data.store.d
     steps = 5000 if args.steps is None else args.steps
     if args.l1 is None:
@@ -188,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_toy)
 
     p = sub.add_parser("grid", help="train an SAE grid on stored activations")
-    p.add_argument("--activations", required=True, help="a store from `sae-jax harvest`, or an (n, d) .npy")
+    p.add_argument("--activations", required=True,
+                   help="a store from `sae-jax harvest`, an (n, d) or (batch, tokens, d) .npy, a directory of "
+                        ".npy shards, or a .safetensors file (float16, bfloat16 or float32)")
+    p.add_argument("--tensor", help="the tensor to read from a .safetensors file with several")
     p.add_argument("--dict-sizes", type=floats, help="comma list of absolute dictionary sizes")
     p.add_argument("--buffer-rows", type=int, default=131072, help="rows shuffled in memory at a time")
     p.add_argument("--compare-toy", help="a toy run directory to show beside figures 11-13")
@@ -198,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sae_jax import cli_lm  # train-lm and harvest
 
     cli_lm.register(sub)
+    from sae_jax import cli_export
+    cli_export.register(sub)
     return parser
 
 

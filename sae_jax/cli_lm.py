@@ -54,13 +54,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a trained model over its corpus and write one layer's post-GELU MLP activations "
         "to a sharded float16 store (manifest.json + shard_*.npy).",
     )
-    h.add_argument("--model", required=True, help="directory written by train-lm")
+    h.add_argument("--model", required=True,
+                   help="a directory written by train-lm, or `minilm` (the pretrained all-MiniLM-L6-v2)")
     h.add_argument("--layer", type=int, default=1, help="0-based block index (default: 1)")
     h.add_argument("--out", required=True, help="store directory to write")
     h.add_argument("--max-tokens", type=int, default=DEFAULT_HARVEST_TOKENS,
                    help=f"rows to store, one per token (default: {DEFAULT_HARVEST_TOKENS})")
     _add_corpus_args(h, "the model's training corpus")
-    h.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+    h.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (64; minilm: 32)")
+    h.add_argument("--context-len", type=int, default=128,
+                   help="minilm: tokens per sequence, [CLS] and [SEP] included (default 128)")
     h.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: 64 MiB shards)")
     h.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     h.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -140,9 +143,12 @@ def run_train_lm(args: argparse.Namespace) -> int:
 
 def run_harvest(args: argparse.Namespace) -> int:
     """Handler of `harvest`: write the chosen layer's MLP activations to a store and print throughput."""
-    from sae_jax import activations, lm
+    from sae_jax import harvest, lm
 
-    _positive(args, "max_tokens", "batch_size", "shard_rows")
+    _positive(args, "max_tokens", "batch_size", "shard_rows", "context_len")
+    if args.model == "minilm":
+        return run_harvest_minilm(args)
+    args.batch_size = args.batch_size or 64
     params, cfg = lm.load_model(args.model)
     if not 0 <= args.layer < cfg.n_layers:
         raise UsageError(f"--layer {args.layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
@@ -151,20 +157,53 @@ def run_harvest(args: argparse.Namespace) -> int:
     corpus = args.corpus if args.corpus is not None else info.get("corpus")
     text_field = args.text_field if args.corpus is not None else info.get("text_field", args.text_field)
     text = lm.load_corpus(corpus, text_field)
+    out = _store_out(args)
+    source = {"model": str(Path(args.model).expanduser().absolute()),
+              "corpus": corpus or lm.DEFAULT_CORPUS_NAME}
+    store, stats = harvest.byte_lm(
+        params, cfg, lm.encode(text), args.layer, out, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        shard_rows=args.shard_rows, source=source, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    _harvest_summary(store, stats, args.layer, out)
+    return 0
+
+
+def _store_out(args: argparse.Namespace) -> Path:
     out = Path(args.out).expanduser().absolute()
     if (out / "manifest.json").exists() and not args.overwrite:
         raise UsageError(f"activation store already exists at {out} (pass --overwrite to replace it)")
     _writable_dir(str(out))
-    source = {"model": str(Path(args.model).expanduser().absolute()),
-              "corpus": corpus or lm.DEFAULT_CORPUS_NAME}
-    store, stats = activations.harvest(
-        params, cfg, lm.encode(text), args.layer, out, max_tokens=args.max_tokens, batch_size=args.batch_size,
-        shard_rows=args.shard_rows, source=source, overwrite=args.overwrite, progress=not args.no_progress,
-    )
+    return out
+
+
+def _harvest_summary(store, stats: dict, layer: int, out: Path) -> None:
     print(
-        f"harvested {store.n:,} rows x {store.d} (layer {args.layer}, {store.dtype}, "
+        f"harvested {store.n:,} rows x {store.d} (layer {layer}, {store.dtype}, "
         f"{len(store.shard_files)} shards) in {stats['seconds']:.1f} s: "
         f"{stats['tokens_per_s']:,.0f} tokens/s\n"
         f"store written to {os.fspath(out)}"
     )
+
+
+def run_harvest_minilm(args: argparse.Namespace) -> int:
+    """`harvest --model minilm`: the pretrained MiniLM's block-N MLP activations, padding excluded."""
+    from sae_jax import harvest, lm
+    from sae_jax.models import minilm
+
+    model = minilm.load()
+    if not 0 <= args.layer < model[1].n_layers:
+        raise UsageError(f"--layer {args.layer} is out of range: MiniLM has layers 0..{model[1].n_layers - 1}")
+    if not 3 <= args.context_len <= model[1].max_len:
+        raise UsageError(f"--context-len must be in 3..{model[1].max_len}, got {args.context_len}")
+    text = lm.load_corpus(args.corpus, args.text_field)
+    out = _store_out(args)
+    source = {"corpus": str(Path(args.corpus).expanduser().absolute()) if args.corpus else lm.DEFAULT_CORPUS_NAME}
+    try:
+        store, stats = harvest.minilm(
+            text, args.layer, out, max_tokens=args.max_tokens, context_len=args.context_len,
+            batch_size=args.batch_size or 32, shard_rows=args.shard_rows, source=source,
+            overwrite=args.overwrite, progress=not args.no_progress, model=model)
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    _harvest_summary(store, stats, args.layer, out)
     return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,67 +25,99 @@ import optax
 from flax import struct
 
 from sae_jax import fused, resample, sae, toy
+from sae_jax.config import TrainConfig  # noqa: F401  (re-exported: grid.TrainConfig)
 from sae_jax.errors import UsageError
-from sae_jax.spec import CellSpec, GridSpec  # noqa: F401  (re-exported: grid.GridSpec)
 
 Array = jax.Array
 
 
-# ----------------------------------------------------------------------------- configuration
+# ----------------------------------------------------------------------------- specification
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Static training options shared by every cell (the report's recipe by default)."""
+class CellSpec:
+    """One cell of the grid: its hyperparameters and where its state lives."""
 
-    batch_size: int = 256
-    lr: float = 1e-3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    l1_convention: str = "report"
-    lr_warmup: int = 0  # linear learning-rate warm-up steps
-    lr_decay_steps: int = 0  # cosine decay to 0 over this many steps (0: constant)
-    tied_init: bool = False  # encoder starts as the decoder (W_e = D) instead of Xavier-uniform
-    # Divergence check: every gradient and updated parameter element (True), or only the loss and
-    # the gradient's squared norm (False: ~12% faster steps on 2 CPU cores, different XLA fusion,
-    # so float results differ in the last bits; the report recipe keeps True and its numbers).
-    full_finite_check: bool = True
-    l1_warmup: int = 0  # alpha ramps linearly from 0 over this many steps
-    dead_window: int = 10  # dead = did not fire in the last N steps
-    denoise: bool = False  # add each cell's Gaussian input noise (noise * eps); target stays clean
-    resample: resample.ResampleConfig = resample.ResampleConfig()  # off by default
-    # Matmul operands in this dtype, float32 accumulation; parameters, Adam, loss and metrics stay
-    # float32. bfloat16 always takes the fused step.
-    compute_dtype: str = "float32"
-    fused_step: bool = False  # the group's gradients by hand (sae_jax.fused), not autodiff
+    index: int
+    l1_coeff: float  # alpha
+    dict_size: int
+    ratio: float
+    seed: int
+    group: int
+    slot: int  # position inside its size group
+    noise: float = 0.0  # input-noise std (denoising grids)
 
-    def validate(self) -> "TrainConfig":
-        checks = [(n, "must be finite", math.isfinite) for n in ("lr", "b1", "b2")] + [
-            ("batch_size", "must be >= 1", lambda v: v >= 1), ("lr", "must be finite and > 0", lambda v: v > 0),
-            ("b1", "must be in [0, 1)", lambda v: 0 <= v < 1), ("b2", "must be in [0, 1)", lambda v: 0 <= v < 1),
-            ("l1_convention", f"must be one of {sae.L1_CONVENTIONS}", lambda v: v in sae.L1_CONVENTIONS),
-            ("dead_window", "must be >= 1", lambda v: v >= 1),
-            ("compute_dtype", f"must be one of {', '.join(fused.COMPUTE_DTYPES)}",
-             lambda v: v in fused.COMPUTE_DTYPES)] + [
-            (n, "must be >= 0", lambda v: v >= 0) for n in ("lr_warmup", "lr_decay_steps", "l1_warmup")]
-        for name, must, ok in checks:
-            if not ok(getattr(self, name)):
-                raise UsageError(f"`{name}` {must}, got {getattr(self, name)!r}", field=name)
-        self.resample.validate()
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    """The grid: every (alpha, dict_size, noise, seed). Cells are ordered size-major, then alpha,
+    then input-noise std (denoising; (0,) for plain autoencoders), then seed."""
+
+    l1_coeff: tuple[float, ...]  # alpha
+    dict_sizes: tuple[int, ...]
+    seeds: tuple[int, ...] = (0,)
+    features: int | None = None  # h, when sizes came from ratios (for reporting only)
+    noise: tuple[float, ...] = (0.0,)
+
+    @classmethod
+    def from_ratios(cls, l1_coeff: Sequence[float], ratios: Sequence[float], features: int,
+                    seeds: int | Sequence[int] = 1, noise: Sequence[float] = (0.0,)) -> "GridSpec":
+        """Dictionary sizes m = round(ratio * features)."""
+        _check_positive("ratios", ratios)
+        sizes = tuple(max(1, int(round(r * features))) for r in ratios)
+        if isinstance(seeds, int):
+            if seeds < 1:
+                raise UsageError(f"`seeds` must be >= 1, got {seeds}", field="seeds")
+            seeds = tuple(range(seeds))
+        return cls(tuple(float(a) for a in l1_coeff), sizes, tuple(seeds), features,
+                   tuple(float(n) for n in noise)).validate()
+
+    def validate(self) -> "GridSpec":
+        if not self.l1_coeff:
+            raise UsageError("`l1_coeff` needs at least one value", field="l1_coeff")
+        for a in self.l1_coeff:
+            if not (math.isfinite(a) and a >= 0):
+                raise UsageError(f"`l1_coeff` values must be finite and >= 0, got {a}", field="l1_coeff")
+        if not self.dict_sizes:
+            raise UsageError("`dict_sizes` needs at least one value", field="dict_sizes")
+        _check_positive("dict_sizes", self.dict_sizes)
+        if any(m != int(m) for m in self.dict_sizes):
+            raise UsageError(f"dictionary sizes must be integers, got {list(self.dict_sizes)}", field="dict_sizes")
+        if len(set(self.dict_sizes)) != len(self.dict_sizes):
+            raise UsageError(f"dictionary sizes must be distinct, got {list(self.dict_sizes)}", field="dict_sizes")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UsageError(f"`seeds` must be >= 1 distinct seeds, got {list(self.seeds)}", field="seeds")
+        for n in self.noise:
+            if not (math.isfinite(n) and n >= 0):
+                raise UsageError(f"noise std values must be finite and >= 0, got {n}", field="noise")
         return self
 
     @property
-    def uses_fused_step(self) -> bool:
-        return self.fused_step or self.compute_dtype != "float32"
+    def denoising(self) -> bool:
+        return any(n > 0 for n in self.noise)
+
+    def ratio(self, m: int) -> float:
+        return m / self.features if self.features else float(m)
+
+    def cells(self) -> list[CellSpec]:
+        out = []
+        for g, m in enumerate(self.dict_sizes):
+            slot = 0
+            for a in self.l1_coeff:
+                for n in self.noise:
+                    for s in self.seeds:
+                        out.append(CellSpec(len(out), a, m, self.ratio(m), s, g, slot, n))
+                        slot += 1
+        return out
 
     def to_dict(self) -> dict:
-        """Flat, with the resampling fields under their `resample.FIELDS` names (results.json)."""
-        d = dataclasses.asdict(self)
-        d.update({k: d["resample"][f] for k, f in resample.FIELDS.items()})
-        del d["resample"]
-        return d
+        """As results.json and checkpoints record it (alpha under `l1`; lists)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {("l1" if k == "l1_coeff" else k): v for k, v in d.items()}
 
-    def adam(self) -> optax.GradientTransformation:
-        return optax.scale_by_adam(self.b1, self.b2, self.eps)
+
+def _check_positive(name: str, values: Iterable[float]) -> None:
+    for v in values:
+        if not (math.isfinite(v) and v > 0):
+            raise UsageError(f"`{name}` must be > 0, got {v}", field=name)
 
 
 # ----------------------------------------------------------------------------- state

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sae_jax import metrics  # noqa: E402
+from sae_jax import metrics, quality  # noqa: E402
 
 # name -> (cell key, title, colour map) for the (alpha x ratio) heatmaps.
 HEATMAPS = {
@@ -120,6 +120,7 @@ def toy_figures(results: dict, fig_dir: str) -> dict[str, str]:
         out["appendix_denoising"] = heatmap(
             dn, "mmcs", "Denoising: MMCS (dictionary size = h)", f"{fig_dir}/appendix_denoising.png",
             x_key="noise", x_label="input noise std")
+    out.update(quality.density_figure(results, fig_dir))
     return dict(sorted(out.items()))
 
 
@@ -131,4 +132,5 @@ def lm_figures(results: dict, fig_dir: str) -> dict[str, str]:
            for name, (key, title, cmap) in LM_HEATMAPS.items()}
     out["lm_recon_vs_l1"] = lines(cells, "recon_loss", "l1", "ratio", f"{fig_dir}/lm_recon_vs_l1.png",
                                   "LM activations: reconstruction loss against alpha", logy=True)
+    out.update(quality.density_figure(results, fig_dir))
     return out

@@ -26,7 +26,9 @@ def _table(cells: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
 CELL_COLUMNS = [("index", "cell", ""), ("l1", "alpha", ".3g"), ("ratio", "ratio", "g"),
                 ("dict_size", "m", ""), ("seed", "seed", ""), ("mmcs", "MMCS", ".3f"),
                 ("dead", "dead", ""), ("recon_loss", "recon", ".2e"), ("l1_loss", "L1", ".2e"),
-                ("l0", "L0", ".1f"), ("fvu", "FVU", ".3f"), ("ssll", "SSLL", ".2f"),
+                ("l0", "L0", ".1f"), ("fvu", "FVU", ".3f"), ("explained_variance", "expl. var.", ".3f"),
+                ("l2_ratio", "L2 ratio", ".3f"), ("rel_recon_bias", "rel. bias", ".3f"),
+                ("frac_alive", "alive", ".2f"), ("ssll", "SSLL", ".2f"),
                 ("mmcs_with_larger", "MMCS w/ larger", ".3f"), ("n_resampled", "resampled", ""),
                 ("diverged", "diverged", "")]
 

@@ -67,6 +67,8 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
             "l0": _f(s["l0"]), "fvu": _f(s["fvu"]),
             "diverged": diverged, "n_resampled": int(g["n_resampled"][c.slot]),
         })
+    from sae_jax import quality
+    quality.annotate(out, state, spec, x_eval)  # explained variance, L2 ratio, bias, alive, density
     return out
 
 

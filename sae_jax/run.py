@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from sae_jax import checkpoint, grid, plots, report, results, sharding, toy
+from sae_jax import checkpoint, export, grid, plots, report, results, sharding, toy
 from sae_jax.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -97,29 +97,16 @@ class StoreData:
     store: object
     buffer_rows: int = 131072
 
+    tensor: str | None = None  # the tensor of a .safetensors file with several
+
     @classmethod
-    def open(cls, path: str, buffer_rows: int = 131072) -> "StoreData":
-        """A store directory, or a user's (n, d) .npy array (checked for shape and NaN)."""
+    def open(cls, path: str, buffer_rows: int = 131072, tensor: str | None = None) -> "StoreData":
+        """Anything `activations.open_activations` reads: a store, an (n, d) or (batch, tokens, d)
+        .npy, a directory of .npy shards, a .safetensors tensor (float16, bfloat16 or float32)."""
         from sae_jax import activations
 
-        if not os.path.exists(path):
-            raise UsageError(f"`activations` {path} does not exist", field="activations")
         try:
-            if not path.endswith(".npy"):
-                return cls(path, activations.open_store(path), buffer_rows)
-            arr = np.load(path, mmap_mode="r")
-            if arr.ndim != 2 or min(arr.shape) < 1:
-                raise UsageError(f"`activations` {path}: expected an (n, d) array, got shape {arr.shape}",
-                                 field="activations")
-            if arr.dtype.name not in activations.DTYPES:
-                raise UsageError(f"`activations` {path}: dtype {arr.dtype} is not one of "
-                                 f"{activations.DTYPES}", field="activations")
-            abspath = os.path.abspath(path)
-            store = activations.ActivationStore(
-                Path(os.path.dirname(abspath)), arr.shape[1], arr.shape[0], arr.dtype.name,
-                (os.path.basename(abspath),), (arr.shape[0],), {"npy": abspath})
-            store.validate_values()
-            return cls(path, store, buffer_rows)
+            return cls(path, activations.open_activations(path, tensor), buffer_rows, tensor)
         except ValueError as e:
             raise UsageError(f"`activations` {path}: {str(e).splitlines()[0]}", field="activations") from None
 
@@ -289,13 +276,16 @@ def run(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, data: To
     store = data.store
     config = {"kind": "activations", "activations": os.path.abspath(data.path), "n_rows": int(store.n),
               "d": int(store.d), "grid": spec.to_dict(), "train": train.to_dict(), "steps": opts.steps,
-              "seed": opts.seed, "eval_samples": opts.eval_samples, "buffer_rows": data.buffer_rows}
+              "seed": opts.seed, "eval_samples": opts.eval_samples, "buffer_rows": data.buffer_rows,
+              **({"tensor": data.tensor} if data.tensor else {})}
     batches = _Batches(store, train.batch_size, opts.seed, data.buffer_rows)
     opts = dataclasses.replace(opts, check_every=0)
     state, trained = train_grid(spec, train, opts, store.d, config, batches=batches)
-    x_eval = next(store.stream(min(opts.eval_samples, store.n), opts.seed + 1, data.buffer_rows))
+    x_eval = next(store.stream(min(opts.eval_samples, store.n), opts.seed + 1, data.buffer_rows,
+                               dtype=np.float32))
     cells, dicts, analysis = evaluate(state, spec, train, x_eval, None, trained)
     out = results.write(opts.out, config, cells, analysis, dicts, None, {"train_seconds": trained.seconds})
+    export.write_weights(opts.out, state, spec, x_eval)  # weights.safetensors, process 0
     if opts.figures and jax.process_index() == 0:
         figs = plots.lm_figures(out, os.path.join(opts.out, "figures"))
         notes = []
@@ -321,6 +311,7 @@ def _run_toy(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, dat
     if data.denoise_noise:
         extra["denoising"] = _denoising(spec, train, opts, data, config)
     out = results.write(opts.out, config, cells, analysis, dicts, np.asarray(world.features_HxD), extra)
+    export.write_weights(opts.out, state, spec, x_eval)  # weights.safetensors, process 0
     if opts.figures and jax.process_index() == 0:
         figs = plots.toy_figures(out, os.path.join(opts.out, "figures"))
         report.write(opts.out, out, figs, "sae-jax toy reproduction")

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from sae_jax import activations, transformer
+from sae_jax import harvest, transformer
 from sae_jax.activations import open_store, write_store
 from sae_jax.transformer import TransformerConfig
 
@@ -115,7 +115,7 @@ def test_harvest_stores_the_models_activations(tmp_path):
     cfg = TransformerConfig(n_layers=3, d_model=32, n_heads=2, d_mlp=48, context_len=16)
     params = transformer.init(jax.random.key(0), cfg)
     tokens_N = np.random.default_rng(0).integers(0, 256, size=16 * 20 + 5).astype(np.uint8)
-    store, stats = activations.harvest(params, cfg, tokens_N, 1, tmp_path / "s", batch_size=8,
+    store, stats = harvest.byte_lm(params, cfg, tokens_N, 1, tmp_path / "s", batch_size=8,
                                        shard_rows=100, progress=False)
     assert (store.n, store.d) == (320, 48) and stats["tokens_per_s"] > 0
     assert store.source["layer"] == 1 and store.source["windows"] == 20
@@ -127,13 +127,13 @@ def test_harvest_stores_the_models_activations(tmp_path):
     np.testing.assert_allclose(open_store(tmp_path / "s").read(), expected, rtol=2**-11, atol=1e-6)
 
     # max_tokens: exactly that many rows, from windows spread over the corpus
-    store, _ = activations.harvest(params, cfg, tokens_N, 0, tmp_path / "t", max_tokens=40, batch_size=8,
+    store, _ = harvest.byte_lm(params, cfg, tokens_N, 0, tmp_path / "t", max_tokens=40, batch_size=8,
                                    progress=False)
     assert store.n == 40 and store.source["windows"] == 3
     _, acts = apply(params, windows_WxL[[0, 6, 13]].astype(np.int32), cfg, (0,))
     np.testing.assert_allclose(store.read(), np.asarray(acts[0]).reshape(-1, 48)[:40], rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="out of range"):
-        activations.harvest(params, cfg, tokens_N, 3, tmp_path / "u", progress=False)
+        harvest.byte_lm(params, cfg, tokens_N, 3, tmp_path / "u", progress=False)
 
 
 def test_harvest_forward_skips_the_layers_after_the_captured_one():
@@ -141,7 +141,7 @@ def test_harvest_forward_skips_the_layers_after_the_captured_one():
     cfg = TransformerConfig(n_layers=3, d_model=32, n_heads=2, d_mlp=128, context_len=16)
     params = transformer.init(jax.random.key(0), cfg)
     tokens_BxL = np.zeros((4, 16), np.int32)
-    cost = activations._jit_layer_acts.lower(params, tokens_BxL, cfg, 0).compile().cost_analysis()
+    cost = harvest._jit_layer_acts.lower(params, tokens_BxL, cfg, 0).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     one_layer = transformer.forward_flops(cfg, 4, 16, through_layer=0)
     assert one_layer <= cost["flops"] <= 1.3 * one_layer

