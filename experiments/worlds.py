@@ -10,7 +10,7 @@ and on one variant per suspected difference:
 - noise: Gaussian input noise, std 0.02 per dimension;
 - jitter: every active feature's direction tilted by theta ~ N(0, 0.3^2) rad per sample;
 - nonneg: feature directions in the positive orthant;
-- superposition: h/d 8 instead of 2;
+- superposition: h/d 6 instead of 2;
 - weak correlation: correlation strength 0;
 - all: every one of the above at once.
 
@@ -36,9 +36,9 @@ VARIANTS: dict[str, dict] = {
     "noise": {"noise": 0.02},
     "jitter": {"jitter": 0.3},
     "nonneg": {"nonneg": True},
-    "superposition": {"features_per_d": 8},
+    "superposition": {"features_per_d": 6},
     "weak correlation": {"corr_strength": 0.0},
-    "all": {"noise": 0.02, "jitter": 0.3, "nonneg": True, "features_per_d": 8, "corr_strength": 0.0},
+    "all": {"noise": 0.02, "jitter": 0.3, "nonneg": True, "features_per_d": 6, "corr_strength": 0.0},
 }
 
 
