@@ -67,7 +67,8 @@ def planes(results: dict) -> dict:
                                     [c["l1"] for c in cells], [c["ratio"] for c in cells],
                                     l1_axis, ratio_axis)
     return {"l1_axis": l1_axis, "ratio_axis": ratio_axis,
-            **{k: get(k) for k in ("mmcs", "dead", "ssll", "mmcs_with_larger", "l0", "fvu")}}
+            **{k: get(k) for k in ("mmcs", "dead", "ssll", "mmcs_with_larger", "l0", "fvu", "mcc",
+                                   "recovered", "redundant")}}
 
 
 def picks(p: dict) -> dict:
@@ -92,7 +93,8 @@ def score(p: dict) -> dict:
             continue
         i, j = ij
         row[rule] = {"regret": float(mm[bi, bj] - mm[i, j]), "ratio_hit": bool(abs(j - bj) <= 1),
-                     "ratio": p["ratio_axis"][j], "l1": p["l1_axis"][i], "dead": float(p["dead"][i, j])}
+                     "ratio": p["ratio_axis"][j], "l1": p["l1_axis"][i],
+                     **{k: float(p[k][i, j]) for k in ("dead", "l0", "mcc", "recovered", "redundant")}}
     return row
 
 
@@ -102,9 +104,17 @@ def world_label(w: dict) -> str:
             f"corr {w['corr_strength']:g}, noise {w['noise']:g}")
 
 
+def _cell(s: dict) -> str:
+    if s["regret"] is None:
+        return "–"
+    return (f"{s['dead']:.0f}, {s['l0']:.1f}, {s['mcc']:.3f}, {s['recovered']:.2f}, "
+            f"{s['redundant']:.0f}")
+
+
 def table(worlds: list[dict], rows: list[dict]) -> list[str]:
-    head = "| world | best MMCS (ratio, α) | " + " | ".join(RULES) + " |"
-    lines = [head, "|" + "---|" * (2 + len(RULES))]
+    head = ("| world | best MMCS (ratio, α) | " + " | ".join(RULES)
+            + " | combined cell: dead, L0, MCC, recovered, redundant |")
+    lines = [head, "|" + "---|" * (3 + len(RULES))]
     for i, (w, row) in enumerate(zip(worlds, rows)):
         cells = []
         for rule in RULES:
@@ -112,7 +122,7 @@ def table(worlds: list[dict], rows: list[dict]) -> list[str]:
             cells.append("none" if s["regret"] is None else
                          f"{s['regret']:.4f} ({s['ratio']:g}, {s['l1']:.3g}){'' if s['ratio_hit'] else ' ✗'}")
         lines.append(f"| {i}: {world_label(w)} | {row['best_mmcs']:.4f} ({row['best_ratio']:g}, "
-                     f"{row['best_l1']:.3g}) | " + " | ".join(cells) + " |")
+                     f"{row['best_l1']:.3g}) | " + " | ".join(cells) + " | " + _cell(row["combined"]) + " |")
     lines += ["", "| rule | median regret | worst regret | ratio within one step |", "|---|---|---|---|"]
     for rule in RULES:
         reg = [r[rule]["regret"] for r in rows]
