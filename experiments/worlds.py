@@ -3,8 +3,8 @@
     python experiments/worlds.py [--out DIR] [--steps 2000] [--d 32]
 
 On the language model the report saw dead latents in every cell of the grid and MMCS with
-larger dictionaries never above ~0.6; on its toy data neither. This trains the report's
-alpha x ratio grid on a base world (d 32, h/d 2, k/d 0.05, the report's decay and correlation)
+larger dictionaries never above ~0.6; on its toy data neither. This trains an alpha x ratio grid
+(alpha = 10^(j/2), j = -4..2, every other value of the report's; ratios 0.25..4) on a base world (d 32, h/d 2, k/d 0.05, the report's decay and correlation)
 and on one variant per suspected difference:
 
 - noise: Gaussian input noise, std 0.02 per dimension;
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.join(args.out, name.replace(" ", "_"))
         if not os.path.exists(os.path.join(out, "results.json")):
             rc = cli.main(["toy", *flags(VARIANTS[name], args.d), "--steps", str(args.steps),
+                           "--l1", ",".join(f"{10 ** (j / 2):.4g}" for j in range(-4, 3)),
                            "--l1-warmup", str(args.steps // 5), "--out", out, "--no-appendix",
                            "--no-figures", "--no-progress", "--checkpoint-every", "0",
                            "--check-every", "0"])
