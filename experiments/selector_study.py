@@ -49,9 +49,10 @@ def draw_worlds(seed: int, n: int, d: int = 32) -> list[dict]:
     return worlds
 
 
-def train(world: dict, out: str, seed: int, steps: int) -> None:
+def train(world: dict, out: str, seed: int, steps: int, dead_window: int = 10) -> None:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in world.items()]
     rc = cli.main(["toy", *flags, "--steps", str(steps), "--l1-warmup", str(steps // 5),
+                   "--dead-window", str(dead_window),
                    "--seed", str(seed), "--out", out, "--no-appendix", "--no-figures",
                    "--no-progress", "--checkpoint-every", "0", "--check-every", "0"])
     if rc:
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", default="runs/selector_study")
+    ap.add_argument("--dead-window", type=int, default=10,
+                    help="a latent is dead when it did not fire in this many final steps")
     ap.add_argument("--rescore", action="store_true", help="only rescore the worlds already trained")
     args = ap.parse_args(argv)
     worlds = draw_worlds(args.seed, args.worlds, args.d)
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.rescore:
                 continue
             t = time.perf_counter()
-            train(w, out, seed=args.seed * 1000 + i, steps=args.steps)
+            train(w, out, seed=args.seed * 1000 + i, steps=args.steps, dead_window=args.dead_window)
             print(f"world {i} ({world_label(w)}): {time.perf_counter() - t:.0f} s", flush=True)
         with open(os.path.join(out, "results.json")) as f:
             rows.append(score(planes(json.load(f))))
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     lines = table(done, rows)
     os.makedirs(args.out, exist_ok=True)
+    previous = os.path.join(args.out, "study.json")
+    if args.rescore and os.path.exists(previous):  # keep the training run's wall time
+        with open(previous) as f:
+            wall = json.load(f).get("wall_seconds", wall)
     with open(os.path.join(args.out, "study.json"), "w") as f:
         json.dump({"seed": args.seed, "steps": args.steps, "worlds": done, "rows": rows,
                    "wall_seconds": round(wall, 1)}, f, indent=1)
