@@ -120,7 +120,10 @@ def cmd_toy(args: argparse.Namespace) -> int:
     steps = pick("steps")
     world = toy.ToyConfig(d=pick("d"), features=pick("features"), mean_active=pick("mean_active"),
                           decay=pick("decay"), correlated=not args.no_correlation,
-                          fresh_z=not args.fixed_z).validate()
+                          fresh_z=not args.fixed_z, corr_strength=args.corr_strength,
+                          zipf=args.zipf, hierarchy=args.hierarchy, nonneg=args.nonneg,
+                          jitter=args.jitter, noise=args.noise,
+                          noise_targets=args.noise_targets).validate()
     spec = grid.GridSpec.from_ratios(pick("l1", "l1_coeff"), pick("ratios"), world.features, pick("seeds"))
     overrides = _train_overrides(args)
     train = recipes.train_config(args.recipe, steps, overrides, preset)
@@ -181,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--decay", type=float)
     w.add_argument("--no-correlation", action="store_true")
     w.add_argument("--fixed-z", action="store_true", help="one z per world (the report) instead of per batch")
+    w.add_argument("--corr-strength", type=float, default=1.0,
+                   help="C = (1-s) I + s C_random: 0 independent firing, 1 the report (default)")
+    w.add_argument("--zipf", type=float, default=0.0, help="base rates (i+1)^-a instead of decay^i")
+    w.add_argument("--hierarchy", type=int, default=0,
+                   help="c children per parent; a child fires only with its parent")
+    w.add_argument("--nonneg", action="store_true", help="non-negative feature directions")
+    w.add_argument("--jitter", type=float, default=0.0,
+                   help="per-sample angle std (radians) of each feature's direction")
+    w.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to every sampled x")
+    w.add_argument("--noise-targets", action="store_true", 
+                   help="toy.sample_with_target returns the noisy input as target too (grid "
+                        "training autoencodes the sampled, noisy x either way)")
     w.add_argument("--no-appendix", action="store_true",
                    help="skip the denoising appendix grid (skipped anyway for a custom world or grid)")
     w.add_argument("--appendix", action="store_true", help="run the denoising appendix grid even so")

@@ -25,6 +25,7 @@ def _table(cells: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
 
 CELL_COLUMNS = [("index", "cell", ""), ("l1", "alpha", ".3g"), ("ratio", "ratio", "g"),
                 ("dict_size", "m", ""), ("seed", "seed", ""), ("mmcs", "MMCS", ".3f"),
+                ("mcc", "MCC", ".3f"), ("recovered", "recovered", ".2f"), ("redundant", "redundant", ""),
                 ("dead", "dead", ""), ("recon_loss", "recon", ".2e"), ("l1_loss", "L1", ".2e"),
                 ("l0", "L0", ".1f"), ("fvu", "FVU", ".3f"), ("explained_variance", "expl. var.", ".3f"),
                 ("l2_ratio", "L2 ratio", ".3f"), ("rel_recon_bias", "rel. bias", ".3f"),

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import grid, metrics, sae, selection
+from sae_jax import grid, matching, metrics, sae, selection
 
 Array = jax.Array
 
@@ -53,6 +53,10 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
                             "dead": metrics.dead_latents(g.since_fired, cfg.dead_window)})
             for g in state.groups]  # one transfer per group, not per cell
     mm = grid_mmcs(state, ground_truth) if ground_truth is not None else None
+    matched = None
+    if ground_truth is not None:  # one-to-one matching: MCC, recovered share, redundant latents
+        skip = {c.index for c in cells if bool(host[c.group]["diverged"][c.slot])}
+        matched = matching.per_cell(dictionaries(state, spec), np.asarray(ground_truth), skip)
     out = []
     for c in cells:
         g = host[c.group]
@@ -66,6 +70,7 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
             "recon_loss": _f(s["recon_loss"]), "l1_loss": _f(s["l1_loss"]),
             "l0": _f(s["l0"]), "fvu": _f(s["fvu"]),
             "diverged": diverged, "n_resampled": int(g["n_resampled"][c.slot]),
+            **(matched[c.index] if matched else {}),
         })
     from sae_jax import quality
     quality.annotate(out, state, spec, x_eval)  # explained variance, L2 ratio, bias, alive, density

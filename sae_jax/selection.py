@@ -10,8 +10,14 @@ The report's three methods, each read off the (alpha x ratio) plane:
   the larger dictionaries trained at the same alpha.
 
 The combined suggestion uses each method where it is strongest: the ratio is the dead-latent
-method's, and alpha is where the MMCS-with-larger ridge peaks at that ratio (the dead-latent
-alpha when no larger dictionary exists). MMCS with larger dictionaries cannot pick the size on
+method's, and alpha is where the MMCS-with-larger ridge peaks at that ratio. The largest
+dictionary has no larger one to compare with, so there alpha is the ridge's peak alpha at the
+next smaller ratio r' that has a ridge, carried to ratio r at the same penalty per latent:
+alpha = alpha' (r / r')^p, snapped to the nearest grid alpha in log scale, with p = 1 for the
+report's L1 convention (alpha ||c||_1 / m: the penalty per latent is alpha / m) and p = 0 for
+`sum` (alpha ||c||_1). (The dead-latent alpha at the largest ratio is where a too-large
+dictionary is still dense: on the selector study's development worlds its MMCS was 0.3-0.47
+below the grid's best.) The dead-latent alpha is used only when no ratio has a ridge. MMCS with larger dictionaries cannot pick the size on
 its own: a too-small dictionary learns the most frequent features, which every larger one also
 has, so it scores as high as the right size. When no cell is free of dead latents, the ratio
 is the one most methods name. The methods that agree and disagree are listed.
@@ -68,9 +74,29 @@ def by_mmcs_with_larger(larger_AxR: np.ndarray, l1_axis, ratio_axis) -> dict:
                  "highest MMCS with the larger dictionaries at the same alpha")
 
 
+def _carried_ridge_alpha(larger_AxR: np.ndarray, j: int, l1_axis, ratio_axis,
+                         size_exponent: float) -> tuple[float, str] | None:
+    """The ridge's peak alpha at the nearest smaller ratio with a ridge, times (r_j / r')^p,
+    snapped to the grid (nearest in log alpha); None when no smaller ratio has a ridge."""
+    below = [jj for jj in range(j) if np.isfinite(larger_AxR[:, jj]).any()]
+    if not below:
+        return None
+    jj = max(below)
+    alpha = float(l1_axis[int(np.nanargmax(larger_AxR[:, jj]))])
+    target = alpha * (ratio_axis[j] / ratio_axis[jj]) ** size_exponent
+    axis = np.asarray(l1_axis, np.float64)
+    pos = axis > 0
+    if target <= 0 or not pos.any():
+        return alpha, f"alpha from the MMCS-with-larger ridge at ratio {ratio_axis[jj]:g}"
+    i = int(np.flatnonzero(pos)[np.argmin(np.abs(np.log(axis[pos]) - np.log(target)))])
+    return float(axis[i]), (f"alpha from the MMCS-with-larger ridge at ratio {ratio_axis[jj]:g}, "
+                            f"carried to ratio {ratio_axis[j]:g}")
+
+
 def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
-            l1_axis: Sequence[float], ratio_axis: Sequence[float]) -> dict:
-    """Each method's (ratio, alpha), a combined suggestion, and where the methods agree."""
+            l1_axis: Sequence[float], ratio_axis: Sequence[float], size_exponent: float = 1.0) -> dict:
+    """Each method's (ratio, alpha), a combined suggestion, and where the methods agree.
+    size_exponent: p in the carried ridge alpha (1 for the report's L1 convention, 0 for sum)."""
     dead = by_dead_latents(dead_AxR, l1_axis, ratio_axis)
     methods = [dead, by_ssll(ssll_AxR, l1_axis, ratio_axis),
                by_mmcs_with_larger(larger_AxR, l1_axis, ratio_axis)]
@@ -86,8 +112,11 @@ def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
         ratio = max(counts, key=lambda r: (counts[r], r == voting[-1]["ratio"]))
     j = list(ratio_axis).index(ratio)
     ridge = larger_AxR[:, j]
+    carried = _carried_ridge_alpha(larger_AxR, j, l1_axis, ratio_axis, size_exponent)
     if np.isfinite(ridge).any():
         l1, how = float(l1_axis[int(np.nanargmax(ridge))]), "alpha from the MMCS-with-larger ridge"
+    elif carried is not None:
+        l1, how = carried
     else:
         l1 = next(m["l1"] for m in voting if m["ratio"] == ratio)
         how = "alpha from " + next(m["method"] for m in voting if m["ratio"] == ratio)

@@ -13,6 +13,10 @@ Without correlation p~_i = 1/2. The report draws one z per world (``fresh_z=Fals
 replication draws a fresh z per batch (``fresh_z=True``, our default). With one fixed z about 1%
 of the features get p~_i < 0.01 and are almost never active, which caps the attainable MMCS
 near 0.97; a fresh z per batch gives every feature its decayed base rate on average.
+
+Knobs past the report (defaults reproduce the report's world bit for bit; see `ToyConfig`):
+correlation strength s, Zipfian base rates, hierarchy, non-negative features, per-sample
+direction jitter and additive Gaussian noise.
 """
 
 from __future__ import annotations
@@ -31,7 +35,20 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
-    """Toy-world parameters; the defaults are the report's."""
+    """Toy-world parameters; the defaults are the report's.
+
+    - corr_strength s in [0, 1]: C(s) = (1 - s) I + s C_random (s = 1: the report's random
+      correlation; s = 0: every z_i independent, so features fire independently);
+    - zipf a > 0: base rates p_i ∝ (i + 1)^-a (Zipf) instead of lambda^i (`decay` is then unused);
+    - hierarchy c > 0: features form families of 1 + c, i = (c+1) q is the parent of
+      (c+1) q + 1 .. (c+1) q + c; a child is active only when its parent is, with conditional
+      rate min(1, p_child / p_parent), so its marginal rate is min(p_child, p_parent);
+    - nonneg: g_i = |n_i| / ||n_i||, n_i ~ N(0, I_d) (every feature in the positive orthant);
+    - jitter sigma (radians): per sample and feature, g'_i = cos(theta) g_i + sin(theta) u with
+      theta ~ N(0, sigma^2) and u a uniform unit vector orthogonal to g_i, so angle(g'_i, g_i) = |theta|;
+    - noise sigma_n: the input is x + sigma_n eps, eps ~ N(0, I_d); the target is the clean x,
+      or the same noisy x with `noise_targets` (see `sample_with_target`).
+    """
 
     d: int = 256
     features: int = 512
@@ -39,9 +56,16 @@ class ToyConfig:
     decay: float = 0.99
     correlated: bool = True
     fresh_z: bool = True
+    corr_strength: float = 1.0
+    zipf: float = 0.0
+    hierarchy: int = 0
+    nonneg: bool = False
+    jitter: float = 0.0
+    noise: float = 0.0
+    noise_targets: bool = False
 
     def validate(self) -> "ToyConfig":
-        for name in ("d", "features", "mean_active", "decay"):
+        for name in ("d", "features", "mean_active", "decay", "corr_strength", "zipf", "jitter", "noise"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v)):
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
@@ -56,6 +80,14 @@ class ToyConfig:
         lam = float(self.decay)
         if not (0 < lam <= 1):
             raise UsageError(f"--decay must be in (0, 1], got {self.decay}")
+        if not (0 <= self.corr_strength <= 1):
+            raise UsageError(f"--corr-strength must be in [0, 1], got {self.corr_strength}")
+        if self.zipf < 0:
+            raise UsageError(f"--zipf must be >= 0, got {self.zipf}")
+        if not (isinstance(self.hierarchy, int) and 0 <= self.hierarchy < self.features):
+            raise UsageError(f"--hierarchy must be an integer in [0, features), got {self.hierarchy}")
+        if self.jitter < 0 or self.noise < 0:
+            raise UsageError(f"--jitter and --noise must be >= 0, got {self.jitter}, {self.noise}")
         return self
 
 
@@ -65,11 +97,15 @@ class ToyWorld:
 
     features_HxD: Array
     chol_HxH: Array  # lower Cholesky factor of the correlation matrix C
-    decay_H: Array  # lambda^i
+    decay_H: Array  # lambda^i, or (i + 1)^-a for Zipfian rates
     probs_H: Array  # p_i for a fixed z (used when fresh_z is False)
     mean_active: float = struct.field(pytree_node=False)
     correlated: bool = struct.field(pytree_node=False)
     fresh_z: bool = struct.field(pytree_node=False)
+    hierarchy: int = struct.field(pytree_node=False, default=0)
+    jitter: float = struct.field(pytree_node=False, default=0.0)
+    noise: float = struct.field(pytree_node=False, default=0.0)
+    noise_targets: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def d(self) -> int:
@@ -99,28 +135,78 @@ def random_correlation(key: Array, h: int) -> Array:
     return cov / s[:, None] / s[None, :]
 
 
+def parents(h: int, hierarchy: int) -> Array:
+    """Parent index of every feature: (c + 1) * floor(i / (c + 1)); a parent is its own."""
+    i = jnp.arange(h)
+    return i - i % (hierarchy + 1)
+
+
 def make_world(key: Array, cfg: ToyConfig = ToyConfig()) -> ToyWorld:
     """Draws the ground-truth features, the correlation factor and (fixed-z) probabilities."""
     cfg.validate()
     k_feat, k_cov, k_z = jax.random.split(key, 3)
     g = jax.random.normal(k_feat, (cfg.features, cfg.d))
+    if cfg.nonneg:
+        g = jnp.abs(g)
     g = g / jnp.linalg.norm(g, axis=1, keepdims=True)
     corr = random_correlation(k_cov, cfg.features)
+    if cfg.corr_strength != 1.0:
+        corr = (1.0 - cfg.corr_strength) * jnp.eye(cfg.features) + cfg.corr_strength * corr
     chol = jnp.linalg.cholesky(corr + 1e-4 * jnp.eye(cfg.features))
-    decay = jnp.asarray(cfg.decay, jnp.float32) ** jnp.arange(cfg.features, dtype=jnp.float32)
+    i_H = jnp.arange(cfg.features, dtype=jnp.float32)
+    if cfg.zipf > 0:
+        decay = (i_H + 1.0) ** -jnp.asarray(cfg.zipf, jnp.float32)
+    else:
+        decay = jnp.asarray(cfg.decay, jnp.float32) ** i_H
     world = ToyWorld(g, chol, decay, jnp.zeros(cfg.features), float(cfg.mean_active),
-                     bool(cfg.correlated), bool(cfg.fresh_z))
+                     bool(cfg.correlated), bool(cfg.fresh_z), int(cfg.hierarchy),
+                     float(cfg.jitter), float(cfg.noise), bool(cfg.noise_targets))
     z = chol @ jax.random.normal(k_z, (cfg.features,))
     return world.replace(probs_H=_probs_from_z(world, z))
 
 
-def sample(key: Array, world: ToyWorld, n: int) -> tuple[Array, Array]:
-    """Draws n samples: returns (x_NxD, coeffs_NxH) with x = coeffs @ features."""
+def jitter_directions(key: Array, features_HxD: Array, sigma: float, n: int) -> Array:
+    """(n, h, d) unit vectors g'_i = cos(theta) g_i + sin(theta) u, theta ~ N(0, sigma^2), u a
+    uniform unit vector orthogonal to g_i (g_i unit rows)."""
+    k_t, k_u = jax.random.split(key)
+    h, d = features_HxD.shape
+    theta = sigma * jax.random.normal(k_t, (n, h, 1))
+    u = jax.random.normal(k_u, (n, h, d))
+    u = u - jnp.sum(u * features_HxD, axis=-1, keepdims=True) * features_HxD
+    u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+    return jnp.cos(theta) * features_HxD + jnp.sin(theta) * u
+
+
+def sample_with_target(key: Array, world: ToyWorld, n: int) -> tuple[Array, Array, Array]:
+    """Draws n samples: (input_NxD, target_NxD, coeffs_NxH). Without jitter and noise both are
+    x = coeffs @ features; with jitter x_n = sum_i c_ni g'_ni; the input adds sigma_n eps and the
+    target is x (or the noisy input with noise_targets)."""
     k_z, k_on, k_c = jax.random.split(key, 3)
     if world.fresh_z:
         p_H = _probs_from_z(world, world.chol_HxH @ jax.random.normal(k_z, (world.h,)))
     else:
         p_H = world.probs_H
+    if world.hierarchy:
+        par_H = parents(world.h, world.hierarchy)
+        is_child = par_H != jnp.arange(world.h)
+        p_H = jnp.where(is_child, jnp.minimum(1.0, p_H / jnp.maximum(p_H[par_H], 1e-30)), p_H)
     active = jax.random.uniform(k_on, (n, world.h)) < p_H
+    if world.hierarchy:
+        active = active & active[:, par_H]
     coeffs = jnp.where(active, jax.random.uniform(k_c, (n, world.h)), 0.0)
-    return coeffs @ world.features_HxD, coeffs
+    if world.jitter:
+        dirs = jitter_directions(jax.random.fold_in(key, 0x717), world.features_HxD, world.jitter, n)
+        x = jnp.einsum("nh,nhd->nd", coeffs, dirs)
+    else:
+        x = coeffs @ world.features_HxD
+    if not world.noise:
+        return x, x, coeffs
+    noisy = x + world.noise * jax.random.normal(jax.random.fold_in(key, 0x9015E), x.shape)
+    return noisy, (noisy if world.noise_targets else x), coeffs
+
+
+def sample(key: Array, world: ToyWorld, n: int) -> tuple[Array, Array]:
+    """Draws n samples: returns (x_NxD, coeffs_NxH), x the (noisy, jittered) input; without
+    knobs x = coeffs @ features."""
+    x, _, coeffs = sample_with_target(key, world, n)
+    return x, coeffs

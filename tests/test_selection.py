@@ -109,8 +109,16 @@ def test_without_a_majority_the_dead_latent_ratio_and_the_ridge_alpha_are_combin
     assert "MMCS-with-larger ridge" in out["summary"]
 
 
-def test_largest_ratio_has_no_ridge_so_alpha_comes_from_dead_latents():
+def test_largest_ratio_has_no_ridge_so_alpha_is_carried_from_the_next_smaller_ratio():
+    """Ridge peak alpha 0.03 at ratio 2, carried to ratio 4 at the same penalty per latent:
+    0.03 x (4/2)^p, snapped to the grid in log alpha (p = 1: report convention; p = 0: sum)."""
     out = selection.suggest(_dead({3: 1}), _ssll({}), _larger(1, 2), L1, RATIOS)
+    assert (out["ratio"], out["l1"]) == (4.0, 0.1)  # 0.06 is nearer 0.1 than 0.03 in log
+    assert "ridge at ratio 2, carried to ratio 4" in out["summary"]
+    out = selection.suggest(_dead({3: 1}), _ssll({}), _larger(1, 2), L1, RATIOS, size_exponent=0)
+    assert (out["ratio"], out["l1"]) == (4.0, 0.03)
+    # With no ridge anywhere (one dictionary size per alpha), alpha is the dead-latent one.
+    out = selection.suggest(_dead({3: 1}), _ssll({}), np.full((5, 4), NAN), L1, RATIOS)
     assert (out["ratio"], out["l1"]) == (4.0, 0.03)
     assert "alpha from dead_latents" in out["summary"]
 
