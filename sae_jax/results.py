@@ -81,7 +81,7 @@ def dictionaries(state: grid.GridState, spec: grid.GridSpec) -> list[np.ndarray]
     return [np.asarray(sae.dictionary(grid.cell_params(state, c))) for c in spec.cells()]
 
 
-def analyse(cells: list[dict], dicts: list[np.ndarray]) -> dict:
+def analyse(cells: list[dict], dicts: list[np.ndarray], l1_convention: str = "report") -> dict:
     """Adds mmcs_with_larger and SSLL to each non-diverged cell; returns the selection result
     and the ground-truth optimum. Diverged cells are skipped and listed."""
     live = [c for c in cells if not c["diverged"]]
@@ -100,7 +100,8 @@ def analyse(cells: list[dict], dicts: list[np.ndarray]) -> dict:
                                       [c["l1"] for c in live], [c["ratio"] for c in live],
                                       l1_axis, ratio_axis)
     suggested = selection.suggest(plane("dead"), plane("ssll"), plane("mmcs_with_larger"),
-                                  l1_axis, ratio_axis)
+                                  l1_axis, ratio_axis,
+                                  size_exponent=1.0 if l1_convention == "report" else 0.0)
     if suggested["ratio"] is not None:
         match = [c for c in live if c["ratio"] == suggested["ratio"] and c["l1"] == suggested["l1"]]
         suggested["cell"] = match[0]["index"] if match else None

@@ -261,7 +261,7 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
     if trained.recovery is not None:
         trained.recovery.annotate(cells)
     dicts = results.dictionaries(state, spec)
-    return cells, dicts, results.analyse(cells, dicts)
+    return cells, dicts, results.analyse(cells, dicts, cfg.l1_convention)
 
 
 # ----------------------------------------------------------------------------- whole runs
