@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -73,8 +74,11 @@ def check_writable(out: str, field: str = "out") -> Path:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"`{field}` {out} is not writable: {e.strerror}", field=field) from None
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise UsageError(f"`{field}` {out} is not writable", field=field)
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise UsageError(f"`{field}` {out} is not writable: {e.strerror}", field=field) from None
     return d
 
 
