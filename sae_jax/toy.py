@@ -44,18 +44,19 @@ class ToyConfig:
         for name in ("d", "features", "mean_active", "decay"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v)):
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+                raise UsageError(f"`{name}` must be a finite number, got {v}", field=name)
         if int(self.d) <= 0:
-            raise UsageError(f"--d must be a positive integer, got {self.d}")
+            raise UsageError(f"`d` must be a positive integer, got {self.d}", field="d")
         if int(self.features) <= 0:
-            raise UsageError(f"--features must be a positive integer, got {self.features}")
+            raise UsageError(f"`features` must be a positive integer, got {self.features}", field="features")
         k = float(self.mean_active)
         if not (k > 0 and k <= self.features):
             raise UsageError(
-                f"--mean-active must be in (0, features={self.features}], got {self.mean_active}")
+                f"`mean_active` must be in (0, features={self.features}], got {self.mean_active}",
+                field="mean_active")
         lam = float(self.decay)
         if not (0 < lam <= 1):
-            raise UsageError(f"--decay must be in (0, 1], got {self.decay}")
+            raise UsageError(f"`decay` must be in (0, 1], got {self.decay}", field="decay")
         return self
 
 
