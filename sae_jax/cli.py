@@ -238,11 +238,12 @@ def _supervise() -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="sae-jax: %(message)s")
-    args = build_parser().parse_args(argv)
-    if getattr(args, "distributed", False) and os.name == "posix" and "jax" not in sys.modules:
-        status = _supervise()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--distributed" in argv and os.name == "posix" and "jax" not in sys.modules:
+        status = _supervise()  # before the parser, which imports jax
         if status is not None:
             return status
+    args = build_parser().parse_args(argv)
     try:
         if getattr(args, "distributed", False):
             from sae_jax import sharding

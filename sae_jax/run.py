@@ -241,6 +241,8 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
             state, meta, step = checkpoint.resume(
                 ckpt, state, run_config, may_grow=GROWABLE,
                 check=lambda m: _check_extension(cfg, opts, m.get("steps", opts.steps)))
+            if jax.process_count() > 1:  # host values, placed on the global mesh below
+                state = jax.device_get(state)
             if recovery is not None and meta.get("recovery"):
                 recovery = Recovery.from_json(meta["recovery"])
             log.info("resumed from step %d", step)
