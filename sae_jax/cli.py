@@ -218,6 +218,7 @@ def _supervise() -> int | None:
         os.close(write_fd)
         return None
     os.close(write_fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child, which reports it
     held, said = False, False
     with os.fdopen(read_fd, "r", errors="replace") as pipe:
         for line in pipe:
