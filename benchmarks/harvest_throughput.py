@@ -79,7 +79,7 @@ def roofline(cfg: transformer.TransformerConfig, batch: int, layer: int, repeats
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a train-lm output directory (default: random weights)")
-    ap.add_argument("--preset", default="cpu", choices=sorted(lm.PRESETS))
+    ap.add_argument("--preset", default="cpu", choices=sorted(lm.MODEL_PRESETS))
     ap.add_argument("--layer", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=131072, help="rows for the end-to-end harvest")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model:
         params, cfg = lm.load_model(args.model)
     else:
-        cfg = lm.PRESETS[args.preset][0]
+        cfg = lm.MODEL_PRESETS[args.preset][0]
         params = transformer.init(jax.random.key(0), cfg)
     B, L = args.batch_size, cfg.context_len
     tokens_N = lm.encode(lm.default_corpus())

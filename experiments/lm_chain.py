@@ -19,7 +19,7 @@ import sys
 
 from sae_jax import cli
 
-PRESETS = {
+CHAIN_PRESETS = {
     "cpu": dict(lm=["--preset", "cpu"], tokens="262144", l1="0.03,0.1,0.3,1,3",
                 ratios="0.25,0.5,1,2", steps="1000", batch="128"),
     "paper": dict(lm=["--preset", "paper"], tokens="2097152", l1="0.01,0.03,0.1,0.3,1,3,10",
@@ -33,13 +33,13 @@ def _has_checkpoint(directory: str) -> bool:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--preset", choices=sorted(CHAIN_PRESETS), default="cpu")
     p.add_argument("--out", default="runs/lm_chain")
     p.add_argument("--corpus", help="a text file, a directory of .txt files, or .jsonl (default: Python docs)")
     p.add_argument("--layer", default="1")
     p.add_argument("--compare-toy", help="a `sae-jax toy` output directory to show beside figures 11-13")
     args = p.parse_args()
-    pre = PRESETS[args.preset]
+    pre = CHAIN_PRESETS[args.preset]
     model, store, grid_out = (os.path.join(args.out, n) for n in ("model", "store", "grid"))
     corpus = ["--corpus", args.corpus] if args.corpus else []
     stages = [

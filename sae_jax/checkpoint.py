@@ -7,18 +7,14 @@ A step directory holds three Orbax items:
 - ``manifest``: one record per state leaf: its path, shape, dtype and a 64-bit
   fingerprint of its bits.
 
-Orbax makes a save atomic: it writes ``<step>.orbax-checkpoint-tmp`` and renames it
-when every item is written. A killed process therefore leaves no half-written step.
-Files can still be damaged afterwards (a full disk, a bad copy, a truncated sync).
-Tensorstore notices some damage (a broken zstd frame, a short file). It does not
-notice changed bytes inside an uncompressed chunk, and random floats are stored
-uncompressed. So :meth:`Checkpointer.restore` recomputes the fingerprint of every
-restored leaf and compares it with the manifest. A damaged step is logged as one line
-and the next older one is tried.
+Orbax makes a save atomic (``<step>.orbax-checkpoint-tmp``, renamed when complete), so a
+killed process leaves no half-written step. Files can still be damaged later (a full disk,
+a bad copy), and tensorstore does not notice changed bytes in an uncompressed chunk, so
+:meth:`Checkpointer.restore` checks every restored leaf's fingerprint against the
+manifest; a damaged step is logged as one line and the next older one is tried.
 
-PRNG keys: raw ``uint32`` keys (``jax.random.PRNGKey``) are ordinary arrays. Typed
-keys (``jax.random.key``) are saved by Orbax as key data with their implementation,
-and they come back typed when the abstract target says so.
+PRNG keys: raw ``uint32`` keys are ordinary arrays; typed keys (``jax.random.key``)
+come back typed when the abstract target says so.
 """
 
 from __future__ import annotations
@@ -27,6 +23,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -144,11 +141,15 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
             create=not alone,
-            cleanup_tmp_directories=not alone or me == 0,
+            cleanup_tmp_directories=False,  # below: Orbax's thread could outlive close()
             enable_async_checkpointing=True,
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 **({"primary_host": me, "active_processes": {me}} if alone else {})),
         )
+        if not alone or me == 0:  # saves a killed process left half-written
+            for name in os.listdir(self.directory):
+                if ".orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
         self._warned: set[tuple[int, str]] = set()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from sae_jax.errors import UsageError
@@ -221,8 +222,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ABSL_ERROR = re.compile(r"^[EF]\d{4} \d\d:\d\d:\d\d")
+
+
+def _supervise() -> int | None:
+    """With --distributed, the work runs in a forked child whose stderr passes through here.
+    When JAX's coordination service stops the child because another process died (a C++
+    abort with a long log), that log is held back and one line is printed instead. Returns
+    the exit status in the parent, None in the child."""
+    import signal
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: dies with its parent, and writes its stderr into the pipe
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        os.close(read_fd)
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        return None
+    os.close(write_fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child, which reports it
+    held, said = False, False
+    with os.fdopen(read_fd, "r", errors="replace") as pipe:
+        for line in pipe:
+            held = held or bool(_ABSL_ERROR.match(line))
+            if not held or (line.startswith("sae-jax: error:") and not said):
+                said = said or line.startswith("sae-jax: error:")
+                sys.stderr.write(line)
+                sys.stderr.flush()
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if held and status != 0:
+        if not said:
+            rank = os.environ.get("JAX_PROCESS_ID", "?")
+            print(f"sae-jax: error: process {rank} stopped: another process of the run died or cannot "
+                  "be reached (rerun all with --resume)", file=sys.stderr)
+        return 1
+    return status if status >= 0 else 128 - status
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="sae-jax: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--distributed" in argv and os.name == "posix" and "jax" not in sys.modules:
+        status = _supervise()  # before the parser, which imports jax
+        if status is not None:
+            return status
     args = build_parser().parse_args(argv)
     from sae_jax import compile_cache
     compile_cache.enable()

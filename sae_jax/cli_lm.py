@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from sae_jax.errors import UsageError
@@ -20,7 +19,7 @@ DEFAULT_HARVEST_TOKENS = 262_144
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `train-lm` and `harvest` subcommands."""
-    from sae_jax.lm import PRESETS
+    from sae_jax.lm import MODEL_PRESETS
 
     p = subparsers.add_parser(
         "train-lm",
@@ -30,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_corpus_args(p, "the Python documentation bundled with CPython, pydoc_data.topics")
     p.add_argument("--out", required=True, help="directory to write the model to")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+    p.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="cpu",
                    help="cpu: 5-10 min on 2 CPU cores; paper: a GPU budget")
     p.add_argument("--steps", type=int, help="optimizer steps (cpu preset: 500, paper: 3000)")
     p.add_argument("--batch-size", type=int, help="sequences per step (cpu preset: 16, paper: 32)")
@@ -76,16 +75,11 @@ def _add_corpus_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--text-field", default="text", help="text field of .jsonl corpora (default: text)")
 
 
-def _writable_dir(path: str, flag: str = "--out") -> Path:
-    """Create `path` if needed and check that a file can be written in it."""
-    d = Path(path).expanduser().absolute()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=d):
-            pass
-    except OSError as e:
-        raise UsageError(f"cannot write to {flag} {d}: {e.strerror or e}") from None
-    return d
+def _writable_dir(path: str) -> Path:
+    """Create `path` if needed and check that a file can be written in it (the grid runs' check)."""
+    from sae_jax.run import check_writable
+
+    return check_writable(path)
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -102,7 +96,7 @@ def run_train_lm(args: argparse.Namespace) -> int:
     _positive(args, "steps", "batch_size", "lr", "layers", "d_model", "heads", "d_mlp", "context_len")
     if args.weight_decay is not None and args.weight_decay < 0:
         raise UsageError(f"--weight-decay must be non-negative, got {args.weight_decay}")
-    cfg, tcfg = lm.PRESETS[args.preset]
+    cfg, tcfg = lm.MODEL_PRESETS[args.preset]
     cfg_over = {"n_layers": args.layers, "d_model": args.d_model, "n_heads": args.heads,
                 "d_mlp": args.d_mlp, "context_len": args.context_len}
     tcfg_over = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,

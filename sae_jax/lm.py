@@ -138,7 +138,7 @@ class LMTrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-PRESETS: dict[str, tuple[TransformerConfig, LMTrainConfig]] = {
+MODEL_PRESETS: dict[str, tuple[TransformerConfig, LMTrainConfig]] = {
     # The report's model; ~10 minutes on a 2-core CPU at these settings.
     "cpu": (TransformerConfig(), LMTrainConfig(steps=500, batch_size=16)),
     # The report's model with a GPU-sized budget (~12M tokens: ~26 passes over the 466 kB default

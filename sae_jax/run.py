@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -73,8 +74,11 @@ def check_writable(out: str, field: str = "out") -> Path:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"`{field}` {out} is not writable: {e.strerror}", field=field) from None
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise UsageError(f"`{field}` {out} is not writable", field=field)
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise UsageError(f"`{field}` {out} is not writable: {e.strerror}", field=field) from None
     return d
 
 
@@ -224,6 +228,8 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
             state, meta, step = checkpoint.resume(
                 ckpt, state, run_config, may_grow=GROWABLE,
                 check=lambda m: _check_extension(cfg, opts, m.get("steps", opts.steps)))
+            if jax.process_count() > 1:  # host values, placed on the global mesh below
+                state = jax.device_get(state)
             if recovery is not None and meta.get("recovery"):
                 recovery = Recovery.from_json(meta["recovery"])
             log.info("resumed from step %d", step)

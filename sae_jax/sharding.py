@@ -26,7 +26,7 @@ def make_mesh(devices: int | None = None) -> Mesh:
     available = jax.devices()
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
-        raise UsageError(f"--devices must be in [1, {len(available)}] (visible devices), got {n}")
+        raise UsageError(f"`devices` must be in [1, {len(available)}] (visible devices), got {n}", field="devices")
     return Mesh(np.array(available[:n]), (AXIS,))
 
 

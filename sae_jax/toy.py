@@ -68,26 +68,31 @@ class ToyConfig:
         for name in ("d", "features", "mean_active", "decay", "corr_strength", "zipf", "jitter", "noise"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v)):
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+                raise UsageError(f"`{name}` must be a finite number, got {v}", field=name)
         if int(self.d) <= 0:
-            raise UsageError(f"--d must be a positive integer, got {self.d}")
+            raise UsageError(f"`d` must be a positive integer, got {self.d}", field="d")
         if int(self.features) <= 0:
-            raise UsageError(f"--features must be a positive integer, got {self.features}")
+            raise UsageError(f"`features` must be a positive integer, got {self.features}", field="features")
         k = float(self.mean_active)
         if not (k > 0 and k <= self.features):
             raise UsageError(
-                f"--mean-active must be in (0, features={self.features}], got {self.mean_active}")
+                f"`mean_active` must be in (0, features={self.features}], got {self.mean_active}",
+                field="mean_active")
         lam = float(self.decay)
         if not (0 < lam <= 1):
-            raise UsageError(f"--decay must be in (0, 1], got {self.decay}")
+            raise UsageError(f"`decay` must be in (0, 1], got {self.decay}", field="decay")
         if not (0 <= self.corr_strength <= 1):
-            raise UsageError(f"--corr-strength must be in [0, 1], got {self.corr_strength}")
+            raise UsageError(f"`corr_strength` must be in [0, 1], got {self.corr_strength}",
+                             field="corr_strength")
         if self.zipf < 0:
-            raise UsageError(f"--zipf must be >= 0, got {self.zipf}")
+            raise UsageError(f"`zipf` must be >= 0, got {self.zipf}", field="zipf")
         if not (isinstance(self.hierarchy, int) and 0 <= self.hierarchy < self.features):
-            raise UsageError(f"--hierarchy must be an integer in [0, features), got {self.hierarchy}")
-        if self.jitter < 0 or self.noise < 0:
-            raise UsageError(f"--jitter and --noise must be >= 0, got {self.jitter}, {self.noise}")
+            raise UsageError(f"`hierarchy` must be an integer in [0, features), got {self.hierarchy}",
+                             field="hierarchy")
+        if self.jitter < 0:
+            raise UsageError(f"`jitter` must be >= 0, got {self.jitter}", field="jitter")
+        if self.noise < 0:
+            raise UsageError(f"`noise` must be >= 0, got {self.noise}", field="noise")
         return self
 
 

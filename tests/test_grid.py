@@ -270,3 +270,52 @@ def test_small_world_recovered_to_mmcs_095():
     start = grid.init_grid(jax.random.PRNGKey(0), spec, 32, cfg)
     assert metrics.mmcs(sae.dictionary(grid.cell_params(start, spec.cells()[0])),
                         world.features_HxD) < 0.6
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_lr_and_alpha_schedules_match_their_closed_forms():
+    """lr multiplier = min(1, (t+1)/W) * (1 + cos(pi min(t/T, 1))) / 2; alpha multiplier =
+    min(1, (t+1)/L)."""
+    W, T, L = 10, 200, 50
+    cfg = dataclasses.replace(OFF, lr_warmup=W, lr_decay_steps=T, l1_warmup=L)
+    for t in (0, 1, 9, 10, 49, 50, 100, 199, 200, 350):
+        lr_mult, l1_mult = grid._schedules(jnp.int32(t), cfg)
+        want_lr = min(1.0, (t + 1) / W) * 0.5 * (1 + np.cos(np.pi * min(t / T, 1.0)))
+        assert float(lr_mult) == pytest.approx(want_lr, abs=1e-6), t
+        assert float(l1_mult) == pytest.approx(min(1.0, (t + 1) / L), abs=1e-7), t
+    assert [float(m) for m in grid._schedules(jnp.int32(123), OFF)] == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- denoising
+def test_cell_update_with_noise_trains_on_noisy_input_against_the_clean_target(tiny_world):
+    """One step = Adam on grad of sae.loss(params, x + noise * eps, alpha, target x)."""
+    spec = grid.GridSpec(l1_coeff=(0.3,), dict_sizes=(24,), noise=(0.0, 0.2))
+    cfg = dataclasses.replace(OFF, denoise=True)
+    state = grid.init_grid(KEY, spec, tiny_world.d, cfg)
+    x, eps = grid.toy_batch(tiny_world, jax.random.PRNGKey(5), cfg.batch_size, denoise=True)
+    new, _ = grid.train_step(state, x, cfg, eps)
+    for c in spec.cells():
+        p0 = grid.cell_params(state, c)
+        grads = jax.grad(sae.loss, has_aux=True)(p0, x + c.noise * eps, 0.3 * 1.0, cfg.l1_convention, x)[0]
+        updates, _ = cfg.adam().update(grads, cfg.adam().init(p0))
+        want = jax.tree.map(lambda p, u: p - cfg.lr * u, p0, updates)
+        got = grid.cell_params(new, c)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # the noisy cell moved differently from the clean one
+    a, b = (grid.cell_params(new, c).D_MxD for c in spec.cells())
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+def test_noise_free_cell_of_a_denoising_grid_equals_the_plain_grid(tiny_world):
+    """The appendix grid's noise-0 column is the plain autoencoder (same batches, same init)."""
+    spec_dn = grid.GridSpec(l1_coeff=(0.1, 1.0), dict_sizes=(32,), noise=(0.0, 0.1))
+    spec = grid.GridSpec(l1_coeff=(0.1, 1.0), dict_sizes=(32,))
+    dn = _train(tiny_world, spec_dn, dataclasses.replace(OFF, denoise=True), 60)
+    plain = _train(tiny_world, spec, OFF, 60)
+    by_alpha = {c.l1_coeff: c for c in spec.cells()}
+    for c in spec_dn.cells():
+        if c.noise == 0:
+            np.testing.assert_allclose(np.asarray(grid.cell_params(dn, c).D_MxD),  # (vmap width
+                                       np.asarray(grid.cell_params(plain, by_alpha[c.l1_coeff]).D_MxD),
+                                       rtol=1e-4, atol=1e-5)  # changes the fusion's last bits)
