@@ -291,7 +291,8 @@ def run(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, data: To
                                dtype=np.float32))
     cells, dicts, analysis = evaluate(state, spec, train, x_eval, None, trained)
     out = results.write(opts.out, config, cells, analysis, dicts, None, {"train_seconds": trained.seconds})
-    export.write_weights(opts.out, state, spec, x_eval)  # weights.safetensors, process 0
+    # weights.safetensors: every process joins the gather, process 0 writes
+    export.write_weights(opts.out, sharding.gather_to_host(state), spec, x_eval)
     if opts.figures and jax.process_index() == 0:
         figs = plots.lm_figures(out, os.path.join(opts.out, "figures"))
         notes = []
@@ -317,7 +318,8 @@ def _run_toy(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, dat
     if data.denoise_noise:
         extra["denoising"] = _denoising(spec, train, opts, data, config)
     out = results.write(opts.out, config, cells, analysis, dicts, np.asarray(world.features_HxD), extra)
-    export.write_weights(opts.out, state, spec, x_eval)  # weights.safetensors, process 0
+    # weights.safetensors: every process joins the gather, process 0 writes
+    export.write_weights(opts.out, sharding.gather_to_host(state), spec, x_eval)
     if opts.figures and jax.process_index() == 0:
         figs = plots.toy_figures(out, os.path.join(opts.out, "figures"))
         report.write(opts.out, out, figs, "sae-jax toy reproduction")
