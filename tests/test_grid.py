@@ -254,12 +254,14 @@ def test_padding_cells_are_inert_and_change_nothing(tiny_world, baseline):
 
 
 # ----------------------------------------------------------------------------- recovery
-def test_small_world_recovered_to_mmcs_095():
-    """d = 32, h = 64, k = 3 at ratio 1 with resampling: MMCS >= 0.95 after 2,000 steps (how fast
-    is benchmarks/recovery_race.py's business, not a test's)."""
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_small_world_recovered_to_mmcs_095(dtype):
+    """d = 32, h = 64, k = 3 at ratio 1 with resampling: MMCS >= 0.95 after 2,000 steps, in float32
+    (autodiff) and with the bfloat16 fused step (how fast is benchmarks/recovery_race.py's
+    business, not a test's)."""
     world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=32, features=64, mean_active=3))
     spec = grid.GridSpec.from_ratios(l1_coeff=(0.1, 0.3, 1.0), ratios=(1,), features=64)
-    cfg = grid.TrainConfig(batch_size=128, lr=3e-3, b2=0.99,
+    cfg = grid.TrainConfig(batch_size=128, lr=3e-3, b2=0.99, compute_dtype=dtype,
                            resample=resample.ResampleConfig(every=250, worst=16, dedup_threshold=0.9))
     state = grid.train(grid.init_grid(jax.random.PRNGKey(0), spec, 32, cfg), cfg, 2000,
                        world=world, chunk=500, progress=False)
