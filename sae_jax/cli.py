@@ -123,8 +123,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
                           decay=pick("decay"), correlated=not args.no_correlation,
                           fresh_z=not args.fixed_z, corr_strength=args.corr_strength,
                           zipf=args.zipf, hierarchy=args.hierarchy, nonneg=args.nonneg,
-                          jitter=args.jitter, noise=args.noise,
-                          noise_targets=args.noise_targets).validate()
+                          jitter=args.jitter, noise=args.noise).validate()
     spec = grid.GridSpec.from_ratios(pick("l1", "l1_coeff"), pick("ratios"), world.features, pick("seeds"))
     overrides = _train_overrides(args)
     train = recipes.train_config(args.recipe, steps, overrides, preset)
@@ -194,9 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--jitter", type=float, default=0.0,
                    help="per-sample angle std (radians) of each feature's direction")
     w.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to every sampled x")
-    w.add_argument("--noise-targets", action="store_true", 
-                   help="toy.sample_with_target returns the noisy input as target too (grid "
-                        "training autoencodes the sampled, noisy x either way)")
     w.add_argument("--no-appendix", action="store_true",
                    help="skip the denoising appendix grid (skipped anyway for a custom world or grid)")
     w.add_argument("--appendix", action="store_true", help="run the denoising appendix grid even so")

@@ -328,8 +328,10 @@ def _run_toy(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, dat
 
 def _denoising(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, data: ToyData,
                config: dict) -> dict:
-    """The appendix: noise std x alpha at dictionary size h, no correlation, no decay."""
-    wcfg = dataclasses.replace(data.world, correlated=False, decay=1.0)
+    """The appendix: noise std x alpha at dictionary size h, no correlation, no decay (and none
+    of the other world knobs: clean, uniform, independent features)."""
+    wcfg = dataclasses.replace(data.world, correlated=False, decay=1.0, corr_strength=1.0, zipf=0.0,
+                               hierarchy=0, nonneg=False, jitter=0.0, noise=0.0)
     world = toy.make_world(jax.random.fold_in(jax.random.PRNGKey(opts.seed), 0xD0153), wcfg)
     dspec = grid.GridSpec.from_ratios(spec.l1_coeff, (1.0,), wcfg.features, 1, data.denoise_noise)
     tcfg = dataclasses.replace(train, denoise=True)

@@ -170,12 +170,11 @@ def test_cli_flags_reach_the_world(tmp_path, capsys):
                    "--l1", "0.1", "--ratios", "1", "--no-figures", "--no-progress",
                    "--checkpoint-every", "0", "--eval-samples", "64", "--out", str(out),
                    "--corr-strength", "0.5", "--zipf", "1.1", "--hierarchy", "1", "--nonneg",
-                   "--jitter", "0.1", "--noise", "0.01", "--noise-targets"])
+                   "--jitter", "0.1", "--noise", "0.01"])
     assert rc == 0
     world = json.loads((out / "results.json").read_text())["config"]["world"]
-    assert {k: world[k] for k in ("corr_strength", "zipf", "hierarchy", "nonneg", "jitter", "noise",
-                                  "noise_targets")} == dict(corr_strength=0.5, zipf=1.1, hierarchy=1,
-                                                            nonneg=True, jitter=0.1, noise=0.01,
-                                                            noise_targets=True)
+    assert {k: world[k] for k in ("corr_strength", "zipf", "hierarchy", "nonneg", "jitter",
+                                  "noise")} == dict(corr_strength=0.5, zipf=1.1, hierarchy=1,
+                                                    nonneg=True, jitter=0.1, noise=0.01)
     assert cli.main(["toy", "--zipf", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "--zipf must be >= 0" in capsys.readouterr().err
