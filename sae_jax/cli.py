@@ -13,13 +13,14 @@ import sys
 from sae_jax.errors import UsageError
 
 # Field names (dataclass fields, as library errors name them) whose flag is not --field-name.
-FLAGS = {"l1_coeff": "--l1", "b1": "--adam-b1", "b2": "--adam-b2"}
+FLAGS = {"l1_coeff": "--l1", "l0_coeff": "--l0", "b1": "--adam-b1", "b2": "--adam-b2"}
 
 # Training fields with a flag (TrainConfig's and ResampleConfig's, as recipes name them).
 TRAIN_FIELDS = ("batch_size", "lr", "b1", "b2", "lr_warmup", "lr_decay_steps", "l1_warmup",
                 "tied_init", "l1_convention", "dead_window", "resample_every", "resample_pool",
                 "resample_worst", "resample_dead_window", "dedup_threshold",
-                "resample_encoder_scale", "resample_until", "compute_dtype", "fused_step")
+                "resample_encoder_scale", "resample_until", "compute_dtype", "fused_step",
+                "aux_k_coeff", "aux_k", "jumprelu_bandwidth", "init_threshold", "threshold_decay")
 
 
 def flag(field: str) -> str:
@@ -46,12 +47,35 @@ def floats(text: str) -> tuple[float, ...]:
     return vals
 
 
+def ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers."""
+    vals = floats(text)
+    if any(v != int(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return tuple(int(v) for v in vals)
+
+
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of architecture names."""
+    from sae_jax import archs
+
+    vals = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [v for v in vals if v not in archs.ARCHS]
+    if not vals or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(archs.ARCHS)}, got {text!r}")
+    return vals
+
+
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every grid-training command (toy and grid)."""
     g = p.add_argument_group("grid")
     g.add_argument("--l1", type=floats, help="comma list of L1 coefficients alpha")
     g.add_argument("--ratios", type=floats, help="comma list of dictionary size / features")
     g.add_argument("--seeds", type=int, help="SAE initialisations per cell (default 1)")
+    g.add_argument("--arch", type=names, default=None,
+                   help="comma list of architectures: relu_l1 (default, the report's), topk, batchtopk, jumprelu")
+    g.add_argument("--k", type=ints, help="comma list of k (active latents) for topk and batchtopk")
+    g.add_argument("--l0", type=floats, help="comma list of L0 coefficients lambda for jumprelu")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int)
@@ -72,6 +96,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="matmul operands (float32 accumulation; weights, Adam, loss stay float32)")
     t.add_argument("--fused-step", action="store_true", default=None,
                    help="the group's gradients by hand in fast layouts (always on in bfloat16)")
+    a = p.add_argument_group("architectures other than relu_l1")
+    a.add_argument("--aux-k-coeff", type=float, help="AuxK dead-latent loss coefficient (0: off; Gao et al.: 1/32)")
+    a.add_argument("--aux-k", type=int, help="AuxK's k_aux (default d/2)")
+    a.add_argument("--jumprelu-bandwidth", type=float, help="JumpReLU straight-through kernel width")
+    a.add_argument("--init-threshold", type=float, help="JumpReLU's initial threshold")
+    a.add_argument("--threshold-decay", type=float, help="BatchTopK threshold average decay")
     r = p.add_argument_group("resampling (on in --recipe fast)")
     r.add_argument("--resample-every", type=int)
     r.add_argument("--resample-pool", type=int,
@@ -124,10 +154,11 @@ def cmd_toy(args: argparse.Namespace) -> int:
                           fresh_z=not args.fixed_z, corr_strength=args.corr_strength,
                           zipf=args.zipf, hierarchy=args.hierarchy, nonneg=args.nonneg,
                           jitter=args.jitter, noise=args.noise).validate()
-    spec = grid.GridSpec.from_ratios(pick("l1", "l1_coeff"), pick("ratios"), world.features, pick("seeds"))
+    spec = grid.GridSpec.from_ratios(pick("l1", "l1_coeff"), pick("ratios"), world.features, pick("seeds"),
+                                     **_arch_axes(args))
     overrides = _train_overrides(args)
     train = recipes.train_config(args.recipe, steps, overrides, preset)
-    custom = any(getattr(args, k) is not None for k in ("d", "features", "l1", "ratios"))
+    custom = any(getattr(args, k) is not None for k in ("d", "features", "l1", "ratios", "arch"))
     appendix = args.appendix or not (args.no_appendix or custom)
     data = run.ToyData(world, preset.denoise_noise if appendix else (), min(preset.denoise_steps, steps))
     opts = _run_options(args, f"runs/toy-{args.preset}", steps, overrides)
@@ -141,7 +172,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     data = run.StoreData.open(args.activations, args.buffer_rows, args.tensor)
     d = data.store.d
     steps = 5000 if args.steps is None else args.steps
-    if args.l1 is None:
+    axes = _arch_axes(args)
+    if args.l1 is None and "relu_l1" in axes["archs"]:
         raise UsageError("--l1 is required (a comma list of L1 coefficients)")
     if (args.ratios is None) == (args.dict_sizes is None):
         raise UsageError("give exactly one of --ratios (of the activation width) or --dict-sizes")
@@ -150,12 +182,18 @@ def cmd_grid(args: argparse.Namespace) -> int:
         if any(m <= 0 or m != int(m) for m in args.dict_sizes):
             raise UsageError(f"--dict-sizes must be positive integers, got {list(args.dict_sizes)}")
         sizes = [m / d for m in args.dict_sizes]
-    spec = grid.GridSpec.from_ratios(args.l1, sizes, d, args.seeds or 1)
+    spec = grid.GridSpec.from_ratios(args.l1 or (), sizes, d, args.seeds or 1, **axes)
     overrides = _train_overrides(args)
     train = recipes.train_config(args.recipe, steps, overrides)
     opts = _run_options(args, "runs/grid", steps, overrides)
     _summary(run.run(spec, train, opts, data, compare_toy=args.compare_toy), opts.out, opts.figures)
     return 0
+
+
+def _arch_axes(args: argparse.Namespace) -> dict:
+    """GridSpec's architecture fields from --arch, --k and --l0."""
+    archs = args.arch or ("relu_l1",)
+    return {"archs": archs, "k": args.k or (), "l0_coeff": args.l0 or ()}
 
 
 def _summary(out: dict, path: str, figures: bool) -> None:
@@ -166,10 +204,17 @@ def _summary(out: dict, path: str, figures: bool) -> None:
     s = out.get("suggested") or {}
     opt = out.get("ground_truth_optimum")
     print(f"wrote {path}/results.json, dictionaries.npz" + (", REPORT.md and figures/" if figures else ""))
-    if opt:
-        print(f"best MMCS {opt['mmcs']:.4f} at ratio {opt['ratio']:g}, alpha {opt['l1']:.3g}")
-    if s.get("ratio") is not None:
-        print(f"suggested without ground truth: ratio {s['ratio']:g}, alpha {s['l1']:.3g} ({s['summary']})")
+    from sae_jax import archs
+
+    for a, res in (out.get("by_arch") or {"": {"suggested": s, "ground_truth_optimum": opt}}).items():
+        s, opt = res.get("suggested") or {}, res.get("ground_truth_optimum")
+        key = archs.SPARSITY_KEY[s.get("arch") or "relu_l1"]
+        name = archs.SPARSITY_NAME[s.get("arch") or "relu_l1"]
+        head = f"{a}: " if a else ""
+        if opt:
+            print(f"{head}best MMCS {opt['mmcs']:.4f} at ratio {opt['ratio']:g}, {name} {opt[key]:.3g}")
+        if s.get("ratio") is not None:
+            print(f"{head}suggested without ground truth: ratio {s['ratio']:g}, {name} {s[key]:.3g} ({s['summary']})")
 
 
 def build_parser() -> argparse.ArgumentParser:

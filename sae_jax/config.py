@@ -9,7 +9,7 @@ import math
 
 import optax
 
-from sae_jax import fused, resample, sae
+from sae_jax import archs, fused, resample, sae
 from sae_jax.errors import UsageError
 
 
@@ -38,6 +38,12 @@ class TrainConfig:
     # float32. bfloat16 always takes the fused step.
     compute_dtype: str = "float32"
     fused_step: bool = False  # the group's gradients by hand (sae_jax.fused), not autodiff
+    # Architectures other than the report's relu_l1 (sae_jax.archs):
+    aux_k_coeff: float = 0.0  # AuxK loss coefficient (0: off; Gao et al. use 1/32)
+    aux_k: int = 0  # AuxK's k_aux: dead latents reconstructing the residual (0: d / 2)
+    jumprelu_bandwidth: float = 0.05  # the straight-through kernel width eps (pre-activation units)
+    init_threshold: float = 0.05  # jumprelu's initial theta (and batchtopk's before step 0)
+    threshold_decay: float = 0.99  # batchtopk: theta's exponential average (after 1/(1-decay) steps of a plain mean)
 
     def validate(self) -> "TrainConfig":
         checks = [(n, "must be finite", math.isfinite) for n in ("lr", "b1", "b2")] + [
@@ -46,7 +52,12 @@ class TrainConfig:
             ("l1_convention", f"must be one of {sae.L1_CONVENTIONS}", lambda v: v in sae.L1_CONVENTIONS),
             ("dead_window", "must be >= 1", lambda v: v >= 1),
             ("compute_dtype", f"must be one of {', '.join(fused.COMPUTE_DTYPES)}",
-             lambda v: v in fused.COMPUTE_DTYPES)] + [
+             lambda v: v in fused.COMPUTE_DTYPES),
+            ("aux_k_coeff", "must be finite and >= 0", lambda v: math.isfinite(v) and v >= 0),
+            ("aux_k", "must be >= 0", lambda v: v >= 0),
+            ("jumprelu_bandwidth", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),
+            ("init_threshold", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),
+            ("threshold_decay", "must be in [0, 1)", lambda v: 0 <= v < 1)] + [
             (n, "must be >= 0", lambda v: v >= 0) for n in ("lr_warmup", "lr_decay_steps", "l1_warmup")]
         for name, must, ok in checks:
             if not ok(getattr(self, name)):
@@ -64,6 +75,10 @@ class TrainConfig:
         d.update({k: d["resample"][f] for k, f in resample.FIELDS.items()})
         del d["resample"]
         return d
+
+    @property
+    def arch_options(self) -> "archs.ArchOptions":
+        return archs.ArchOptions(self.jumprelu_bandwidth, self.aux_k_coeff, self.aux_k)
 
     def adam(self) -> optax.GradientTransformation:
         return optax.scale_by_adam(self.b1, self.b2, self.eps)

@@ -74,7 +74,7 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     if convention not in sae.L1_CONVENTIONS:
         raise ValueError(f"l1 convention must be one of {sae.L1_CONVENTIONS}, got {convention!r}")
     dt = jnp.dtype(compute_dtype)
-    w_CxMxD, b_CxM, d_CxMxD = params
+    w_CxMxD, b_CxM, d_CxMxD = params.W_enc_MxD, params.b_enc_M, params.D_MxD
     n_cells, m, d = w_CxMxD.shape
     batch = x_BxD.shape[-2]
     if target_BxD is None and x_BxD.ndim == 3:

@@ -1,8 +1,9 @@
-"""A whole grid of SAEs (L1 coefficient x dictionary size x seed) trained in one jitted step.
+"""A whole grid of SAEs (architecture x sparsity x dictionary size x seed) trained in one jitted step.
 
-Cells are grouped by dictionary size. Each group is one pytree whose leaves carry a leading cell
-axis C; the step is a tuple of `jax.vmap`-ed updates, one per group, compiled together, so a
-256-latent SAE is never padded up to 8192 latents. Per-cell hyperparameters (alpha, learning
+Cells are grouped by (architecture, dictionary size, and k for TopK/BatchTopK): everything static
+about a cell is its group's. Each group is one pytree whose leaves carry a leading cell axis C;
+the step is a tuple of `jax.vmap`-ed updates, one per group, compiled together, so a 256-latent
+SAE is never padded up to 8192 latents. Per-cell hyperparameters (alpha or lambda, learning
 rate) are arrays in the state, so they are checkpointed and sharded with the parameters.
 
 Every cell of a step sees the same batch, drawn from key fold_in(data_key, step); a cell's
@@ -13,10 +14,9 @@ steps are chunked or resumed.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,110 +24,22 @@ import numpy as np
 import optax
 from flax import struct
 
-from sae_jax import fused, resample, sae, toy
+from sae_jax import archs, fused, resample, sae, toy
 from sae_jax.config import TrainConfig  # noqa: F401  (re-exported: grid.TrainConfig)
 from sae_jax.errors import UsageError
+from sae_jax.spec import CellSpec, GridSpec  # noqa: F401  (re-exported: grid.CellSpec, grid.GridSpec)
 
 Array = jax.Array
-
-
-# ----------------------------------------------------------------------------- specification
-@dataclasses.dataclass(frozen=True)
-class CellSpec:
-    """One cell of the grid: its hyperparameters and where its state lives."""
-
-    index: int
-    l1_coeff: float  # alpha
-    dict_size: int
-    ratio: float
-    seed: int
-    group: int
-    slot: int  # position inside its size group
-    noise: float = 0.0  # input-noise std (denoising grids)
-
-
-@dataclasses.dataclass(frozen=True)
-class GridSpec:
-    """The grid: every (alpha, dict_size, noise, seed). Cells are ordered size-major, then alpha,
-    then input-noise std (denoising; (0,) for plain autoencoders), then seed."""
-
-    l1_coeff: tuple[float, ...]  # alpha
-    dict_sizes: tuple[int, ...]
-    seeds: tuple[int, ...] = (0,)
-    features: int | None = None  # h, when sizes came from ratios (for reporting only)
-    noise: tuple[float, ...] = (0.0,)
-
-    @classmethod
-    def from_ratios(cls, l1_coeff: Sequence[float], ratios: Sequence[float], features: int,
-                    seeds: int | Sequence[int] = 1, noise: Sequence[float] = (0.0,)) -> "GridSpec":
-        """Dictionary sizes m = round(ratio * features)."""
-        _check_positive("ratios", ratios)
-        sizes = tuple(max(1, int(round(r * features))) for r in ratios)
-        if isinstance(seeds, int):
-            if seeds < 1:
-                raise UsageError(f"`seeds` must be >= 1, got {seeds}", field="seeds")
-            seeds = tuple(range(seeds))
-        return cls(tuple(float(a) for a in l1_coeff), sizes, tuple(seeds), features,
-                   tuple(float(n) for n in noise)).validate()
-
-    def validate(self) -> "GridSpec":
-        if not self.l1_coeff:
-            raise UsageError("`l1_coeff` needs at least one value", field="l1_coeff")
-        for a in self.l1_coeff:
-            if not (math.isfinite(a) and a >= 0):
-                raise UsageError(f"`l1_coeff` values must be finite and >= 0, got {a}", field="l1_coeff")
-        if not self.dict_sizes:
-            raise UsageError("`dict_sizes` needs at least one value", field="dict_sizes")
-        _check_positive("dict_sizes", self.dict_sizes)
-        if any(m != int(m) for m in self.dict_sizes):
-            raise UsageError(f"dictionary sizes must be integers, got {list(self.dict_sizes)}", field="dict_sizes")
-        if len(set(self.dict_sizes)) != len(self.dict_sizes):
-            raise UsageError(f"dictionary sizes must be distinct, got {list(self.dict_sizes)}", field="dict_sizes")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise UsageError(f"`seeds` must be >= 1 distinct seeds, got {list(self.seeds)}", field="seeds")
-        for n in self.noise:
-            if not (math.isfinite(n) and n >= 0):
-                raise UsageError(f"noise std values must be finite and >= 0, got {n}", field="noise")
-        return self
-
-    @property
-    def denoising(self) -> bool:
-        return any(n > 0 for n in self.noise)
-
-    def ratio(self, m: int) -> float:
-        return m / self.features if self.features else float(m)
-
-    def cells(self) -> list[CellSpec]:
-        out = []
-        for g, m in enumerate(self.dict_sizes):
-            slot = 0
-            for a in self.l1_coeff:
-                for n in self.noise:
-                    for s in self.seeds:
-                        out.append(CellSpec(len(out), a, m, self.ratio(m), s, g, slot, n))
-                        slot += 1
-        return out
-
-    def to_dict(self) -> dict:
-        """As results.json and checkpoints record it (alpha under `l1`; lists)."""
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        return {("l1" if k == "l1_coeff" else k): v for k, v in d.items()}
-
-
-def _check_positive(name: str, values: Iterable[float]) -> None:
-    for v in values:
-        if not (math.isfinite(v) and v > 0):
-            raise UsageError(f"`{name}` must be > 0, got {v}", field=name)
 
 
 # ----------------------------------------------------------------------------- state
 @struct.dataclass
 class GroupState:
-    """The state of one size group's cells; every leaf has a leading cell axis C."""
+    """The state of one group's cells; every leaf has a leading cell axis C."""
 
     params: sae.SAEParams
     opt: optax.ScaleByAdamState
-    l1_coeff: Array  # (C,)
+    l1_coeff: Array  # (C,) the sparsity coefficient: alpha (relu_l1), lambda (jumprelu), else 0
     lr: Array  # (C,)
     noise: Array  # (C,) input-noise std
     since_fired: Array  # (C, M) int32: steps since the latent last fired
@@ -136,6 +48,7 @@ class GroupState:
     valid: Array  # (C,) bool: False for inert padding cells
     pool_x: Array  # (C, K, d): the worst-reconstructed input of each of the last K steps (the
     #                resampling pool; row t mod K is written at step t)
+    arch: archs.Arch = struct.field(pytree_node=False, default=archs.RELU_L1)  # static
 
     @property
     def dict_size(self) -> int:
@@ -175,14 +88,17 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
     init_key, data_key = jax.random.split(key)
     cells = spec.cells()
     groups = []
-    for g, m in enumerate(spec.dict_sizes):
+    for g, (arch, m) in enumerate(spec.groups()):
         mine = [c for c in cells if c.group == g]
         keys = jnp.stack([cell_key(init_key, m, c.seed) for c in mine])
         params = _init_group(keys, d, m, cfg.tied_init)
+        if arch.has_threshold:
+            params = sae.ThresholdSAEParams(*params, jnp.full(
+                (len(mine), m), math.log(cfg.init_threshold), jnp.float32))
         groups.append(GroupState(
             params=params,
             opt=jax.vmap(cfg.adam().init)(params),
-            l1_coeff=jnp.asarray([c.l1_coeff for c in mine], jnp.float32),
+            l1_coeff=jnp.asarray([c.coeff for c in mine], jnp.float32),
             noise=jnp.asarray([c.noise for c in mine], jnp.float32),
             lr=jnp.full((len(mine),), cfg.lr, jnp.float32),
             since_fired=jnp.zeros((len(mine), m), jnp.int32),
@@ -190,6 +106,7 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
             n_resampled=jnp.zeros((len(mine),), jnp.int32),
             valid=jnp.ones((len(mine),), bool),
             pool_x=jnp.zeros((len(mine), cfg.resample.pool_size, d), jnp.float32),
+            arch=arch,
         ))
     return pad(GridState(tuple(groups), jnp.zeros((), jnp.int32), data_key), pad_multiple)
 
@@ -211,7 +128,7 @@ def pad(state: GridState, multiple: int) -> GridState:
 def unpad(state: GridState, spec: GridSpec) -> GridState:
     """The state without inert padding cells (what checkpoints hold, so that a run can resume
     on a different number of devices)."""
-    counts = [sum(1 for c in spec.cells() if c.group == g) for g in range(len(spec.dict_sizes))]
+    counts = [sum(1 for c in spec.cells() if c.group == g) for g in range(len(spec.groups()))]
     return state.replace(groups=tuple(jax.tree.map(lambda a: a[:n], g)
                                       for g, n in zip(state.groups, counts)))
 
@@ -240,11 +157,24 @@ def _sq_norm(tree: Any) -> Array:
 def cell_update(cell: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array, l1_mult: Array,
                 cfg: TrainConfig, step: Array) -> tuple[GroupState, tuple[Array, Array]]:
     """One Adam step of one cell (unbatched leaves) on input x + noise * eps, target x, with the
-    gradient of `sae.loss` by autodiff (the float32 reference path)."""
+    gradient of its architecture's loss (`archs.loss`; `sae.loss` for the report's SAE) by
+    autodiff. BatchTopK's threshold then moves towards the batch's smallest kept activation."""
     x_in = x_BxD if eps_BxD is None else x_BxD + cell.noise * eps_BxD
-    (total, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(
-        cell.params, x_in, cell.l1_coeff * l1_mult, cfg.l1_convention, x_BxD)
-    return apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
+    coeff = cell.l1_coeff * l1_mult
+    if cell.arch == archs.RELU_L1 and not cfg.aux_k_coeff:
+        (total, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(
+            cell.params, x_in, coeff, cfg.l1_convention, x_BxD)
+        return apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
+    dead = cell.since_fired >= cfg.dead_window
+    (total, (aux, kth)), grads = jax.value_and_grad(archs.loss, has_aux=True)(
+        cell.params, x_in, coeff, cell.arch, cfg.l1_convention, x_BxD, cfg.arch_options, dead)
+    new, out = apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
+    if cell.arch.name == "batchtopk":  # running mean, then an exponential one
+        theta = jnp.exp(cell.params.log_threshold_M)
+        w = jnp.maximum(1.0 - cfg.threshold_decay, 1.0 / (step.astype(jnp.float32) + 1.0))
+        theta = jnp.where(new.diverged, theta, theta + w * (kth - theta))
+        new = new.replace(params=new.params._replace(log_threshold_M=jnp.log(jnp.maximum(theta, 1e-30))))
+    return new, out
 
 
 def apply_grads(cell: GroupState, grads: sae.SAEParams, total: Array, aux: sae.LossAux,
@@ -276,10 +206,10 @@ def apply_grads(cell: GroupState, grads: sae.SAEParams, total: Array, aux: sae.L
 def group_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array,
                  l1_mult: Array, cfg: TrainConfig,
                  step: Array) -> tuple[GroupState, tuple[Array, Array]]:
-    """One Adam step of every cell of a size group. With `cfg.fused_step` (always in bfloat16)
-    the whole group's gradients come from `fused.group_loss_and_grad`; otherwise from autodiff,
+    """One Adam step of every cell of a group. With `cfg.fused_step` (always in bfloat16) a
+    relu_l1 group's gradients come from `fused.group_loss_and_grad`; otherwise from autodiff,
     cell by cell under vmap."""
-    if not cfg.uses_fused_step:
+    if not cfg.uses_fused_step or group.arch != archs.RELU_L1 or cfg.aux_k_coeff:
         return jax.vmap(cell_update, in_axes=(0, None, None, None, None, None, None))(
             group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
     x_in = x_BxD if eps_BxD is None else x_BxD + group.noise[:, None, None] * eps_BxD

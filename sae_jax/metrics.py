@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import sae
+from sae_jax import archs, sae
 
 Array = jax.Array
 
@@ -64,10 +64,12 @@ def dead_latents(since_fired: Array, window: int = 10) -> Array:
 
 
 def reconstruction_stats(params: sae.SAEParams, x_BxD: Array, target_BxD: Array | None = None,
-                         convention: sae.L1Convention = "report") -> dict[str, Array]:
-    """recon_loss = mean (1/d)||t - x^||^2, l1_loss = mean L1(c), l0, fvu on one batch."""
+                         convention: sae.L1Convention = "report",
+                         arch: archs.Arch = archs.RELU_L1) -> dict[str, Array]:
+    """recon_loss = mean (1/d)||t - x^||^2, l1_loss = mean L1(c), l0, fvu on one batch (c: the
+    architecture's inference codes)."""
     t = x_BxD if target_BxD is None else target_BxD
-    c = sae.encode(params, x_BxD)
+    c = archs.encode(params, x_BxD, arch)
     err = t - sae.decode(params, c)
     return {
         "recon_loss": jnp.mean(jnp.square(err)),
@@ -77,12 +79,13 @@ def reconstruction_stats(params: sae.SAEParams, x_BxD: Array, target_BxD: Array 
     }
 
 
-@functools.partial(jax.jit, static_argnames=("convention",))
+@functools.partial(jax.jit, static_argnames=("convention", "arch"))
 def group_stats(params: sae.SAEParams, x_BxD: Array, target_BxD: Array,
-                convention: sae.L1Convention = "report") -> dict[str, Array]:
-    """reconstruction_stats for every cell of a stacked size group: each value is (C,)."""
-    return jax.vmap(reconstruction_stats, in_axes=(0, None, None, None))(
-        params, x_BxD, target_BxD, convention)
+                convention: sae.L1Convention = "report",
+                arch: archs.Arch = archs.RELU_L1) -> dict[str, Array]:
+    """reconstruction_stats for every cell of a stacked group: each value is (C,)."""
+    return jax.vmap(reconstruction_stats, in_axes=(0, None, None, None, None))(
+        params, x_BxD, target_BxD, convention, arch)
 
 
 def standardized_log(values: np.ndarray) -> np.ndarray:

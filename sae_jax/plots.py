@@ -1,6 +1,8 @@
 """The report's figures, drawn from a results dict (see sae_jax.results).
 
-Heatmaps put alpha on the y axis and the dictionary ratio on the x axis, as in the report.
+Heatmaps put alpha (or another architecture's sparsity setting: k, lambda) on the y axis and the
+dictionary ratio on the x axis, as in the report. A grid of several architectures gets one set
+of figures per architecture: the first in figures/, the others in figures/<arch>/.
 Diverged cells are drawn as a grey 'x' so that a skipped cell is visible, never silently blank.
 """
 
@@ -14,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sae_jax import metrics, quality  # noqa: E402
+from sae_jax import archs, metrics, quality  # noqa: E402
 
 # name -> (cell key, title, colour map) for the (alpha x ratio) heatmaps.
 HEATMAPS = {
@@ -32,8 +34,8 @@ LM_HEATMAPS = {
 }
 
 
-def _axes(cells: list[dict], x_key: str = "ratio") -> tuple[list[float], list[float]]:
-    return sorted({c["l1"] for c in cells}), sorted({c[x_key] for c in cells})
+def _axes(cells: list[dict], x_key: str = "ratio", y_key: str = "l1") -> tuple[list[float], list[float]]:
+    return sorted({c[y_key] for c in cells}), sorted({c[x_key] for c in cells})
 
 
 def _value(c: dict, key: str) -> float:
@@ -42,10 +44,10 @@ def _value(c: dict, key: str) -> float:
 
 def heatmap(cells: list[dict], key: str, title: str, path: str, cmap: str = "viridis",
             x_key: str = "ratio", x_label: str = "dictionary size / features",
-            mark: dict | None = None) -> str:
-    """One (alpha x x_key) heatmap of cells[key], averaged over seeds."""
-    l1_axis, x_axis = _axes(cells, x_key)
-    vals = metrics.plane([_value(c, key) for c in cells], [c["l1"] for c in cells],
+            mark: dict | None = None, y_key: str = "l1", y_label: str = "L1 coefficient alpha") -> str:
+    """One (y_key x x_key) heatmap of cells[key] (y_key: alpha by default), averaged over seeds."""
+    l1_axis, x_axis = _axes(cells, x_key, y_key)
+    vals = metrics.plane([_value(c, key) for c in cells], [c[y_key] for c in cells],
                          [c[x_key] for c in cells], l1_axis, x_axis)
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(x_axis), 1.2 + 0.35 * len(l1_axis)))
     im = ax.imshow(vals, origin="lower", aspect="auto", cmap=cmap)
@@ -53,21 +55,21 @@ def heatmap(cells: list[dict], key: str, title: str, path: str, cmap: str = "vir
     ax.set_xticks(range(len(x_axis)), [f"{x:g}" for x in x_axis])
     ax.set_yticks(range(len(l1_axis)), [f"{a:.3g}" for a in l1_axis])
     ax.set_xlabel(x_label)
-    ax.set_ylabel("L1 coefficient alpha")
+    ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)
     for c in cells:
         if c["diverged"]:
-            ax.text(x_axis.index(c[x_key]), l1_axis.index(c["l1"]), "x", ha="center",
+            ax.text(x_axis.index(c[x_key]), l1_axis.index(c[y_key]), "x", ha="center",
                     va="center", color="grey", fontsize=12)
     if mark is not None and mark.get("ratio") is not None and x_key == "ratio":
-        ax.plot(x_axis.index(mark["ratio"]), l1_axis.index(mark["l1"]), marker="s", ms=14,
+        ax.plot(x_axis.index(mark["ratio"]), l1_axis.index(mark[y_key]), marker="s", ms=14,
                 mfc="none", mec="red", mew=2)
         ax.set_title(f"{title}\n(red square: suggested without ground truth)", fontsize=9)
     return _save(fig, path)
 
 
 def lines(cells: list[dict], key: str, x_key: str, series_key: str, path: str, title: str,
-          logy: bool = False, only: dict | None = None) -> str:
+          logy: bool = False, only: dict | None = None, x_label: str | None = None) -> str:
     """cells[key] against x_key, one line per value of series_key (log x axis)."""
     cells = [c for c in cells if all(c[k] == v for k, v in (only or {}).items())]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -81,7 +83,7 @@ def lines(cells: list[dict], key: str, x_key: str, series_key: str, path: str, t
     ax.minorticks_off()
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(x_key)
+    ax.set_xlabel(x_label or x_key)
     ax.set_ylabel(key)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=6, ncol=2)
@@ -98,39 +100,64 @@ def _save(fig, path: str) -> str:
 
 
 def toy_figures(results: dict, fig_dir: str) -> dict[str, str]:
-    """Figures 1-10 (and the denoising appendix when present). Returns name -> path."""
-    cells = results["cells"]
-    mark = results.get("suggested")
+    """Figures 1-10 (and the denoising appendix when present) per architecture. Returns name -> path
+    (names of architectures after the first are prefixed "<arch>/")."""
+    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
     out = {}
-    ratios = sorted({c["ratio"] for c in cells})
-    r1 = min(ratios, key=lambda r: abs(np.log(r)))
-    out["fig01_mmcs_vs_l1"] = lines(cells, "mmcs", "l1", "ratio", f"{fig_dir}/fig01_mmcs_vs_l1.png",
-                                    f"MMCS against alpha (ratio {r1:g})", only={"ratio": r1})
-    out["fig02_mmcs_vs_ratio"] = lines(cells, "mmcs", "ratio", "l1", f"{fig_dir}/fig02_mmcs_vs_ratio.png",
-                                       "MMCS against dictionary size / features")
-    out["fig05_recon_vs_l1"] = lines(cells, "recon_loss", "l1", "ratio", f"{fig_dir}/fig05_recon_vs_l1.png",
-                                     "Reconstruction loss against alpha", logy=True)
-    out["fig06_l1_vs_l1"] = lines(cells, "l1_loss", "l1", "ratio", f"{fig_dir}/fig06_l1_vs_l1.png",
-                                  "L1 loss against alpha", logy=True)
-    for name, (key, title, cmap) in HEATMAPS.items():
-        if any(c.get(key) is not None for c in cells):
-            out[name] = heatmap(cells, key, title, f"{fig_dir}/{name}.png", cmap, mark=mark)
-    if results.get("denoising"):
-        dn = results["denoising"]["cells"]
-        out["appendix_denoising"] = heatmap(
-            dn, "mmcs", "Denoising: MMCS (dictionary size = h)", f"{fig_dir}/appendix_denoising.png",
-            x_key="noise", x_label="input noise std")
-    out.update(quality.density_figure(results, fig_dir))
+    for i, arch in enumerate(names):
+        mark = results.get("suggested") if i == 0 else results["by_arch"][arch]["suggested"]
+        cells = [c for c in results["cells"] if c.get("arch", "relu_l1") == arch]
+        sub = fig_dir if i == 0 else os.path.join(fig_dir, arch)
+        figs = _arch_figures(cells, mark, sub, arch)
+        if i == 0 and results.get("denoising"):
+            dn = results["denoising"]["cells"]
+            figs["appendix_denoising"] = heatmap(
+                dn, "mmcs", "Denoising: MMCS (dictionary size = h)", f"{fig_dir}/appendix_denoising.png",
+                x_key="noise", x_label="input noise std")
+        figs.update(quality.density_figure({"cells": cells}, sub, archs.SPARSITY_KEY[arch],
+                                           archs.SPARSITY_NAME[arch]))
+        out.update({(name if i == 0 else f"{arch}/{name}"): p for name, p in figs.items()})
     return dict(sorted(out.items()))
 
 
+def _arch_figures(cells: list[dict], mark: dict | None, fig_dir: str, arch: str) -> dict[str, str]:
+    """The report's figures 1-10 for one architecture's cells, its sparsity setting as alpha."""
+    y, name, label = archs.SPARSITY_KEY[arch], archs.SPARSITY_NAME[arch], archs.SPARSITY_LABEL[arch]
+    pre = "" if arch == "relu_l1" else f"{arch}: "
+    out = {}
+    ratios = sorted({c["ratio"] for c in cells})
+    r1 = min(ratios, key=lambda r: abs(np.log(r)))
+    out["fig01_mmcs_vs_l1"] = lines(cells, "mmcs", y, "ratio", f"{fig_dir}/fig01_mmcs_vs_l1.png",
+                                    f"{pre}MMCS against {name} (ratio {r1:g})", only={"ratio": r1}, x_label=label)
+    out["fig02_mmcs_vs_ratio"] = lines(cells, "mmcs", "ratio", y, f"{fig_dir}/fig02_mmcs_vs_ratio.png",
+                                       f"{pre}MMCS against dictionary size / features")
+    out["fig05_recon_vs_l1"] = lines(cells, "recon_loss", y, "ratio", f"{fig_dir}/fig05_recon_vs_l1.png",
+                                     f"{pre}Reconstruction loss against {name}", logy=True, x_label=label)
+    out["fig06_l1_vs_l1"] = lines(cells, "l1_loss", y, "ratio", f"{fig_dir}/fig06_l1_vs_l1.png",
+                                  f"{pre}L1 loss against {name}", logy=True, x_label=label)
+    for fig, (key, title, cmap) in HEATMAPS.items():
+        if any(c.get(key) is not None for c in cells):
+            out[fig] = heatmap(cells, key, pre + title, f"{fig_dir}/{fig}.png", cmap, mark=mark,
+                               y_key=y, y_label=label)
+    return out
+
+
 def lm_figures(results: dict, fig_dir: str) -> dict[str, str]:
-    """Figures 11-13 on activations without ground truth, plus the loss curves."""
-    cells = results["cells"]
-    out = {name: heatmap(cells, key, f"LM activations: {title}", f"{fig_dir}/{name}.png", cmap,
-                         mark=results.get("suggested"))
-           for name, (key, title, cmap) in LM_HEATMAPS.items()}
-    out["lm_recon_vs_l1"] = lines(cells, "recon_loss", "l1", "ratio", f"{fig_dir}/lm_recon_vs_l1.png",
-                                  "LM activations: reconstruction loss against alpha", logy=True)
-    out.update(quality.density_figure(results, fig_dir))
+    """Figures 11-13 on activations without ground truth, plus the loss curves (per architecture,
+    as in `toy_figures`)."""
+    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
+    out = {}
+    for i, arch in enumerate(names):
+        mark = results.get("suggested") if i == 0 else results["by_arch"][arch]["suggested"]
+        cells = [c for c in results["cells"] if c.get("arch", "relu_l1") == arch]
+        sub = fig_dir if i == 0 else os.path.join(fig_dir, arch)
+        y, name, label = archs.SPARSITY_KEY[arch], archs.SPARSITY_NAME[arch], archs.SPARSITY_LABEL[arch]
+        figs = {fig: heatmap(cells, key, f"LM activations: {title}", f"{sub}/{fig}.png", cmap,
+                             mark=mark, y_key=y, y_label=label)
+                for fig, (key, title, cmap) in LM_HEATMAPS.items()}
+        figs["lm_recon_vs_l1"] = lines(cells, "recon_loss", y, "ratio", f"{sub}/lm_recon_vs_l1.png",
+                                       f"LM activations: reconstruction loss against {name}", logy=True,
+                                       x_label=label)
+        figs.update(quality.density_figure({"cells": cells}, sub, y, name))
+        out.update({(f if i == 0 else f"{arch}/{f}"): p for f, p in figs.items()})
     return out

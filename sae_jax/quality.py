@@ -21,17 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import sae
+from sae_jax import archs, sae
 
 Array = jax.Array
 DENSITY_BINS = np.linspace(-6.0, 0.0, 25)  # log10 firing frequency (outer bins open); dead latents excluded
 KEYS = ("explained_variance", "l2_ratio", "rel_recon_bias", "frac_alive")
 
 
-def cell_quality(params: sae.SAEParams, x_NxD: Array) -> dict[str, Array]:
+def cell_quality(params: sae.SAEParams, x_NxD: Array, arch: archs.Arch = archs.RELU_L1) -> dict[str, Array]:
     """The KEYS above, plus "firing_freq" (m,) and "density_hist" (len(DENSITY_BINS) − 1,), for one cell."""
     x = x_NxD.astype(jnp.float32)
-    c = sae.encode(params, x)
+    c = archs.encode(params, x, arch)
     x_hat = sae.decode(params, c)
     err = jnp.mean(jnp.sum(jnp.square(x - x_hat), -1))
     total = jnp.mean(jnp.sum(jnp.square(x), -1)) - jnp.sum(jnp.square(jnp.mean(x, 0)))
@@ -52,12 +52,12 @@ def cell_quality(params: sae.SAEParams, x_NxD: Array) -> dict[str, Array]:
     }
 
 
-_group_quality = jax.jit(jax.vmap(cell_quality, in_axes=(0, None)))
+_group_quality = jax.jit(jax.vmap(cell_quality, in_axes=(0, None, None)), static_argnums=2)
 
 
 def annotate(cells: list[dict], state, spec, x_eval: Array) -> None:
     """Add the KEYS and "density_hist" to each cell dict of `results.evaluate` (one transfer per group)."""
-    per_group = [jax.device_get(_group_quality(g.params, jnp.asarray(x_eval))) for g in state.groups]
+    per_group = [jax.device_get(_group_quality(g.params, jnp.asarray(x_eval), g.arch)) for g in state.groups]
     for cell, c in zip(cells, spec.cells()):
         q = {k: v[c.slot] for k, v in per_group[c.group].items()}
         ok = not cell.get("diverged")
@@ -67,8 +67,9 @@ def annotate(cells: list[dict], state, spec, x_eval: Array) -> None:
         cell["density_hist"] = [int(n) for n in q["density_hist"]] if ok else None
 
 
-def density_figure(results: dict, fig_dir: str) -> dict[str, str]:
-    """figures/latent_density.png: per dictionary size, each α's histogram of log10 firing frequency."""
+def density_figure(results: dict, fig_dir: str, y_key: str = "l1", y_name: str = "α") -> dict[str, str]:
+    """figures/latent_density.png: per dictionary size, each α's (or k's, λ's: `y_key`) histogram
+    of log10 firing frequency."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,13 +81,13 @@ def density_figure(results: dict, fig_dir: str) -> dict[str, str]:
     sizes = sorted({c["dict_size"] for c in cells})
     fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes), 2.8), squeeze=False, sharey=False)
     centres = (DENSITY_BINS[:-1] + DENSITY_BINS[1:]) / 2
-    alphas = sorted({c["l1"] for c in cells})
+    alphas = sorted({c[y_key] for c in cells})
     cmap = plt.get_cmap("viridis")
     seed = min(c["seed"] for c in cells)
     for ax, m in zip(axes[0], sizes):
         for c in (c for c in cells if c["dict_size"] == m and c["seed"] == seed):
-            colour = cmap(alphas.index(c["l1"]) / max(len(alphas) - 1, 1))
-            ax.step(centres, c["density_hist"], where="mid", color=colour, label=f"α {c['l1']:.3g}")
+            colour = cmap(alphas.index(c[y_key]) / max(len(alphas) - 1, 1))
+            ax.step(centres, c["density_hist"], where="mid", color=colour, label=f"{y_name} {c[y_key]:.3g}")
         ax.set_title(f"m = {m}")
         ax.set_xlabel("log10 firing frequency")
     axes[0][0].set_ylabel("live latents")

@@ -34,53 +34,54 @@ CELL_COLUMNS = [("index", "cell", ""), ("l1", "alpha", ".3g"), ("ratio", "ratio"
                 ("diverged", "diverged", "")]
 
 
-def reading(results: dict) -> list[str]:
-    """Plain statements read off the results (each one checked, none hard-coded)."""
+def reading(results: dict, key: str = "l1", name: str = "alpha") -> list[str]:
+    """Plain statements read off the results (each one checked, none hard-coded); `key` and
+    `name`: the sparsity setting (alpha, k, lambda) of the architecture the cells have."""
     cells = [c for c in results["cells"] if not c["diverged"]]
     out = []
     scored = [c for c in cells if c.get("mmcs") is not None]
     if scored:
         ratios = sorted({c["ratio"] for c in scored})
         r1 = min(ratios, key=lambda r: abs(np.log(r)))
-        at1 = sorted((c for c in scored if c["ratio"] == r1), key=lambda c: c["l1"])
+        at1 = sorted((c for c in scored if c["ratio"] == r1), key=lambda c: c[key])
         best = max(at1, key=lambda c: c["mmcs"])
-        out.append(f"At ratio {r1:g} the best MMCS is {best['mmcs']:.3f}, at alpha {best['l1']:.3g}.")
-        band = [c["l1"] for c in at1 if c["mmcs"] >= 0.95]
+        out.append(f"At ratio {r1:g} the best MMCS is {best['mmcs']:.3f}, at {name} {best[key]:.3g}.")
+        band = [c[key] for c in at1 if c["mmcs"] >= 0.95]
         if band:
-            out.append(f"MMCS >= 0.95 holds for alpha in [{min(band):.3g}, {max(band):.3g}] "
+            out.append(f"MMCS >= 0.95 holds for {name} in [{min(band):.3g}, {max(band):.3g}] "
                        f"({np.log10(max(band) / min(band)):.2f} decades) at ratio {r1:g}.")
         dead_in_band = [c for c in at1 if c["mmcs"] >= 0.95 and c["dead"] > 0]
-        above = [c for c in at1 if band and c["l1"] > max(band) and c["dead"] > 0]
+        above = [c for c in at1 if band and c[key] > max(band) and c["dead"] > 0]
         out.append(f"Dead latents inside that band: {len(dead_in_band)} cells; "
-                   f"above it: {len(above)} of {sum(1 for c in at1 if band and c['l1'] > max(band))} cells.")
+                   f"above it: {len(above)} of {sum(1 for c in at1 if band and c[key] > max(band))} cells.")
         if dead_in_band:
             worst = max(c["dead"] for c in dead_in_band)
-            alphas = ", ".join(f"{c['l1']:.3g}" for c in dead_in_band)
+            settings = ", ".join(f"{c[key]:.3g}" for c in dead_in_band)
             out.append(f"This differs from the report, which saw no dead latents at ratio {r1:g} inside "
                        f"the band: here up to {worst} of {dead_in_band[0]['dict_size']} latents are dead at "
-                       f"alpha {alphas} (figure 4), while MMCS "
+                       f"{name} {settings} (figure 4), while MMCS "
                        "stays high (probably latents of rare features that the L1 penalty silenced).")
         for r in ratios:
             col = [c["mmcs"] for c in scored if c["ratio"] == r]
-            out.append(f"Ratio {r:g}: best MMCS over alpha {max(col):.3f}.")
+            out.append(f"Ratio {r:g}: best MMCS over {name} {max(col):.3f}.")
     if not scored and cells:
         with_dead = [c for c in cells if c["dead"] > 0]
         out.append(f"{len(with_dead)} of {len(cells)} cells have dead latents"
-                   + (f"; the smallest alpha with any is {min(c['l1'] for c in with_dead):.3g}." if with_dead else "."))
+                   + (f"; the smallest {name} with any is {min(c[key] for c in with_dead):.3g}." if with_dead else "."))
         larger = [c for c in cells if c.get("mmcs_with_larger") is not None]
         if larger:
             top = max(larger, key=lambda c: c["mmcs_with_larger"])
             out.append(f"MMCS with larger dictionaries peaks at {top['mmcs_with_larger']:.3f} "
-                       f"(ratio {top['ratio']:g}, alpha {top['l1']:.3g}); on toy data it approaches 1 "
+                       f"(ratio {top['ratio']:g}, {name} {top[key]:.3g}); on toy data it approaches 1 "
                        "where the features are recovered.")
     s = results.get("suggested") or {}
     if s.get("ratio") is not None:
-        out.append(f"Without ground truth the methods suggest ratio {s['ratio']:g}, alpha {s['l1']:.3g} "
+        out.append(f"Without ground truth the methods suggest ratio {s['ratio']:g}, {name} {s[key]:.3g} "
                    f"({s['summary']}).")
         opt = results.get("ground_truth_optimum")
         if opt and s.get("mmcs") is not None:
             out.append(f"That cell's MMCS is {s['mmcs']:.3f}; the grid's best is {opt['mmcs']:.3f} "
-                       f"(ratio {opt['ratio']:g}, alpha {opt['l1']:.3g}), a gap of {opt['mmcs'] - s['mmcs']:.3f}.")
+                       f"(ratio {opt['ratio']:g}, {name} {opt[key]:.3g}), a gap of {opt['mmcs'] - s['mmcs']:.3f}.")
     if results.get("diverged_cells"):
         out.append(f"Diverged cells (skipped in figures, marked x): {results['diverged_cells']}.")
     return out
@@ -89,27 +90,40 @@ def reading(results: dict) -> list[str]:
 def write(out_dir: str, results: dict, figures: dict[str, str], title: str,
           notes: list[str] | None = None) -> str:
     """Writes DIR/REPORT.md and returns its path."""
+    from sae_jax import archs
+
     lines = [f"# {title}", ""]
     cfg = results.get("config", {})
     lines += ["## Configuration", "", "```", *(f"{k}: {v}" for k, v in cfg.items()), "```", ""]
-    lines += ["## What the figures show", "", *(f"- {r}" for r in reading(results) + (notes or [])), ""]
-    s = results.get("suggested") or {}
-    if s.get("methods"):
-        lines += ["## Hyperparameters chosen without ground truth", "",
-                  "| method | ratio | alpha | rule |", "|---|---|---|---|"]
-        for m in s["methods"]:
-            lines.append(f"| {m['method']} | {_fmt(m['ratio'], 'g')} | {_fmt(m['l1'], '.3g')} | {m['why']} |")
-        lines.append(f"| **combined** | {_fmt(s.get('ratio'), 'g')} | {_fmt(s.get('l1'), '.3g')} | "
-                     f"{s.get('summary', '')} |")
-        opt = results.get("ground_truth_optimum")
-        if opt:
-            lines.append(f"| ground-truth optimum | {opt['ratio']:g} | {opt['l1']:.3g} | "
-                         f"best MMCS {opt['mmcs']:.3f} (cell {opt['cell']}) |")
-        lines.append("")
+    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
+    per_arch = results.get("by_arch") or {names[0]: {"suggested": results.get("suggested"),
+                                                     "ground_truth_optimum": results.get("ground_truth_optimum")}}
+    if len(names) > 1:
+        lines += ["## Architectures side by side", "", *architecture_table(results), ""]
+    for arch in names:
+        key, name = archs.SPARSITY_KEY[arch], archs.SPARSITY_NAME[arch]
+        view = {**results, **per_arch[arch], "cells": [c for c in results["cells"] if c.get("arch", "relu_l1") == arch]}
+        head = "" if len(names) == 1 else f" ({arch})"
+        lines += [f"## What the figures show{head}", "",
+                  *(f"- {r}" for r in reading(view, key, name) + (notes if arch == names[0] and notes else [])), ""]
+        s = per_arch[arch].get("suggested") or {}
+        if s.get("methods"):
+            lines += [f"## Hyperparameters chosen without ground truth{head}", "",
+                      f"| method | ratio | {name} | rule |", "|---|---|---|---|"]
+            for m in s["methods"]:
+                lines.append(f"| {m['method']} | {_fmt(m['ratio'], 'g')} | {_fmt(m[key], '.3g')} | {m['why']} |")
+            lines.append(f"| **combined** | {_fmt(s.get('ratio'), 'g')} | {_fmt(s.get(key), '.3g')} | "
+                         f"{s.get('summary', '')} |")
+            opt = per_arch[arch].get("ground_truth_optimum")
+            if opt:
+                lines.append(f"| ground-truth optimum | {opt['ratio']:g} | {opt[key]:.3g} | "
+                             f"best MMCS {opt['mmcs']:.3f} (cell {opt['cell']}) |")
+            lines.append("")
     lines += ["## Figures", ""]
-    for name, path in figures.items():
-        lines += [f"### {name}", "", f"![{name}]({os.path.relpath(path, out_dir)})", ""]
-    lines += ["## The grid", "", *_table(results["cells"], CELL_COLUMNS), ""]
+    for fig, path in figures.items():
+        lines += [f"### {fig}", "", f"![{fig}]({os.path.relpath(path, out_dir)})", ""]
+    cols = CELL_COLUMNS if names == ["relu_l1"] else CELL_COLUMNS[:1] + ARCH_COLUMNS + CELL_COLUMNS[1:]
+    lines += ["## The grid", "", *_table(results["cells"], cols), ""]
     if results.get("denoising"):
         lines += ["## Denoising appendix", "",
                   *_table(results["denoising"]["cells"],
@@ -119,3 +133,29 @@ def write(out_dir: str, results: dict, figures: dict[str, str], title: str,
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+ARCH_COLUMNS = [("arch", "arch", ""), ("k", "k", ""), ("l0_coeff", "lambda", ".3g")]
+
+
+def architecture_table(results: dict) -> list[str]:
+    """Per architecture (in the grid's order): its best cell by MMCS with ground truth (or, without
+    it, its suggested cell) with dead latents, L0 and explained variance, and its suggestion."""
+    from sae_jax import archs
+
+    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
+    by_arch = results.get("by_arch") or {}
+    out = ["| architecture | best MMCS | at (ratio, setting) | dead | L0 | expl. var. | suggested (ratio, setting) | suggested MMCS |",
+           "|---|---|---|---|---|---|---|---|"]
+    for arch in names:
+        key = archs.SPARSITY_KEY[arch]
+        res = by_arch.get(arch) or {"suggested": results.get("suggested"),
+                                    "ground_truth_optimum": results.get("ground_truth_optimum")}
+        opt, s = res.get("ground_truth_optimum"), res.get("suggested") or {}
+        cell = next((c for c in results["cells"] if opt and c["index"] == opt["cell"]), None)
+        at = f"{opt['ratio']:g}, {archs.SPARSITY_NAME[arch]} {opt[key]:.3g}" if opt else "–"
+        sug = (f"{s['ratio']:g}, {archs.SPARSITY_NAME[arch]} {s[key]:.3g}" if s.get("ratio") is not None else "–")
+        out.append(f"| {arch} | {_fmt(opt and opt['mmcs'], '.4f')} | {at} | {_fmt(cell and cell['dead'])} | "
+                   f"{_fmt(cell and cell['l0'], '.2f')} | {_fmt(cell and cell.get('explained_variance'), '.4f')} | "
+                   f"{sug} | {_fmt(s.get('mmcs'), '.4f')} |")
+    return out

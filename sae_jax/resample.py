@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from sae_jax import sae
+from sae_jax import archs, sae
 from sae_jax.errors import UsageError
 
 if TYPE_CHECKING:  # typing only: grid imports this module
@@ -122,11 +122,11 @@ def resample_cell(cell: GroupState, pool_PxD: Array, key: Array, dead_window: in
     """Recycles one cell's dead and duplicate latents (unbatched `grid.GroupState` leaves)."""
     p = cell.params
     mask = recycle_mask(p, cell.since_fired, dead_window, dedup_threshold) & ~cell.diverged
-    err = jnp.sum(jnp.square(pool_PxD - sae.decode(p, sae.encode(p, pool_PxD))), axis=1)
+    err = jnp.sum(jnp.square(pool_PxD - sae.decode(p, archs.encode(p, pool_PxD, cell.arch))), axis=1)
     worst = jnp.argsort(-err)[:n_worst]  # (a sort partitions over a sharded cell axis; top_k does not)
     rank = jnp.cumsum(mask) - 1
     pick = worst[jax.random.permutation(key, n_worst)[rank % n_worst]]
-    resid = pool_PxD[pick] - sae.decode(p, sae.encode(p, pool_PxD[pick]))
+    resid = pool_PxD[pick] - sae.decode(p, archs.encode(p, pool_PxD[pick], cell.arch))
     direction = sae.unit_rows(resid)
     live = ~mask
     any_live = jnp.any(live)
@@ -136,11 +136,15 @@ def resample_cell(cell: GroupState, pool_PxD: Array, key: Array, dead_window: in
     enc_norm = jnp.where(any_live, jnp.sum(norms * live) / n_live, jnp.mean(norms))
     bias = jnp.where(any_live, jnp.sum(p.b_enc_M * live) / n_live, 0.0)
     col = mask[:, None]
-    params = sae.SAEParams(
+    params = p._replace(
         W_enc_MxD=jnp.where(col, direction * (encoder_scale * enc_norm), p.W_enc_MxD),
         b_enc_M=jnp.where(mask, bias, p.b_enc_M),
         D_MxD=jnp.where(col, direction, p.D_MxD),
     )
+    if cell.arch.name == "jumprelu":  # a recycled latent starts at the live latents' mean log threshold
+        t = p.log_threshold_M
+        mean_t = jnp.where(any_live, jnp.sum(t * live) / n_live, jnp.mean(t))
+        params = params._replace(log_threshold_M=jnp.where(mask, mean_t, t))
     opt = cell.opt._replace(mu=_zero_rows(cell.opt.mu, mask), nu=_zero_rows(cell.opt.nu, mask))
     return cell.replace(params=params, opt=opt,
                         since_fired=jnp.where(mask, 0, cell.since_fired),

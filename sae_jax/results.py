@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import grid, matching, metrics, sae, selection
+from sae_jax import archs, grid, matching, metrics, sae, selection
 
 Array = jax.Array
 
@@ -47,7 +47,7 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
              ground_truth: Array | None = None) -> list[dict]:
     """Per-cell metrics on an evaluation batch (clean inputs and targets)."""
     cells = spec.cells()
-    stats = [jax.device_get(metrics.group_stats(g.params, x_eval, x_eval, cfg.l1_convention))
+    stats = [jax.device_get(metrics.group_stats(g.params, x_eval, x_eval, cfg.l1_convention, g.arch))
              for g in state.groups]
     host = [jax.device_get({"diverged": g.diverged, "n_resampled": g.n_resampled,
                             "dead": metrics.dead_latents(g.since_fired, cfg.dead_window)})
@@ -64,7 +64,8 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
         diverged = bool(g["diverged"][c.slot])
         out.append({
             "index": c.index, "l1": c.l1_coeff, "ratio": c.ratio, "dict_size": c.dict_size,
-            "seed": c.seed, "noise": c.noise,
+            "seed": c.seed, "noise": c.noise, "arch": c.arch, "k": c.k or None,
+            "l0_coeff": c.l0_coeff if c.arch == "jumprelu" else None,
             "mmcs": None if mm is None or diverged else _f(mm[c.index]),
             "dead": int(g["dead"][c.slot]),
             "recon_loss": _f(s["recon_loss"]), "l1_loss": _f(s["l1_loss"]),
@@ -83,36 +84,63 @@ def dictionaries(state: grid.GridState, spec: grid.GridSpec) -> list[np.ndarray]
 
 def analyse(cells: list[dict], dicts: list[np.ndarray], l1_convention: str = "report") -> dict:
     """Adds mmcs_with_larger and SSLL to each non-diverged cell; returns the selection result
-    and the ground-truth optimum. Diverged cells are skipped and listed."""
+    and the ground-truth optimum. Diverged cells are skipped and listed.
+
+    Each architecture is analysed on its own (sparsity x ratio) plane: alpha for relu_l1, k for
+    topk/batchtopk (ordered from dense to sparse, i.e. k descending), lambda for jumprelu. The
+    top-level `suggested` and `ground_truth_optimum` are the first architecture's; with several,
+    `by_arch` holds each one's."""
+    for c in cells:
+        c.update(mmcs_with_larger=None, std_log_recon=None, std_log_l1=None, ssll=None)
+    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in cells))
+    by_arch = {a: _analyse_arch([c for c in cells if c.get("arch", "relu_l1") == a], dicts, a,
+                                l1_convention) for a in names}
+    first = by_arch[names[0]]
+    out = {"suggested": first["suggested"], "ground_truth_optimum": first["ground_truth_optimum"],
+           "diverged_cells": [c["index"] for c in cells if c["diverged"]]}
+    if len(names) > 1:
+        out["by_arch"] = by_arch
+    return out
+
+
+def _analyse_arch(cells: list[dict], dicts: list[np.ndarray], arch: str, l1_convention: str) -> dict:
+    key = archs.SPARSITY_KEY[arch]
     live = [c for c in cells if not c["diverged"]]
-    by_key = {(c["l1"], c["dict_size"], c["seed"]): dicts[c["index"]] for c in live if c["noise"] == 0}
+    by_key = {(c[key], c["dict_size"], c["seed"]): dicts[c["index"]] for c in live if c["noise"] == 0}
     larger = metrics.mmcs_with_larger(by_key)
     z_recon = metrics.standardized_log([c["recon_loss"] if c["recon_loss"] is not None else np.nan for c in live])
     z_l1 = metrics.standardized_log([c["l1_loss"] if c["l1_loss"] is not None else np.nan for c in live])
-    for c in cells:
-        c.update(mmcs_with_larger=None, std_log_recon=None, std_log_l1=None, ssll=None)
     for c, zr, zl in zip(live, z_recon, z_l1):
-        c["mmcs_with_larger"] = _f(larger.get((c["l1"], c["dict_size"], c["seed"]), np.nan))
+        c["mmcs_with_larger"] = _f(larger.get((c[key], c["dict_size"], c["seed"]), np.nan))
         c["std_log_recon"], c["std_log_l1"], c["ssll"] = _f(zr), _f(zl), _f(zr + zl)
-    l1_axis = sorted({c["l1"] for c in cells})
+    # the sparsity axis runs from the densest to the sparsest setting
+    s_axis = sorted({c[key] for c in cells}, reverse=arch in archs.TOPK_ARCHS)
     ratio_axis = sorted({c["ratio"] for c in cells})
-    plane = lambda key: metrics.plane([np.nan if c[key] is None else c[key] for c in live],
-                                      [c["l1"] for c in live], [c["ratio"] for c in live],
-                                      l1_axis, ratio_axis)
+    plane = lambda name: metrics.plane([np.nan if c[name] is None else c[name] for c in live],
+                                       [c[key] for c in live], [c["ratio"] for c in live],
+                                       s_axis, ratio_axis)
+    # the carried ridge keeps the penalty per latent: alpha / m or lambda / m under the report's
+    # convention; k is a count per sample, so it carries unchanged
+    exponent = 1.0 if l1_convention == "report" and arch not in archs.TOPK_ARCHS else 0.0
     suggested = selection.suggest(plane("dead"), plane("ssll"), plane("mmcs_with_larger"),
-                                  l1_axis, ratio_axis,
-                                  size_exponent=1.0 if l1_convention == "report" else 0.0)
+                                  s_axis, ratio_axis, size_exponent=exponent)
+    if key != "l1":  # name the sparsity setting for what it is
+        for d in [suggested] + suggested["methods"]:
+            v = d.pop("l1")
+            d[key] = None if v is None else (int(v) if key == "k" else v)
+        suggested["summary"] = suggested["summary"].replace("alpha", archs.SPARSITY_NAME[arch])
     if suggested["ratio"] is not None:
-        match = [c for c in live if c["ratio"] == suggested["ratio"] and c["l1"] == suggested["l1"]]
+        match = [c for c in live if c["ratio"] == suggested["ratio"] and c[key] == suggested[key]]
         suggested["cell"] = match[0]["index"] if match else None
         suggested["mmcs"] = match[0]["mmcs"] if match else None
+    suggested["arch"] = arch
     optimum = None
     scored = [c for c in live if c["mmcs"] is not None]
     if scored:
         best = max(scored, key=lambda c: c["mmcs"])
-        optimum = {"cell": best["index"], "ratio": best["ratio"], "l1": best["l1"], "mmcs": best["mmcs"]}
-    return {"suggested": suggested, "ground_truth_optimum": optimum,
-            "diverged_cells": [c["index"] for c in cells if c["diverged"]]}
+        optimum = {"cell": best["index"], "ratio": best["ratio"], key: best[key], "mmcs": best["mmcs"],
+                   "arch": arch}
+    return {"suggested": suggested, "ground_truth_optimum": optimum}
 
 
 def write(out_dir: str, config: dict, cells: list[dict], analysis: dict, dicts: list[np.ndarray],

@@ -28,6 +28,16 @@ class SAEParams(NamedTuple):
     D_MxD: Array
 
 
+class ThresholdSAEParams(NamedTuple):
+    """SAEParams plus log theta (m,): JumpReLU's trained thresholds, or BatchTopK's estimated
+    inference threshold (the same for every latent). See `sae_jax.archs`."""
+
+    W_enc_MxD: Array
+    b_enc_M: Array
+    D_MxD: Array
+    log_threshold_M: Array
+
+
 class LossAux(NamedTuple):
     mse: Array  # (1/d) ||x - x^||^2, batch mean
     l1: Array  # L1(c), batch mean, in the chosen convention (before alpha)
