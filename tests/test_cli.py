@@ -72,6 +72,33 @@ def test_toy_writes_every_output(tmp_path):
     assert "fig03_mmcs_heatmap.png" in report and "ground-truth optimum" in report
 
 
+def test_toy_grid_of_architectures_reports_each_one(tmp_path):
+    """--arch/--k/--l0: one run holds relu_l1, topk and jumprelu cells; results.json says which
+    architecture and sparsity setting each cell has, and each architecture gets its own
+    suggestion, figures and row in REPORT.md."""
+    out = tmp_path / "run"
+    r = sae_jax(*TINY, "--arch", "relu_l1,topk,jumprelu", "--k", "2,3", "--l0", "0.1,0.3",
+                "--steps", "100", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res, arrays = load(out)
+    cells = res["cells"]
+    assert [(c["arch"], c["k"], c["l0_coeff"], c["l1"]) for c in cells if c["ratio"] == 1] == [
+        ("relu_l1", None, None, 0.1), ("relu_l1", None, None, 1.0), ("topk", 2, None, 0.0),
+        ("topk", 3, None, 0.0), ("jumprelu", None, 0.1, 0.0), ("jumprelu", None, 0.3, 0.0)]
+    assert len(arrays) == len(cells) + 1
+    assert set(res["by_arch"]) == {"relu_l1", "topk", "jumprelu"}
+    assert res["suggested"] == res["by_arch"]["relu_l1"]["suggested"]
+    topk = res["by_arch"]["topk"]
+    assert topk["suggested"]["arch"] == "topk" and topk["suggested"]["k"] in (2, 3, None)
+    assert topk["ground_truth_optimum"]["mmcs"] == max(c["mmcs"] for c in cells if c["arch"] == "topk")
+    assert all(c["l0"] <= c["k"] + 1e-6 for c in cells if c["arch"] == "topk")
+    for sub in ("", "topk/", "jumprelu/"):
+        assert (out / "figures" / f"{sub}fig03_mmcs_heatmap.png").stat().st_size > 1000
+    report = (out / "REPORT.md").read_text()
+    assert "Architectures side by side" in report and "| topk |" in report and "| jumprelu |" in report
+    assert "topk: best MMCS" in r.stdout and "jumprelu: best MMCS" in r.stdout
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical(tmp_path):
     args = [*TINY, "--steps", "1200", "--checkpoint-every", "100", "--no-figures"]
@@ -128,6 +155,14 @@ def test_resume_refuses_different_arguments(tmp_path):
     (["--resume"], "--resume"),
     (["--recipe", "fast", "--resample-pool", "500"], "--resample-pool"),
     (["--recipe", "fast", "--resample-worst", "200"], "--resample-worst"),
+    (["--arch", "relu,topk"], "--arch"),
+    (["--arch", "topk"], "--k"),
+    (["--arch", "topk", "--k", "2.5"], "--k"),
+    (["--arch", "topk", "--k", "40"], "--k"),
+    (["--arch", "jumprelu"], "--l0"),
+    (["--arch", "jumprelu", "--l0", "-1"], "--l0"),
+    (["--aux-k-coeff", "-1"], "--aux-k-coeff"),
+    (["--jumprelu-bandwidth", "0"], "--jumprelu-bandwidth"),
 ])
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys, args, needle):
     base = ["toy", "--d", "16", "--features", "32", "--mean-active", "3", "--l1", "0.1",
