@@ -204,7 +204,8 @@ def _dictionary_learning(w: dict[str, np.ndarray], arch: archs.Arch) -> dict[str
     if arch.name == "batchtopk":
         theta = w["threshold"][0]
         if not np.allclose(w["threshold"], theta, rtol=1e-6, atol=0):
-            raise UsageError("dictionary_learning's BatchTopKSAE holds one threshold; this cell's thresholds differ by latent")
+            raise UsageError("dictionary_learning's BatchTopKSAE holds one threshold; "
+                             "this cell's thresholds differ by latent")
     return {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"],
             "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "b_dec": zeros,
             "k": np.array(arch.k, np.int32), "threshold": np.array(theta, np.float32)}

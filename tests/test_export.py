@@ -259,7 +259,8 @@ def test_batchtopk_with_per_latent_thresholds_has_no_dictionary_learning_form(mi
     assert cli.main(["export", str(bad), "--cell", "2", "--format", "dictionary-learning", "--out",
                      str(tmp_path / "dl")]) == 2
     assert capsys.readouterr().err.strip() == (
-        "sae-jax: error: dictionary_learning's BatchTopKSAE holds one threshold; this cell's thresholds differ by latent")
+        "sae-jax: error: dictionary_learning's BatchTopKSAE holds one threshold; "
+        "this cell's thresholds differ by latent")
     assert not (tmp_path / "dl").exists()
 
 
