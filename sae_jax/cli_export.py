@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write one trained cell in SAELens or dictionary_learning format",
         description="Export cell I of a run (from RUN_DIR/weights.safetensors) so that other SAE tools can "
         "load it. saelens: cfg.json + sae_weights.safetensors + sparsity.safetensors (SAE.load_from_disk); "
-        "dictionary-learning: ae.safetensors (AutoEncoderNew's state dict) + config.json.",
+        "dictionary-learning: ae.safetensors (the state dict of AutoEncoderNew, AutoEncoderTopK, BatchTopKSAE or "
+        "JumpReluAutoEncoder) + config.json. Each architecture goes to the target's form of it: relu_l1 -> "
+        "standard, topk -> topk, batchtopk and jumprelu -> jumprelu (SAELens).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `sae-jax toy` or `sae-jax grid`")
     p.add_argument("--cell", type=int, required=True, help="cell index (results.json cells[i].index)")

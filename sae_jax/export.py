@@ -3,26 +3,42 @@
 `weights.safetensors`, written by every run beside `dictionaries.npz`, holds for each cell i
 (float32; readable with numpy alone via `sae_jax.st`, or with the `safetensors` package):
 
-    cell_{i}.W_enc        (m, d)   encoder rows, c = ReLU(x W_encᵀ + b_enc)
+    cell_{i}.W_enc        (m, d)   encoder rows: pre-activations p = x W_encᵀ + b_enc
     cell_{i}.b_enc        (m,)
     cell_{i}.D            (m, d)   decoder rows as stored (the trained parameter)
     cell_{i}.D_unit       (m, d)   D with unit rows: x̂ = c D_unit (what the forward pass uses)
+    cell_{i}.threshold    (m,)     jumprelu: θ_j = exp(log θ_j); batchtopk: its inference threshold
+                                   θ (the same for every latent); absent for relu_l1 and topk
     cell_{i}.firing_freq  (m,)     fraction of the evaluation batch on which latent j fired (c_j > 0)
 
-and string metadata: format "sae_jax.weights/1", n_cells, d, and the cells' (l1, dict_size, seed).
+and string metadata: format "sae_jax.weights/1", n_cells, d, and the cells' JSON list
+(index, arch, l1, k, l0_coeff, dict_size, seed). Files without `arch` are relu_l1 cells.
+The codes c of each architecture (`sae_jax.archs.encode`):
+
+    relu_l1    c = ReLU(p)
+    topk       c = ReLU(p) on each row's k largest p_j, 0 elsewhere
+    batchtopk  c = p · [p > θ]        (the inference form)
+    jumprelu   c = p · [p > θ_j]
 
     params, encode, decode = export.load_cell("runs/grid", 3)
     x_hat = decode(encode(x))                        # jitted; x is (..., d)
 
-Exports compute exactly this reconstruction, ReLU(x W_enc + b_enc) W_dec + b_dec:
-- SAELens 6.x (`saelens`): cfg.json (architecture "standard", apply_b_dec_to_input false,
-  normalize_activations "none"), sae_weights.safetensors {W_enc (d, m), W_dec (m, d) unit rows,
-  b_enc (m,), b_dec (d,) zeros}, sparsity.safetensors {sparsity: log10(firing_freq + 1e-10)}.
-  Load with `sae_lens.SAE.load_from_disk(DIR)`.
-- dictionary_learning (`dictionary-learning`): ae.safetensors with AutoEncoderNew's state dict
-  {encoder.weight (m, d), encoder.bias (m,), decoder.weight (d, m) = D_unitᵀ, decoder.bias (d,) zeros}
-  and config.json {"trainer": {"dict_class": "AutoEncoderNew", "activation_dim", "dict_size", ...}}.
-  Load with `ae = AutoEncoderNew(d, m); ae.load_state_dict(safetensors.torch.load_file(DIR/ae.safetensors))`,
+Exports compute exactly this reconstruction, c(x) W_dec + b_dec with W_dec = D_unit and b_dec = 0
+(our SAE has no decoder or pre-encoder bias):
+- SAELens 6.x (`saelens`): cfg.json (apply_b_dec_to_input false, normalize_activations "none";
+  architecture "standard" for relu_l1, "topk" with k and rescale_acts_by_decoder_norm true for
+  topk (a no-op on unit rows; SAELens saves its own TopK SAEs so), "jumprelu" for jumprelu and
+  batchtopk, as SAELens saves a trained BatchTopK SAE), sae_weights.safetensors {W_enc (d, m),
+  W_dec (m, d) unit rows, b_enc (m,), b_dec (d,) zeros, and for jumprelu threshold (m,)},
+  sparsity.safetensors {sparsity: log10(firing_freq + 1e-10)}. Load with
+  `sae_lens.SAE.load_from_disk(DIR)`.
+- dictionary_learning (`dictionary-learning`): ae.safetensors with the state dict of
+  AutoEncoderNew (relu_l1: encoder.weight (m, d), encoder.bias, decoder.weight (d, m) = D_unitᵀ,
+  decoder.bias zeros), AutoEncoderTopK (topk) or BatchTopKSAE (batchtopk) (encoder.*,
+  decoder.weight, b_dec zeros, k and threshold 0-d buffers: -1, unused, for topk, θ for
+  batchtopk), JumpReluAutoEncoder (jumprelu: W_enc (d, m), b_enc, W_dec (m, d), b_dec zeros,
+  threshold (m,)); config.json {"trainer": {"dict_class", "activation_dim", "dict_size", "k", ...}}.
+  Load with `ae = CLASS(d, m[, k]); ae.load_state_dict(safetensors.torch.load_file(DIR/ae.safetensors))`,
   or save that state dict as DIR/ae.pt for `dictionary_learning.utils.load_dictionary(DIR)`.
 """
 
@@ -38,23 +54,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import sae, st
+from sae_jax import archs, sae, st
 from sae_jax.errors import UsageError
 
 WEIGHTS = "weights.safetensors"
 FORMAT = "sae_jax.weights/1"
 FORMATS = ("saelens", "dictionary-learning")
 SAELENS_VERSION = "6.0.0"  # the cfg.json layout written here is SAELens >= 6's
-_FIELDS = ("W_enc", "b_enc", "D", "D_unit", "firing_freq")
+_FIELDS = ("W_enc", "b_enc", "D", "D_unit", "threshold", "firing_freq")
+# SAELens's architecture for each of ours (a trained BatchTopK SAE is saved as JumpReLU there)
+SAELENS_ARCH = {"relu_l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+DL_CLASS = {"relu_l1": "AutoEncoderNew", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
+            "jumprelu": "JumpReluAutoEncoder"}
 
 
-@jax.jit
-def _firing_freq(params: sae.SAEParams, x_NxD: jax.Array) -> jax.Array:
-    return jnp.mean((sae.encode(params, x_NxD) > 0).astype(jnp.float32), axis=0)
+@functools.partial(jax.jit, static_argnums=2)
+def _firing_freq(params: sae.SAEParams, x_NxD: jax.Array, arch: archs.Arch) -> jax.Array:
+    return jnp.mean((archs.encode(params, x_NxD, arch) > 0).astype(jnp.float32), axis=0)
 
 
 def write_weights(out_dir: str | os.PathLike, state, spec, x_eval: jax.Array | None = None) -> Path:
-    """Write every cell's weights (and, given an evaluation batch, firing frequencies) to OUT/weights.safetensors."""
+    """Write every cell's weights (thresholds for jumprelu and batchtopk; given an evaluation batch,
+    firing frequencies of its architecture's codes) to OUT/weights.safetensors."""
     from sae_jax import grid, sharding
 
     path = Path(out_dir) / WEIGHTS
@@ -64,16 +85,20 @@ def write_weights(out_dir: str | os.PathLike, state, spec, x_eval: jax.Array | N
     tensors: dict[str, np.ndarray] = {}
     cells = spec.cells()
     for c in cells:
-        p = grid.cell_params(state, c)
-        tensors[f"cell_{c.index}.W_enc"] = np.asarray(p.W_enc_MxD, np.float32)
-        tensors[f"cell_{c.index}.b_enc"] = np.asarray(p.b_enc_M, np.float32)
-        tensors[f"cell_{c.index}.D"] = np.asarray(p.D_MxD, np.float32)
-        tensors[f"cell_{c.index}.D_unit"] = np.asarray(sae.dictionary(p), np.float32)
+        p, name = grid.cell_params(state, c), f"cell_{c.index}."
+        tensors[name + "W_enc"] = np.asarray(p.W_enc_MxD, np.float32)
+        tensors[name + "b_enc"] = np.asarray(p.b_enc_M, np.float32)
+        tensors[name + "D"] = np.asarray(p.D_MxD, np.float32)
+        tensors[name + "D_unit"] = np.asarray(sae.dictionary(p), np.float32)
+        if c.arch_spec.has_threshold:
+            tensors[name + "threshold"] = np.asarray(archs.threshold(p), np.float32)
         if x_eval is not None:
-            tensors[f"cell_{c.index}.firing_freq"] = np.asarray(_firing_freq(p, jnp.asarray(x_eval, jnp.float32)))
+            tensors[name + "firing_freq"] = np.asarray(
+                _firing_freq(p, jnp.asarray(x_eval, jnp.float32), c.arch_spec))
     d = int(tensors[f"cell_{cells[0].index}.W_enc"].shape[1])
     meta = {"format": FORMAT, "n_cells": str(len(cells)), "d": str(d),
-            "cells": json.dumps([{"index": c.index, "l1": c.l1_coeff, "dict_size": c.dict_size, "seed": c.seed}
+            "cells": json.dumps([{"index": c.index, "arch": c.arch, "l1": c.l1_coeff, "k": c.k,
+                                  "l0_coeff": c.l0_coeff, "dict_size": c.dict_size, "seed": c.seed}
                                  for c in cells])}
     os.makedirs(out_dir, exist_ok=True)
     st.save(path, tensors, meta)
@@ -81,7 +106,8 @@ def write_weights(out_dir: str | os.PathLike, state, spec, x_eval: jax.Array | N
 
 
 def read_cell(run_dir: str | os.PathLike, cell: int) -> dict[str, np.ndarray]:
-    """Cell `cell`'s arrays from RUN_DIR/weights.safetensors: W_enc, b_enc, D, D_unit and, when written, firing_freq."""
+    """Cell `cell`'s arrays from RUN_DIR/weights.safetensors: W_enc, b_enc, D, D_unit and, when
+    written, threshold and firing_freq."""
     path = Path(run_dir).expanduser() / WEIGHTS
     if not path.is_file():
         raise UsageError(f"{path} not found (runs write it since sae_jax 0.1 with full weights; rerun the grid)")
@@ -94,11 +120,32 @@ def read_cell(run_dir: str | os.PathLike, cell: int) -> dict[str, np.ndarray]:
     return {k.split(".", 1)[1]: np.array(v) for k, v in st.load(path, names).items()}
 
 
-def load_cell(run_dir: str | os.PathLike, cell: int) -> tuple[sae.SAEParams, Callable, Callable]:
-    """(params, encode, decode) of one trained cell: encode(x) = ReLU(x W_encᵀ + b_enc), decode(c) = c D_unit, jitted."""
-    w = read_cell(run_dir, cell)
-    params = sae.SAEParams(jnp.asarray(w["W_enc"]), jnp.asarray(w["b_enc"]), jnp.asarray(w["D"]))
-    encode = jax.jit(functools.partial(sae.encode, params))
+def cell_arch(run_dir: str | os.PathLike, cell: int) -> archs.Arch:
+    """Cell `cell`'s architecture from the weights file's metadata (relu_l1 when it records none)."""
+    info = _cell_info(Path(run_dir).expanduser(), cell)
+    name = info.get("arch", "relu_l1")
+    if name not in archs.ARCHS:
+        raise UsageError(f"cell {cell} has architecture {name!r}; this sae_jax knows {', '.join(archs.ARCHS)}")
+    return archs.Arch(name, int(info.get("k", 0)) if name in archs.TOPK_ARCHS else 0)
+
+
+def _read(run_dir: Path, cell: int) -> tuple[dict[str, np.ndarray], archs.Arch]:
+    w, arch = read_cell(run_dir, cell), cell_arch(run_dir, cell)
+    if arch.has_threshold and "threshold" not in w:
+        raise UsageError(f"{run_dir / WEIGHTS} has no cell_{cell}.threshold for its {arch.name} cell")
+    return w, arch
+
+
+def load_cell(run_dir: str | os.PathLike, cell: int
+              ) -> tuple[sae.SAEParams | sae.ThresholdSAEParams, Callable, Callable]:
+    """(params, encode, decode) of one trained cell, jitted: encode(x) = `archs.encode` with the
+    cell's architecture (ReLU(p), its top k, or p·[p > θ]), decode(c) = c D_unit. Params are
+    ThresholdSAEParams (log θ) for jumprelu and batchtopk, SAEParams otherwise."""
+    w, arch = _read(Path(run_dir), cell)
+    base = (jnp.asarray(w["W_enc"]), jnp.asarray(w["b_enc"]), jnp.asarray(w["D"]))
+    params = (sae.ThresholdSAEParams(*base, jnp.log(jnp.asarray(w["threshold"]))) if arch.has_threshold
+              else sae.SAEParams(*base))
+    encode = jax.jit(lambda x: archs.encode(params, x, arch))
     decode = jax.jit(functools.partial(sae.decode, params))
     return params, encode, decode
 
@@ -124,42 +171,77 @@ def _provenance(run_dir: Path) -> dict:
 def _cell_info(run_dir: Path, cell: int) -> dict:
     try:
         cells = json.loads(st.metadata(run_dir / WEIGHTS).get("cells", "[]"))
-    except ValueError:
+    except (OSError, ValueError):
         return {}
     return next((c for c in cells if c.get("index") == cell), {})
 
 
+def _saelens(w: dict[str, np.ndarray], arch: archs.Arch, meta: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """SAELens's cfg.json and sae_weights.safetensors for one cell."""
+    m, d = w["W_enc"].shape
+    cfg = {"architecture": SAELENS_ARCH[arch.name], "d_in": int(d), "d_sae": int(m), "dtype": "float32",
+           "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+           "reshape_activations": "none", "metadata": meta}
+    tensors = {"W_enc": w["W_enc"].T, "W_dec": w["D_unit"], "b_enc": w["b_enc"], "b_dec": np.zeros(d, np.float32)}
+    if arch.name == "topk":
+        cfg.update(k=arch.k, rescale_acts_by_decoder_norm=True)
+    if arch.has_threshold:
+        tensors["threshold"] = w["threshold"]
+    return cfg, tensors
+
+
+def _dictionary_learning(w: dict[str, np.ndarray], arch: archs.Arch) -> dict[str, np.ndarray]:
+    """The state dict of dictionary_learning's class for the cell's architecture (`DL_CLASS`)."""
+    m, d = w["W_enc"].shape
+    zeros = np.zeros(d, np.float32)
+    if arch.name == "relu_l1":
+        return {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"],
+                "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "decoder.bias": zeros}
+    if arch.name == "jumprelu":
+        return {"W_enc": np.ascontiguousarray(w["W_enc"].T), "b_enc": w["b_enc"], "W_dec": w["D_unit"],
+                "b_dec": zeros, "threshold": w["threshold"]}
+    theta = np.float32(-1.0)  # AutoEncoderTopK's "no threshold"
+    if arch.name == "batchtopk":
+        theta = w["threshold"][0]
+        if not np.allclose(w["threshold"], theta, rtol=1e-6, atol=0):
+            raise UsageError("dictionary_learning's BatchTopKSAE holds one threshold; "
+                             "this cell's thresholds differ by latent")
+    return {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"],
+            "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "b_dec": zeros,
+            "k": np.array(arch.k, np.int32), "threshold": np.array(theta, np.float32)}
+
+
 def export(run_dir: str | os.PathLike, cell: int, fmt: str, out: str | os.PathLike) -> Path:
-    """Write cell `cell` of a run in `fmt` ("saelens" or "dictionary-learning") to directory `out`."""
+    """Write cell `cell` of a run in `fmt` ("saelens" or "dictionary-learning") to directory `out`,
+    in the target's form of the cell's architecture (see the module docstring)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     run_dir = Path(run_dir).expanduser().absolute()
-    w = read_cell(run_dir, cell)
+    w, arch = _read(run_dir, cell)
     out = Path(out).expanduser().absolute()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
     m, d = w["W_enc"].shape
     info = {"run_dir": str(run_dir), "cell": cell, **_cell_info(run_dir, cell)}
     prov = _provenance(run_dir)
     if fmt == "saelens":
         meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None, **prov,
                 "sae_jax": info}
-        cfg = {"architecture": "standard", "d_in": int(d), "d_sae": int(m), "dtype": "float32",
-               "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
-               "reshape_activations": "none", "metadata": meta}
-        st.save(out / "sae_weights.safetensors", {
-            "W_enc": w["W_enc"].T, "W_dec": w["D_unit"], "b_enc": w["b_enc"], "b_dec": np.zeros(d, np.float32)})
+        cfg, tensors = _saelens(w, arch, meta)
+    else:
+        tensors = _dictionary_learning(w, arch)
+        sparsity = {"relu_l1": {"l1_penalty": info.get("l1")}, "jumprelu": {"sparsity_penalty": info.get("l0_coeff")}}
+        trainer = {"dict_class": DL_CLASS[arch.name], "trainer_class": "sae_jax", "activation_dim": int(d),
+                   "dict_size": int(m), **sparsity.get(arch.name, {"k": arch.k}), "seed": info.get("seed"),
+                   "lm_name": prov.get("model_name"), "submodule_name": prov.get("hook_name"), "sae_jax": info}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    if fmt == "saelens":
+        st.save(out / "sae_weights.safetensors", tensors)
         if "firing_freq" in w:
             st.save(out / "sparsity.safetensors", {"sparsity": np.log10(w["firing_freq"] + 1e-10).astype(np.float32)})
         (out / "cfg.json").write_text(json.dumps(cfg, indent=2))
     else:
-        st.save(out / "ae.safetensors", {
-            "encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"],
-            "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "decoder.bias": np.zeros(d, np.float32)})
-        trainer = {"dict_class": "AutoEncoderNew", "trainer_class": "sae_jax", "activation_dim": int(d),
-                   "dict_size": int(m), "l1_penalty": info.get("l1"), "seed": info.get("seed"),
-                   "lm_name": prov.get("model_name"), "submodule_name": prov.get("hook_name"), "sae_jax": info}
+        st.save(out / "ae.safetensors", tensors)
         (out / "config.json").write_text(json.dumps({"trainer": trainer}, indent=2))
     return out

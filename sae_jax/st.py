@@ -66,7 +66,7 @@ def load(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, n
 
 def save(path: str | os.PathLike, tensors: dict[str, np.ndarray], meta: dict[str, str] | None = None) -> None:
     """Write tensors (in the given order) and string metadata; atomic (temporary file, then rename)."""
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}  # 0-d stays 0-d
     head: dict = {"__metadata__": {str(k): str(v) for k, v in (meta or {}).items()}} if meta else {}
     offset = 0
     for name, a in arrays.items():
