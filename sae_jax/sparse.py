@@ -40,6 +40,7 @@ F32 = jnp.float32
 COMPUTE_DTYPES = ("float32", "bfloat16")
 UNROLL = 8  # slots per loop trip: measured fastest of 1-32 (benchmarks/grid_step.py --only topk)
 P = "promise_in_bounds"
+PER_CELL = True  # vmap of a kernel runs it once per cell (see _per_cell)
 
 
 class BatchTopKCodes(NamedTuple):
@@ -60,32 +61,84 @@ def _dtype(compute_dtype: str):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _spmm(w_JxN: Array, table_SxD: Array, src_JxN: Array | None, dst_JxN: Array | None,
-          n_out: int) -> Array:
-    """out[dst_jn] += w_jn table[src_jn], summed over every slot j and entry n, in float32.
-
-    src None: row n of the table (a table of N rows); dst None: row n of the output (N rows,
-    then no scatter: an accumulation in place)."""
-    (trips, n), d = w_JxN.shape, table_SxD.shape[-1]
-
-    def body(j, acc):
-        rows = table_SxD if src_JxN is None else jnp.take(table_SxD, src_JxN[j], axis=0, mode="clip")
-        upd = w_JxN[j][:, None] * rows.astype(F32)
-        if dst_JxN is None:
-            return acc + upd
-        return acc.at[dst_JxN[j]].add(upd, mode=P)
-    init = jnp.zeros((n if dst_JxN is None else n_out, d), F32)
-    return jax.lax.fori_loop(0, trips, body, init, unroll=min(UNROLL, trips))
+# Index arrays are (N, J): entry n (a sample) holds J slots. A kernel loops over the slots, CHUNK
+# at a time, and moves N x CHUNK rows per trip.
+CHUNK = 8
 
 
-def _sddmm(a_SxD: Array, a_JxN: Array | None, b_TxD: Array, b_JxN: Array | None) -> Array:
-    """out[j, n] = a[a_jn] . b[b_jn] (index None: row n), in float32: (J, N)."""
-    idx = a_JxN if a_JxN is not None else b_JxN
-    rows = lambda t, i, j: t if i is None else jnp.take(t, i[j], axis=0, mode="clip")
+def _per_cell(f):
+    """f, whose vmap runs f once per batch element (a loop unrolled at trace time) instead of one
+    batched gather/scatter: XLA's CPU backend runs unbatched row gathers and scatter-adds about
+    twice as fast (benchmarks/grid_step.py --only topk). Arguments: arrays only."""
+    if not PER_CELL:
+        return f
+    g = jax.custom_batching.custom_vmap(f)
 
-    def body(carry, j):
-        return carry, jnp.sum(rows(a_SxD, a_JxN, j).astype(F32) * rows(b_TxD, b_JxN, j).astype(F32), -1)
-    return jax.lax.scan(body, None, jnp.arange(idx.shape[0]), unroll=min(UNROLL, idx.shape[0]))[1]
+    @g.def_vmap
+    def rule(axis_size, in_batched, *args):
+        outs = [g(*[a[i] if b else a for a, b in zip(args, in_batched)]) for i in range(axis_size)]
+        return jnp.stack(outs), True
+    return g
+
+
+def _chunks(a_NxJ: Array) -> Array:
+    """(T, N, CHUNK): the slots in chunks, the last padded with zeros (weight 0, index 0)."""
+    n, j = a_NxJ.shape
+    a = jnp.pad(a_NxJ, ((0, 0), (0, (-j) % CHUNK)))
+    return a.reshape(n, -1, CHUNK).transpose(1, 0, 2)
+
+
+def _rows(table: Array, i: Array | None) -> Array:
+    """table[i] as float32 (N, CHUNK, D); i None: row n of the table for every slot."""
+    return (table[:, None, :] if i is None else jnp.take(table, i, axis=0, mode="clip")).astype(F32)
+
+
+def _unpack(idx, first, second):
+    """The index arrays passed to a kernel, back in their places (None where none was given)."""
+    idx = list(idx)
+    return (None if first is None else idx.pop(0)), (None if second is None else idx.pop(0))
+
+
+def _gather_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array) -> Array:
+    """out_n = sum_j w_nj table[src_nj]: (N, D) float32, accumulated in place slot by slot."""
+    w_JxN, src_JxN = w_NxJ.T.astype(F32), src_NxJ.T
+
+    def kernel(w, table, src):
+        def body(j, acc):
+            return acc + w[j][:, None] * jnp.take(table, src[j], axis=0, mode="clip").astype(F32)
+        return jax.lax.fori_loop(0, w.shape[0], body, jnp.zeros((w.shape[1], table.shape[-1]), F32),
+                                 unroll=min(UNROLL, w.shape[0]))
+    return _per_cell(kernel)(w_JxN, table_SxD, src_JxN)
+
+
+def _scatter_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array | None, dst_NxJ: Array,
+                 n_out: int) -> Array:
+    """out[dst_nj] += w_nj table[src_nj] (src None: table row n): (n_out, D) float32."""
+    def kernel(w, table, *idx):
+        src, dst = _unpack(idx, src_NxJ, dst_NxJ)
+
+        def body(t, acc):
+            upd = w[t][..., None] * _rows(table, None if src is None else src[t])
+            return acc.at[dst[t]].add(upd, mode=P)
+        return jax.lax.fori_loop(0, w.shape[0], body, jnp.zeros((n_out, table.shape[-1]), F32))
+    idx = [_chunks(i) for i in (src_NxJ, dst_NxJ) if i is not None]
+    return _per_cell(kernel)(_chunks(w_NxJ.astype(F32)), table_SxD, *idx)
+
+
+def _dots(a_SxD: Array, a_NxJ: Array | None, b_TxD: Array, b_NxJ: Array | None) -> Array:
+    """out_nj = a[a_nj] . b[b_nj] (index None: row n): (N, J) float32."""
+    n, j = (a_NxJ if a_NxJ is not None else b_NxJ).shape
+
+    def kernel(a, b, *idx):
+        ai, bi = _unpack(idx, a_NxJ, b_NxJ)
+        pick = lambda i, t: None if i is None else i[t]
+
+        def body(carry, t):
+            return carry, jnp.einsum("ncd,ncd->nc", _rows(a, pick(ai, t)), _rows(b, pick(bi, t)))
+        return jax.lax.scan(body, None, jnp.arange(idx[0].shape[0]))[1]
+    idx = [_chunks(i) for i in (a_NxJ, b_NxJ) if i is not None]
+    out_TxNxC = _per_cell(kernel)(a_SxD, b_TxD, *idx)
+    return out_TxNxC.transpose(1, 0, 2).reshape(n, -1)[:, :j]
 
 
 def _pre(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, dt) -> Array:
@@ -94,17 +147,17 @@ def _pre(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, dt) -> Array:
                       preferred_element_type=F32) + b_enc_M
 
 
-def _encoder_grads(W_enc_MxD: Array, x_BxD: Array, dpre_JxN: Array, latent_JxN: Array,
-                   sample_JxN: Array | None, dt) -> tuple[Array, Array, Array]:
+def _encoder_grads(W_enc_MxD: Array, x_BxD: Array, dpre_NxJ: Array, latent_NxJ: Array,
+                   sample_NxJ: Array | None, dt) -> tuple[Array, Array, Array]:
     """(dW_e, db_e, dx) from dL/dpre at the selected (sample, latent) pairs (sample None: the
-    TopK layout, entry n of every slot is sample n)."""
-    m = W_enc_MxD.shape[0]
-    dW = _spmm(dpre_JxN, x_BxD.astype(dt), sample_JxN, latent_JxN, m)
-    db = jnp.zeros((m,), F32).at[latent_JxN.reshape(-1)].add(dpre_JxN.reshape(-1), mode=P)
-    if sample_JxN is None:
-        dx = _spmm(dpre_JxN, W_enc_MxD.astype(dt), latent_JxN, None, x_BxD.shape[0])
+    TopK layout, row n holds sample n's slots)."""
+    m, batch = W_enc_MxD.shape[0], x_BxD.shape[0]
+    dW = _scatter_sum(dpre_NxJ, x_BxD.astype(dt), sample_NxJ, latent_NxJ, m)
+    db = jnp.zeros((m,), F32).at[latent_NxJ.reshape(-1)].add(dpre_NxJ.reshape(-1), mode=P)
+    if sample_NxJ is None:  # unused (and dropped by XLA) unless x is differentiated
+        dx = _gather_sum(dpre_NxJ, W_enc_MxD.astype(dt), latent_NxJ)
     else:
-        dx = _spmm(dpre_JxN, W_enc_MxD.astype(dt), latent_JxN, sample_JxN, x_BxD.shape[0])
+        dx = _scatter_sum(dpre_NxJ, W_enc_MxD.astype(dt), latent_NxJ, sample_NxJ, batch)
     return dW.astype(W_enc_MxD.dtype), db.astype(W_enc_MxD.dtype), dx.astype(x_BxD.dtype)
 
 
@@ -127,7 +180,7 @@ def _topk_fwd(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype):
 def _topk_bwd(k, compute_dtype, res, cot):
     W, x, active_BxK, i_BxK = res
     dpre = jnp.where(active_BxK, cot[0], 0.0).astype(F32)
-    return _encoder_grads(W, x, dpre.T, i_BxK.T, None, _dtype(compute_dtype))
+    return _encoder_grads(W, x, dpre, i_BxK, None, _dtype(compute_dtype))
 
 
 topk_codes.defvjp(_topk_fwd, _topk_bwd)
@@ -138,8 +191,7 @@ def decode(atoms_MxD: Array, vals_BxK: Array, idx_BxK: Array,
            compute_dtype: str = "float32") -> Array:
     """x^_b = sum_j c_bj a_{i_bj} (float32), with the sparse VJP of the module docstring; the
     atoms a are used as given (normalise them first: autodiff carries that VJP)."""
-    return _spmm(vals_BxK.T.astype(F32), atoms_MxD.astype(_dtype(compute_dtype)), idx_BxK.T, None,
-                 vals_BxK.shape[0])
+    return _gather_sum(vals_BxK, atoms_MxD.astype(_dtype(compute_dtype)), idx_BxK)
 
 
 def _decode_fwd(atoms_MxD, vals_BxK, idx_BxK, compute_dtype):
@@ -149,9 +201,9 @@ def _decode_fwd(atoms_MxD, vals_BxK, idx_BxK, compute_dtype):
 def _decode_bwd(compute_dtype, res, g_BxD):
     atoms, vals, idx = res
     dt = _dtype(compute_dtype)
-    g_lo, atoms_lo = g_BxD.astype(dt), atoms.astype(dt)
-    d_vals = _sddmm(g_lo, None, atoms_lo, idx.T).T
-    d_atoms = _spmm(vals.T.astype(F32), g_lo, None, idx.T, atoms.shape[0])
+    g_lo = g_BxD.astype(dt)
+    d_vals = _dots(g_lo, None, atoms.astype(dt), idx)
+    d_atoms = _scatter_sum(vals, g_lo, None, idx, atoms.shape[0])
     return d_atoms.astype(atoms.dtype), d_vals.astype(vals.dtype), None
 
 
@@ -159,10 +211,9 @@ decode.defvjp(_decode_fwd, _decode_bwd)
 
 
 # ----------------------------------------------------------------------------- BatchTopK
-def _coo_slots(a_N: Array, width: int) -> Array:
-    """(J, width) view of a length-N array, padded with zeros to a multiple of width."""
-    n = a_N.shape[0]
-    return jnp.pad(a_N, (0, (-n) % width)).reshape(-1, width)
+def _coo_rows(a_N: Array, rows: int) -> Array:
+    """(rows, J) view of a length-N array, padded with zeros (weight 0, index 0) to rows * J."""
+    return jnp.pad(a_N, (0, (-a_N.shape[0]) % rows)).reshape(rows, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -180,10 +231,9 @@ def _batchtopk_fwd(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype):
 
 def _batchtopk_bwd(k, compute_dtype, res, cot):
     W, x, active, sample, latent = res
-    width = x.shape[0]
+    rows = lambda a: _coo_rows(a, x.shape[0])
     dpre = jnp.where(active, cot[0], 0.0).astype(F32)
-    return _encoder_grads(W, x, _coo_slots(dpre, width), _coo_slots(latent, width),
-                          _coo_slots(sample, width), _dtype(compute_dtype))
+    return _encoder_grads(W, x, rows(dpre), rows(latent), rows(sample), _dtype(compute_dtype))
 
 
 _batchtopk.defvjp(_batchtopk_fwd, _batchtopk_bwd)
@@ -204,9 +254,9 @@ def decode_coo(atoms_MxD: Array, vals_N: Array, sample_N: Array, latent_N: Array
                batch: int, compute_dtype: str = "float32") -> Array:
     """x^_b = sum over entries n with sample_n = b of c_n a_{latent_n}: (batch, d) float32, with
     the same sparse VJP as `decode`."""
-    w = lambda a: _coo_slots(a, batch)
-    return _spmm(w(vals_N.astype(F32)), atoms_MxD.astype(_dtype(compute_dtype)), w(latent_N),
-                 w(sample_N), batch)
+    rows = lambda a: _coo_rows(a, batch)
+    return _scatter_sum(rows(vals_N), atoms_MxD.astype(_dtype(compute_dtype)), rows(latent_N),
+                        rows(sample_N), batch)
 
 
 def _decode_coo_fwd(atoms_MxD, vals_N, sample_N, latent_N, batch, compute_dtype):
@@ -217,11 +267,10 @@ def _decode_coo_fwd(atoms_MxD, vals_N, sample_N, latent_N, batch, compute_dtype)
 def _decode_coo_bwd(batch, compute_dtype, res, g_BxD):
     atoms, vals, sample, latent = res
     dt = _dtype(compute_dtype)
-    n = vals.shape[0]
-    w = lambda a: _coo_slots(a, batch)
-    g_lo, atoms_lo = g_BxD.astype(dt), atoms.astype(dt)
-    d_vals = _sddmm(g_lo, w(sample), atoms_lo, w(latent)).reshape(-1)[:n]
-    d_atoms = _spmm(w(vals.astype(F32)), g_lo, w(sample), w(latent), atoms.shape[0])
+    rows = lambda a: _coo_rows(a, batch)
+    g_lo = g_BxD.astype(dt)
+    d_vals = _dots(g_lo, rows(sample), atoms.astype(dt), rows(latent)).reshape(-1)[:vals.shape[0]]
+    d_atoms = _scatter_sum(rows(vals), g_lo, rows(sample), rows(latent), atoms.shape[0])
     return d_atoms.astype(atoms.dtype), d_vals.astype(vals.dtype), None, None
 
 
