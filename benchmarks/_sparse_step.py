@@ -94,31 +94,71 @@ def steps_table(d, m, cells, batch, ks, steps, repeats, dtypes=("float32", "bflo
 
 
 def breakdown(d, m, cells, batch, k, dtype, repeats) -> dict[str, float]:
-    """Seconds of each part of the TopK group step, each jitted and timed alone (interleaved)."""
+    """Seconds of each part of the TopK group step, each jitted and timed alone (interleaved):
+    the encoder GEMM, top_k, the decoder's gather, its VJP (dL/dc: k dot products per sample;
+    dL/dD^: scatter-add), the encoder's VJP (dL/dW_e: scatter-add; dL/db_e), Adam."""
     group, xs, cfg = setup(d, m, cells, batch, 1)
-    x, p, dt = xs[0], group.params, jnp.dtype(dtype)
-    pre = jax.vmap(sparse._pre, in_axes=(0, 0, None, None))(p.W_enc_MxD, p.b_enc_M, x, dt)
-    vals, idx = jax.lax.top_k(pre, k)
+    x, p = xs[0], group.params
+    cell = lambda f: jax.jit(jax.vmap(f))
+    pre = cell(lambda w, b: sparse._pre(w, b, x, jnp.dtype(dtype)))
+    vals, idx = jax.lax.top_k(pre(p.W_enc_MxD, p.b_enc_M), k)
     vals = jnp.maximum(vals, 0.0)
     atoms = jax.vmap(sae.unit_rows)(p.D_MxD)
     g = jax.random.normal(jax.random.PRNGKey(2), (cells, batch, d)) * 1e-3
-    dec_vjp = lambda a, v, i, g: jax.vjp(lambda a, v: sparse.decode(a, v, i, dtype), a, v)[1](g)
-    enc_vjp = lambda w, b, v: jax.vjp(lambda w, b: sparse.topk_codes(w, b, x, k, dtype)[0], w, b)[1](v)
     out = jax.jit(topk_group_grads, static_argnums=(2, 3))(p, x, k, dtype)
-    V = lambda f, **kw: jax.jit(jax.vmap(f, **kw))
     parts = {
-        "encoder GEMM": (V(sparse._pre, in_axes=(0, 0, None, None), ), (p.W_enc_MxD, p.b_enc_M, x, dt)),
-        "top_k": (jax.jit(lambda a: jax.lax.top_k(a, k)), (pre,)),
-        "decoder gather (forward)": (V(lambda a, v, i: sparse.decode(a, v, i, dtype)), (atoms, vals, idx)),
-        "decoder VJP (dc, dD scatter)": (V(dec_vjp), (atoms, vals, idx, g)),
-        "encoder VJP (dW scatter, db)": (V(enc_vjp), (p.W_enc_MxD, p.b_enc_M, vals)),
-        "Adam (apply_grads)": (jax.jit(lambda gr, o: _adam(gr, o, x, cfg, jnp.zeros((), jnp.int32))),
-                               (group, out)),
+        "encoder GEMM": (pre, (p.W_enc_MxD, p.b_enc_M)),
+        "top_k": (jax.jit(lambda a: jax.lax.top_k(a, k)), (pre(p.W_enc_MxD, p.b_enc_M),)),
+        "decoder gather": (cell(lambda a, v, i: sparse.decode(a, v, i, dtype)), (atoms, vals, idx)),
+        "decoder VJP": (cell(lambda a, v, i, g: sparse._decode_bwd(dtype, (a, v, i), g)[:2]),
+                        (atoms, vals, idx, g)),
+        "encoder VJP": (cell(lambda w, v, i: sparse._topk_bwd(k, dtype, (w, x, v > 0, i), (v, None))[:2]),
+                        (p.W_enc_MxD, vals, idx)),
+        "Adam": (jax.jit(lambda gr, o: _adam(gr, o, x, cfg, jnp.zeros((), jnp.int32))), (group, out)),
     }
-    fns = {}
-    for name, (f, args) in parts.items():
-        if name == "encoder GEMM":
-            f = jax.jit(jax.vmap(lambda w, b: sparse._pre(w, b, x, dt)))
-            args = (p.W_enc_MxD, p.b_enc_M)
-        fns[name] = lambda f=f, args=args: jax.block_until_ready(f(*args))
-    return interleaved(fns, repeats)
+    return interleaved({name: (lambda f=f, a=a: jax.block_until_ready(f(*a)))
+                        for name, (f, a) in parts.items()}, repeats)
+
+
+def flops(d, m, cells, batch, k) -> dict[str, float]:
+    """FLOPs per step of each matmul-like part (2 per multiply-add)."""
+    sparse_one = 2 * cells * batch * k * d
+    return {"encoder GEMM": 2 * cells * batch * m * d, "decoder gather": sparse_one,
+            "decoder VJP": 2 * sparse_one, "encoder VJP": sparse_one, "dense step": 5 * 2 * cells * batch * m * d}
+
+
+def section(d, m, cells, batch, ks, steps, repeats) -> dict:
+    """Prints and returns the TopK section of benchmarks/grid_step.py."""
+    print(f"\n6. TopK group (sparse decoder, sae_jax.sparse) vs the dense L1 group of the same size: "
+          f"{cells} cells, m {m}, d {d}, batch {batch}; loss, gradients and Adam; ms per step")
+    times = steps_table(d, m, cells, batch, ks, steps, repeats)
+    for name, s in times.items():
+        print(f"   {name:26s} {s * 1e3:8.1f}")
+    fastest = min(times[f"dense {dt}"] for dt in ("float32", "bfloat16"))
+    ratios = {}
+    for k in ks:
+        for dt in ("float32", "bfloat16"):
+            ratios[f"k={k} (m/{m // k}) {dt}: dense {dt} / topk"] = times[f"dense {dt}"] / times[f"topk k={k} {dt}"]
+        best = min(times[f"topk k={k} {dt}"] for dt in ("float32", "bfloat16"))
+        ratios[f"k={k} (m/{m // k}): fastest dense / fastest topk"] = fastest / best
+    print("   speed-up (> 1: TopK faster; the issue's target: >= 3 at k <= m/32)")
+    for name, r in ratios.items():
+        print(f"   {name:52s} {r:5.2f}")
+    out = dict(cells=cells, m=m, d=d, batch=batch, ks=list(ks), step=times, ratios=ratios, breakdown={})
+    k = ks[0]
+    fl = flops(d, m, cells, batch, k)
+    for dt in ("float32", "bfloat16"):
+        parts = breakdown(d, m, cells, batch, k, dt, repeats)
+        step, dense = times[f"topk k={k} {dt}"], times[f"dense {dt}"]
+        print(f"\n   where the {dt} TopK step (k={k}) goes, each part alone (ms, GFLOP/s)")
+        for name, s in parts.items():
+            rate = f"{fl[name] / s / 1e9:6.0f}" if name in fl else "     -"
+            print(f"   {name:20s} {s * 1e3:8.1f}  {rate}")
+        total = sum(parts.values())
+        floor = parts["encoder GEMM"] + parts["Adam"]
+        print(f"   {'sum':20s} {total * 1e3:8.1f}  = {total / step:.2f} x the measured step")
+        print(f"   best possible speed-up with free top_k and sparse kernels: dense / (GEMM + Adam) "
+              f"= {dense / floor:.2f}; with this top_k: {dense / (floor + parts['top_k']):.2f}")
+        out["breakdown"][dt] = dict(parts, sum=total, step=step, bound_free_sparse=dense / floor,
+                                    bound_with_top_k=dense / (floor + parts["top_k"]))
+    return out

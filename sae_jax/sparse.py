@@ -168,7 +168,9 @@ def topk_codes(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int,
     """(c_BxK, i_BxK): per sample the k largest pre = x W_e^T + b_e (descending), c = ReLU of
     them, i their latents (int32). The VJP scatters k rows per sample into dW_e, db_e."""
     pre = _pre(W_enc_MxD, b_enc_M, x_BxD, _dtype(compute_dtype))
-    v, i = jax.lax.top_k(pre, k)
+    # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it, some
+    # consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents instead
+    v, i = jax.lax.optimization_barrier(jax.lax.top_k(pre, k))
     return jnp.maximum(v, 0.0), i
 
 
@@ -220,7 +222,7 @@ def _coo_rows(a_N: Array, rows: int) -> Array:
 def _batchtopk(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype):
     pre = _pre(W_enc_MxD, b_enc_M, x_BxD, _dtype(compute_dtype))
     m = pre.shape[1]
-    v, flat = jax.lax.top_k(pre.reshape(-1), k * x_BxD.shape[0])
+    v, flat = jax.lax.optimization_barrier(jax.lax.top_k(pre.reshape(-1), k * x_BxD.shape[0]))
     return jnp.maximum(v, 0.0), (flat // m).astype(jnp.int32), (flat % m).astype(jnp.int32)
 
 
