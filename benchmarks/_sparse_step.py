@@ -37,7 +37,7 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
 def topk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
     """(MSE, aux) of one TopK cell through the sparse kernels."""
     vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
-    x_hat = sparse.decode(sae.unit_rows(params.D_MxD), vals, idx, dtype)
+    x_hat = sparse.decode(sae.unit_rows(params.D_MxD), vals, idx)
     sq = jnp.sum(jnp.square(x_BxD - x_hat), axis=-1)
     mse = jnp.mean(sq) / x_BxD.shape[-1]
     active = jax.lax.stop_gradient(vals) > 0
@@ -109,8 +109,8 @@ def breakdown(d, m, cells, batch, k, dtype, repeats) -> dict[str, float]:
     parts = {
         "encoder GEMM": (pre, (p.W_enc_MxD, p.b_enc_M)),
         "top_k": (jax.jit(lambda a: jax.lax.top_k(a, k)), (pre(p.W_enc_MxD, p.b_enc_M),)),
-        "decoder gather": (cell(lambda a, v, i: sparse.decode(a, v, i, dtype)), (atoms, vals, idx)),
-        "decoder VJP": (cell(lambda a, v, i, g: sparse._decode_bwd(dtype, (a, v, i), g)[:2]),
+        "decoder gather": (cell(sparse.decode), (atoms, vals, idx)),
+        "decoder VJP": (cell(lambda a, v, i, g: sparse._decode_bwd((a, v, i), g)[:2]),
                         (atoms, vals, idx, g)),
         "encoder VJP": (cell(lambda w, v, i: sparse._topk_bwd(k, dtype, (w, x, v > 0, i), (v, None))[:2]),
                         (p.W_enc_MxD, vals, idx)),

@@ -20,9 +20,10 @@ x^ = c unit_rows(D)) to float tolerance (tests/test_sparse.py). A pre-activation
 selected but negative gives a zero code and no gradient, as ReLU does.
 
 XLA's CPU gather and scatter run fast only on whole rows, a batch of them at a time: every
-kernel here loops over the k slots (a `fori_loop`, partly unrolled) and moves B rows per trip,
-so the (B, k, d) array of gathered rows never exists. `compute_dtype` casts the GEMM's and the
-gathered tables' operands (bfloat16: half the bytes moved); sums accumulate in float32.
+kernel here loops over the k slots (a `fori_loop`) and moves B rows (or B x 8) per trip, so the
+(B, k, d) array of gathered rows never exists. `compute_dtype` casts the encoder GEMM's
+operands (float32 accumulation); the gathers and scatter-adds stay in the parameters' float32
+(bfloat16 tables measured no faster on this CPU: benchmarks/grid_step.py).
 """
 
 from __future__ import annotations
@@ -142,22 +143,24 @@ def _dots(a_SxD: Array, a_NxJ: Array | None, b_TxD: Array, b_NxJ: Array | None) 
 
 
 def _pre(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, dt) -> Array:
-    """x W_e^T + b_e, operands in dt, float32 accumulation: (B, M)."""
-    return jnp.einsum("bd,md->bm", x_BxD.astype(dt), W_enc_MxD.astype(dt),
-                      preferred_element_type=F32) + b_enc_M
+    """x W_e^T + b_e, operands in dt, float32 accumulation: (B, M). Per cell under vmap: a
+    batched dot writes (B, C, M) and then transposes all of it to (C, B, M) for top_k."""
+    def gemm(w, b, x):
+        return jnp.einsum("bd,md->bm", x.astype(dt), w.astype(dt), preferred_element_type=F32) + b
+    return _per_cell(gemm)(W_enc_MxD, b_enc_M, x_BxD)
 
 
 def _encoder_grads(W_enc_MxD: Array, x_BxD: Array, dpre_NxJ: Array, latent_NxJ: Array,
-                   sample_NxJ: Array | None, dt) -> tuple[Array, Array, Array]:
+                   sample_NxJ: Array | None) -> tuple[Array, Array, Array]:
     """(dW_e, db_e, dx) from dL/dpre at the selected (sample, latent) pairs (sample None: the
     TopK layout, row n holds sample n's slots)."""
     m, batch = W_enc_MxD.shape[0], x_BxD.shape[0]
-    dW = _scatter_sum(dpre_NxJ, x_BxD.astype(dt), sample_NxJ, latent_NxJ, m)
+    dW = _scatter_sum(dpre_NxJ, x_BxD, sample_NxJ, latent_NxJ, m)
     db = jnp.zeros((m,), F32).at[latent_NxJ.reshape(-1)].add(dpre_NxJ.reshape(-1), mode=P)
     if sample_NxJ is None:  # unused (and dropped by XLA) unless x is differentiated
-        dx = _gather_sum(dpre_NxJ, W_enc_MxD.astype(dt), latent_NxJ)
+        dx = _gather_sum(dpre_NxJ, W_enc_MxD, latent_NxJ)
     else:
-        dx = _scatter_sum(dpre_NxJ, W_enc_MxD.astype(dt), latent_NxJ, sample_NxJ, batch)
+        dx = _scatter_sum(dpre_NxJ, W_enc_MxD, latent_NxJ, sample_NxJ, batch)
     return dW.astype(W_enc_MxD.dtype), db.astype(W_enc_MxD.dtype), dx.astype(x_BxD.dtype)
 
 
@@ -182,30 +185,27 @@ def _topk_fwd(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype):
 def _topk_bwd(k, compute_dtype, res, cot):
     W, x, active_BxK, i_BxK = res
     dpre = jnp.where(active_BxK, cot[0], 0.0).astype(F32)
-    return _encoder_grads(W, x, dpre, i_BxK, None, _dtype(compute_dtype))
+    return _encoder_grads(W, x, dpre, i_BxK, None)
 
 
 topk_codes.defvjp(_topk_fwd, _topk_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def decode(atoms_MxD: Array, vals_BxK: Array, idx_BxK: Array,
-           compute_dtype: str = "float32") -> Array:
-    """x^_b = sum_j c_bj a_{i_bj} (float32), with the sparse VJP of the module docstring; the
-    atoms a are used as given (normalise them first: autodiff carries that VJP)."""
-    return _gather_sum(vals_BxK, atoms_MxD.astype(_dtype(compute_dtype)), idx_BxK)
+@jax.custom_vjp
+def decode(atoms_MxD: Array, vals_BxK: Array, idx_BxK: Array) -> Array:
+    """x^_b = sum_j c_bj a_{i_bj}, with the sparse VJP of the module docstring; the atoms a are
+    used as given (normalise them first: autodiff carries that VJP)."""
+    return _gather_sum(vals_BxK, atoms_MxD, idx_BxK)
 
 
-def _decode_fwd(atoms_MxD, vals_BxK, idx_BxK, compute_dtype):
-    return decode(atoms_MxD, vals_BxK, idx_BxK, compute_dtype), (atoms_MxD, vals_BxK, idx_BxK)
+def _decode_fwd(atoms_MxD, vals_BxK, idx_BxK):
+    return decode(atoms_MxD, vals_BxK, idx_BxK), (atoms_MxD, vals_BxK, idx_BxK)
 
 
-def _decode_bwd(compute_dtype, res, g_BxD):
+def _decode_bwd(res, g_BxD):
     atoms, vals, idx = res
-    dt = _dtype(compute_dtype)
-    g_lo = g_BxD.astype(dt)
-    d_vals = _dots(g_lo, None, atoms.astype(dt), idx)
-    d_atoms = _scatter_sum(vals, g_lo, None, idx, atoms.shape[0])
+    d_vals = _dots(g_BxD, None, atoms, idx)
+    d_atoms = _scatter_sum(vals, g_BxD, None, idx, atoms.shape[0])
     return d_atoms.astype(atoms.dtype), d_vals.astype(vals.dtype), None
 
 
@@ -235,7 +235,7 @@ def _batchtopk_bwd(k, compute_dtype, res, cot):
     W, x, active, sample, latent = res
     rows = lambda a: _coo_rows(a, x.shape[0])
     dpre = jnp.where(active, cot[0], 0.0).astype(F32)
-    return _encoder_grads(W, x, rows(dpre), rows(latent), rows(sample), _dtype(compute_dtype))
+    return _encoder_grads(W, x, rows(dpre), rows(latent), rows(sample))
 
 
 _batchtopk.defvjp(_batchtopk_fwd, _batchtopk_bwd)
@@ -251,28 +251,25 @@ def batchtopk_codes(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int,
     return BatchTopKCodes(vals, sample, latent, min_active)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def decode_coo(atoms_MxD: Array, vals_N: Array, sample_N: Array, latent_N: Array,
-               batch: int, compute_dtype: str = "float32") -> Array:
-    """x^_b = sum over entries n with sample_n = b of c_n a_{latent_n}: (batch, d) float32, with
-    the same sparse VJP as `decode`."""
+               batch: int) -> Array:
+    """x^_b = sum over entries n with sample_n = b of c_n a_{latent_n}: (batch, d), with the
+    same sparse VJP as `decode`."""
     rows = lambda a: _coo_rows(a, batch)
-    return _scatter_sum(rows(vals_N), atoms_MxD.astype(_dtype(compute_dtype)), rows(latent_N),
-                        rows(sample_N), batch)
+    return _scatter_sum(rows(vals_N), atoms_MxD, rows(latent_N), rows(sample_N), batch)
 
 
-def _decode_coo_fwd(atoms_MxD, vals_N, sample_N, latent_N, batch, compute_dtype):
-    out = decode_coo(atoms_MxD, vals_N, sample_N, latent_N, batch, compute_dtype)
+def _decode_coo_fwd(atoms_MxD, vals_N, sample_N, latent_N, batch):
+    out = decode_coo(atoms_MxD, vals_N, sample_N, latent_N, batch)
     return out, (atoms_MxD, vals_N, sample_N, latent_N)
 
 
-def _decode_coo_bwd(batch, compute_dtype, res, g_BxD):
+def _decode_coo_bwd(batch, res, g_BxD):
     atoms, vals, sample, latent = res
-    dt = _dtype(compute_dtype)
     rows = lambda a: _coo_rows(a, batch)
-    g_lo = g_BxD.astype(dt)
-    d_vals = _dots(g_lo, rows(sample), atoms.astype(dt), rows(latent)).reshape(-1)[:vals.shape[0]]
-    d_atoms = _scatter_sum(rows(vals), g_lo, rows(sample), rows(latent), atoms.shape[0])
+    d_vals = _dots(g_BxD, rows(sample), atoms, rows(latent)).reshape(-1)[:vals.shape[0]]
+    d_atoms = _scatter_sum(rows(vals), g_BxD, rows(sample), rows(latent), atoms.shape[0])
     return d_atoms.astype(atoms.dtype), d_vals.astype(vals.dtype), None, None
 
 

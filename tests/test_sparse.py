@@ -51,10 +51,10 @@ def sparse_loss(p, x, k, batch_top, dtype="float32"):
     if batch_top:
         codes = sparse.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
         x_hat = sparse.decode_coo(sae.unit_rows(p.D_MxD), codes.vals_N, codes.sample_N,
-                                  codes.latent_N, x.shape[0], dtype)
+                                  codes.latent_N, x.shape[0])
         return _loss(x_hat, jnp.sum(codes.vals_N ** 2), x)
     vals, idx = sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
-    return _loss(sparse.decode(sae.unit_rows(p.D_MxD), vals, idx, dtype), jnp.sum(vals ** 2), x)
+    return _loss(sparse.decode(sae.unit_rows(p.D_MxD), vals, idx), jnp.sum(vals ** 2), x)
 
 
 def _close(a, b, rtol):
