@@ -79,28 +79,32 @@ def setup(d, m, cells, batch, steps):
     return group, xs, cfg
 
 
-def steps_table(d, m, cells, batch, ks, steps, repeats, dtypes=("float32", "bfloat16")) -> dict:
-    """Seconds per step: dense L1 per dtype, TopK per (k, dtype); one interleaved run."""
+def step_fns(d, m, cells, batch, ks, steps) -> dict:
+    """{name: one call of T steps}: dense L1 per dtype, TopK per (k, dtype)."""
     group, xs, cfg = setup(d, m, cells, batch, steps)
     fns = {}
-    for dt in dtypes:
+    for dt in ("float32", "bfloat16"):
         run = _scan(dense_grads(dt, cfg), cfg)
         fns[f"dense {dt}"] = lambda run=run: jax.block_until_ready(run(group, xs))
         for k in ks:
             run = _scan(functools.partial(lambda g, x, k, dt: topk_group_grads(g.params, x, k, dt),
                                           k=k, dt=dt), cfg)
             fns[f"topk k={k} {dt}"] = lambda run=run: jax.block_until_ready(run(group, xs))
-    return {name: s / steps for name, s in interleaved(fns, repeats).items()}
+    return fns
 
 
-def breakdown(d, m, cells, batch, k, dtype, repeats) -> dict[str, float]:
-    """Seconds of each part of the TopK group step, each jitted and timed alone (interleaved):
-    the encoder GEMM, top_k, the decoder's gather, its VJP (dL/dc: k dot products per sample;
-    dL/dD^: scatter-add), the encoder's VJP (dL/dW_e: scatter-add; dL/db_e), Adam."""
+def part_fns(d, m, cells, batch, k, dtype) -> dict:
+    """{name: one call} of each part of the TopK group step, jitted alone: the encoder GEMM (and,
+    for comparison, the same GEMM in the dense step's (m, B) layout plus a transpose to (B, m)),
+    top_k, the decoder's gather, its VJP (dL/dc: k dot products per sample; dL/dD^: scatter-add),
+    the encoder's VJP (dL/dW_e: scatter-add; dL/db_e), Adam."""
     group, xs, cfg = setup(d, m, cells, batch, 1)
-    x, p = xs[0], group.params
+    x, p, dt = xs[0], group.params, jnp.dtype(dtype)
     cell = lambda f: jax.jit(jax.vmap(f))
-    pre = cell(lambda w, b: sparse._pre(w, b, x, jnp.dtype(dtype)))
+    pre = cell(lambda w, b: sparse._pre(w, b, x, dt))
+    x_t = fused._swap_last(x.astype(dt)) if dt == jnp.bfloat16 else x.T
+    pre_t = jax.jit(lambda w, b: jnp.swapaxes(fused._mm(fused.MATMULS["encoder forward"], w.reshape(
+        -1, d), x_t, dt).reshape(cells, m, batch) + b[:, :, None], 1, 2))
     vals, idx = jax.lax.top_k(pre(p.W_enc_MxD, p.b_enc_M), k)
     vals = jnp.maximum(vals, 0.0)
     atoms = jax.vmap(sae.unit_rows)(p.D_MxD)
@@ -115,25 +119,33 @@ def breakdown(d, m, cells, batch, k, dtype, repeats) -> dict[str, float]:
         "encoder VJP": (cell(lambda w, v, i: sparse._topk_bwd(k, dtype, (w, x, v > 0, i), (v, None))[:2]),
                         (p.W_enc_MxD, vals, idx)),
         "Adam": (jax.jit(lambda gr, o: _adam(gr, o, x, cfg, jnp.zeros((), jnp.int32))), (group, out)),
+        "(GEMM as W x^T + transpose)": (pre_t, (p.W_enc_MxD, p.b_enc_M)),
     }
-    return interleaved({name: (lambda f=f, a=a: jax.block_until_ready(f(*a)))
-                        for name, (f, a) in parts.items()}, repeats)
+    return {name: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for name, (f, a) in parts.items()}
 
 
 def flops(d, m, cells, batch, k) -> dict[str, float]:
     """FLOPs per step of each matmul-like part (2 per multiply-add)."""
     sparse_one = 2 * cells * batch * k * d
-    return {"encoder GEMM": 2 * cells * batch * m * d, "decoder gather": sparse_one,
-            "decoder VJP": 2 * sparse_one, "encoder VJP": sparse_one, "dense step": 5 * 2 * cells * batch * m * d}
+    gemm = 2 * cells * batch * m * d
+    return {"encoder GEMM": gemm, "(GEMM as W x^T + transpose)": gemm, "decoder gather": sparse_one,
+            "decoder VJP": 2 * sparse_one, "encoder VJP": sparse_one, "dense step": 5 * gemm}
 
 
 def section(d, m, cells, batch, ks, steps, repeats) -> dict:
     """Prints and returns the TopK section of benchmarks/grid_step.py."""
     print(f"\n6. TopK group (sparse decoder, sae_jax.sparse) vs the dense L1 group of the same size: "
           f"{cells} cells, m {m}, d {d}, batch {batch}; loss, gradients and Adam; ms per step")
-    times = steps_table(d, m, cells, batch, ks, steps, repeats)
+    fns = step_fns(d, m, cells, batch, ks, steps)
+    k0 = ks[0]
+    for dt in ("float32", "bfloat16"):
+        fns.update({f"{dt} part: {n}": f for n, f in part_fns(d, m, cells, batch, k0, dt).items()})
+    measured = interleaved(fns, repeats)
+    times = {n: s / steps for n, s in measured.items() if " part: " not in n}
+    fl = flops(d, m, cells, batch, k0)
     for name, s in times.items():
-        print(f"   {name:26s} {s * 1e3:8.1f}")
+        rate = f"  ({fl['dense step'] / s / 1e9:.0f} GFLOP/s)" if name.startswith("dense") else ""
+        print(f"   {name:26s} {s * 1e3:8.1f}{rate}")
     fastest = min(times[f"dense {dt}"] for dt in ("float32", "bfloat16"))
     ratios = {}
     for k in ks:
@@ -145,18 +157,16 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
     for name, r in ratios.items():
         print(f"   {name:52s} {r:5.2f}")
     out = dict(cells=cells, m=m, d=d, batch=batch, ks=list(ks), step=times, ratios=ratios, breakdown={})
-    k = ks[0]
-    fl = flops(d, m, cells, batch, k)
     for dt in ("float32", "bfloat16"):
-        parts = breakdown(d, m, cells, batch, k, dt, repeats)
-        step, dense = times[f"topk k={k} {dt}"], times[f"dense {dt}"]
-        print(f"\n   where the {dt} TopK step (k={k}) goes, each part alone (ms, GFLOP/s)")
+        parts = {n.split(" part: ")[1]: s for n, s in measured.items() if n.startswith(f"{dt} part: ")}
+        step, dense = times[f"topk k={k0} {dt}"], times[f"dense {dt}"]
+        print(f"\n   where the {dt} TopK step (k={k0}) goes, each part alone (ms, GFLOP/s)")
         for name, s in parts.items():
             rate = f"{fl[name] / s / 1e9:6.0f}" if name in fl else "     -"
-            print(f"   {name:20s} {s * 1e3:8.1f}  {rate}")
-        total = sum(parts.values())
+            print(f"   {name:30s} {s * 1e3:8.1f}  {rate}")
+        total = sum(s for n, s in parts.items() if not n.startswith("("))
         floor = parts["encoder GEMM"] + parts["Adam"]
-        print(f"   {'sum':20s} {total * 1e3:8.1f}  = {total / step:.2f} x the measured step")
+        print(f"   {"sum":30s} {total * 1e3:8.1f}  = {total / step:.2f} x the measured step")
         print(f"   best possible speed-up with free top_k and sparse kernels: dense / (GEMM + Adam) "
               f"= {dense / floor:.2f}; with this top_k: {dense / (floor + parts['top_k']):.2f}")
         out["breakdown"][dt] = dict(parts, sum=total, step=step, bound_free_sparse=dense / floor,
