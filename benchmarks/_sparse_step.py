@@ -166,7 +166,7 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
             print(f"   {name:30s} {s * 1e3:8.1f}  {rate}")
         total = sum(s for n, s in parts.items() if not n.startswith("("))
         floor = parts["encoder GEMM"] + parts["Adam"]
-        print(f"   {"sum":30s} {total * 1e3:8.1f}  = {total / step:.2f} x the measured step")
+        print(f"   {'sum':30s} {total * 1e3:8.1f}  = {total / step:.2f} x the measured step")
         print(f"   best possible speed-up with free top_k and sparse kernels: dense / (GEMM + Adam) "
               f"= {dense / floor:.2f}; with this top_k: {dense / (floor + parts['top_k']):.2f}")
         out["breakdown"][dt] = dict(parts, sum=total, step=step, bound_free_sparse=dense / floor,
