@@ -46,8 +46,20 @@ def topk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
     return mse, sae.LossAux(mse, jnp.zeros((), F32), l0, fired, sq)
 
 
-def topk_group_grads(params, x_BxD, k: int, dtype: str):
-    return jax.vmap(jax.value_and_grad(topk_cell_loss, has_aux=True), in_axes=(0, None, None, None))(
+def batchtopk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
+    """(MSE, aux) of one BatchTopK cell through the sparse kernels (COO codes)."""
+    c = sparse.batchtopk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
+    x_hat = sparse.decode_coo(sae.unit_rows(params.D_MxD), c.vals_N, c.sample_N, c.latent_N,
+                              x_BxD.shape[0])
+    sq = jnp.sum(jnp.square(x_BxD - x_hat), axis=-1)
+    mse = jnp.mean(sq) / x_BxD.shape[-1]
+    active = jax.lax.stop_gradient(c.vals_N) > 0
+    fired = jnp.zeros(params.b_enc_M.shape, bool).at[c.latent_N].max(active)
+    return mse, sae.LossAux(mse, jnp.zeros((), F32), jnp.sum(active) / x_BxD.shape[0], fired, sq)
+
+
+def topk_group_grads(params, x_BxD, k: int, dtype: str, loss=topk_cell_loss):
+    return jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(0, None, None, None))(
         params, x_BxD, k, dtype)
 
 
@@ -90,6 +102,8 @@ def step_fns(d, m, cells, batch, ks, steps) -> dict:
             run = _scan(functools.partial(lambda g, x, k, dt: topk_group_grads(g.params, x, k, dt),
                                           k=k, dt=dt), cfg)
             fns[f"topk k={k} {dt}"] = lambda run=run: jax.block_until_ready(run(group, xs))
+        run = _scan(lambda g, x, dt=dt: topk_group_grads(g.params, x, ks[0], dt, batchtopk_cell_loss), cfg)
+        fns[f"batchtopk k={ks[0]} {dt}"] = lambda run=run: jax.block_until_ready(run(group, xs))
     return fns
 
 
@@ -153,6 +167,9 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
             ratios[f"k={k} (m/{m // k}) {dt}: dense {dt} / topk"] = times[f"dense {dt}"] / times[f"topk k={k} {dt}"]
         best = min(times[f"topk k={k} {dt}"] for dt in ("float32", "bfloat16"))
         ratios[f"k={k} (m/{m // k}): fastest dense / fastest topk"] = fastest / best
+    for dt in ("float32", "bfloat16"):
+        ratios[f"BatchTopK k={k0} {dt}: dense {dt} / batchtopk"] = (
+            times[f"dense {dt}"] / times[f"batchtopk k={k0} {dt}"])
     print("   speed-up (> 1: TopK faster; the issue's target: >= 3 at k <= m/32)")
     for name, r in ratios.items():
         print(f"   {name:52s} {r:5.2f}")
