@@ -41,7 +41,8 @@ F32 = jnp.float32
 COMPUTE_DTYPES = ("float32", "bfloat16")
 UNROLL = 8  # slots per loop trip: measured fastest of 1-32 (benchmarks/grid_step.py --only topk)
 P = "promise_in_bounds"
-PER_CELL = True  # vmap of a kernel runs it once per cell (see _per_cell)
+PER_CELL = True  # vmap of a kernel runs it once per cell (see _per_cell) ...
+MAX_UNROLLED_CELLS = 16  # ... up to this many cells; beyond, one batched kernel
 
 
 class BatchTopKCodes(NamedTuple):
@@ -77,6 +78,8 @@ def _per_cell(f):
 
     @g.def_vmap
     def rule(axis_size, in_batched, *args):
+        if axis_size > MAX_UNROLLED_CELLS:  # bound the compiled program's size
+            return jax.vmap(f, in_axes=[0 if b else None for b in in_batched])(*args), True
         outs = [g(*[a[i] if b else a for a, b in zip(args, in_batched)]) for i in range(axis_size)]
         return jnp.stack(outs), True
     return g

@@ -74,6 +74,17 @@ def test_loss_and_gradients_equal_dense_under_vmap(batch_top):
         _close(a, b, 1e-4)
 
 
+def test_many_cells_take_the_batched_kernels(monkeypatch):
+    """Past MAX_UNROLLED_CELLS cells the kernels run batched: the same gradients."""
+    p, x = _params(), _x()
+    g = lambda: jax.jit(jax.vmap(jax.grad(sparse_loss), in_axes=(0, None, None, None)),
+                        static_argnums=(2, 3))(p, x, K, False)
+    unrolled = g()
+    monkeypatch.setattr(sparse, "MAX_UNROLLED_CELLS", 1)
+    for a, b in zip(g(), unrolled):
+        _close(a, b, 1e-6)
+
+
 def test_topk_codes_and_decode_forward():
     p = jax.tree.map(lambda a: a[0], _params())
     x = _x()
