@@ -142,7 +142,7 @@ def flops(d, m, cells, batch, k) -> dict[str, float]:
     """FLOPs per step of each matmul-like part (2 per multiply-add)."""
     sparse_one = 2 * cells * batch * k * d
     gemm = 2 * cells * batch * m * d
-    return {"encoder GEMM": gemm, "(GEMM as W x^T + transpose)": gemm, "decoder gather": sparse_one,
+    return {"(the limit: 2048^3 GEMM)": 2 * 2048 ** 3, "encoder GEMM": gemm, "(GEMM as W x^T + transpose)": gemm, "decoder gather": sparse_one,
             "decoder VJP": 2 * sparse_one, "encoder VJP": sparse_one, "dense step": 5 * gemm}
 
 
@@ -154,6 +154,9 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
     k0 = ks[0]
     for dt in ("float32", "bfloat16"):
         fns.update({f"{dt} part: {n}": f for n, f in part_fns(d, m, cells, batch, k0, dt).items()})
+        a = jax.random.normal(jax.random.PRNGKey(3), (2048, 2048)).astype(dt)
+        mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=F32))
+        fns[f"{dt} part: (the limit: 2048^3 GEMM)"] = lambda mm=mm, a=a: jax.block_until_ready(mm(a, a))
     measured = interleaved(fns, repeats)
     times = {n: s / steps for n, s in measured.items() if " part: " not in n}
     fl = flops(d, m, cells, batch, k0)
