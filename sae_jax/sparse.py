@@ -55,6 +55,11 @@ class BatchTopKCodes(NamedTuple):
     #                    inference threshold is estimated from
 
 
+def _check_k(k: int, m: int) -> None:
+    if not isinstance(k, int) or not 1 <= k <= m:
+        raise UsageError(f"`k` must be an integer in [1, {m}] (the latents), got {k!r}", field="k")
+
+
 def _dtype(compute_dtype: str):
     if compute_dtype not in COMPUTE_DTYPES:
         raise UsageError(f"`compute_dtype` must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}",
@@ -173,6 +178,7 @@ def topk_codes(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int,
                compute_dtype: str = "float32") -> tuple[Array, Array]:
     """(c_BxK, i_BxK): per sample the k largest pre = x W_e^T + b_e (descending), c = ReLU of
     them, i their latents (int32). The VJP scatters k rows per sample into dW_e, db_e."""
+    _check_k(k, W_enc_MxD.shape[0])
     pre = _pre(W_enc_MxD, b_enc_M, x_BxD, _dtype(compute_dtype))
     # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it, some
     # consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents instead
@@ -223,6 +229,7 @@ def _coo_rows(a_N: Array, rows: int) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _batchtopk(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype):
+    _check_k(k, W_enc_MxD.shape[0])
     pre = _pre(W_enc_MxD, b_enc_M, x_BxD, _dtype(compute_dtype))
     m = pre.shape[1]
     v, flat = jax.lax.optimization_barrier(jax.lax.top_k(pre.reshape(-1), k * x_BxD.shape[0]))

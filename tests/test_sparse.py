@@ -121,7 +121,17 @@ def test_bfloat16_gradients_near_float32(batch_top):
         assert rel < 2e-2, (name, rel)
 
 
-def test_unknown_compute_dtype_is_a_usage_error():
+@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+def test_input_gradient_equals_dense(batch_top):
+    p, x = jax.tree.map(lambda a: a[0], _params()), _x()
+    ref = jax.grad(dense_loss, argnums=1)(p, x, K, batch_top)
+    _close(jax.grad(sparse_loss, argnums=1)(p, x, K, batch_top), ref, 1e-4)
+
+
+def test_bad_compute_dtype_or_k_is_a_usage_error():
     p = jax.tree.map(lambda a: a[0], _params())
     with pytest.raises(UsageError, match="`compute_dtype` must be one of"):
         sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, _x(), K, "float16")
+    for bad in (0, M + 1):
+        with pytest.raises(UsageError, match=r"`k` must be an integer in \[1, 32\]"):
+            sparse.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, _x(), bad)
