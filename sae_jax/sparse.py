@@ -151,8 +151,8 @@ def _dots(a_SxD: Array, a_NxJ: Array | None, b_TxD: Array, b_NxJ: Array | None) 
 
 
 def _pre(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, dt) -> Array:
-    """x W_e^T + b_e, operands in dt, float32 accumulation: (B, M). Per cell under vmap: a
-    batched dot writes (B, C, M) and then transposes all of it to (C, B, M) for top_k."""
+    """x W_e^T + b_e, operands in dt, float32 accumulation: (B, M). Once per cell under vmap:
+    the batched dot wrote (B, C, M) and then transposed all of it to (C, B, M) for top_k."""
     def gemm(w, b, x):
         return jnp.einsum("bd,md->bm", x.astype(dt), w.astype(dt), preferred_element_type=F32) + b
     return _per_cell(gemm)(W_enc_MxD, b_enc_M, x_BxD)

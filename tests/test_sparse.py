@@ -16,7 +16,7 @@ C, B, D, M, K = 3, 12, 8, 32, 4
 def _params(seed=0):
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
     p = jax.vmap(lambda key: sae.init(key, D, M))(jax.random.split(k[0], C))
-    # negative biases on half the latents: some selected pre-activations are negative
+    # negative biases: some selected pre-activations are negative
     bias = 0.3 * jax.random.normal(k[1], (C, M)) - 0.8
     return p._replace(b_enc_M=bias,
                       D_MxD=p.D_MxD * jax.random.uniform(k[2], (C, M, 1), minval=0.3, maxval=3.0))
@@ -93,6 +93,32 @@ def test_topk_codes_and_decode_forward():
     assert vals.shape == idx.shape == (B, K) and idx.dtype == jnp.int32
     _close(np.sort(vals, 1), np.sort(np.take_along_axis(c, idx, 1), 1), 1e-6)
     assert np.count_nonzero(c) == np.count_nonzero(vals) < B * K  # some selected are negative
+    atoms = sae.unit_rows(p.D_MxD)
+    _close(sparse.decode(atoms, vals, idx), c @ atoms, 1e-5)
+
+
+@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+def test_all_negative_pre_activations_give_zero_codes_and_no_encoder_gradient(batch_top):
+    p, x = jax.tree.map(lambda a: a[0], _params()), _x()
+    p = p._replace(b_enc_M=p.b_enc_M - 100.0)
+    g = jax.grad(sparse_loss)(p, x, K, batch_top)
+    assert not np.any(g.W_enc_MxD) and not np.any(g.b_enc_M) and not np.any(g.D_MxD)
+    assert float(sparse_loss(p, x, K, batch_top)) == pytest.approx(float(jnp.mean(x ** 2)))
+
+
+def test_tied_latents_select_exactly_k():
+    """Two latents with the same encoder row tie everywhere; TopK still keeps k per sample (the
+    lower index first) and the decoder uses exactly those."""
+    p, x = jax.tree.map(lambda a: a[0], _params()), _x()
+    pre = x @ p.W_enc_MxD.T + p.b_enc_M
+    j = int(jnp.argsort(pre[0])[-K])  # sample 0's k-th latent: duplicate it into latent `dup`
+    dup = M - 1 if j != M - 1 else 0
+    p = p._replace(W_enc_MxD=p.W_enc_MxD.at[dup].set(p.W_enc_MxD[j]),
+                   b_enc_M=p.b_enc_M.at[dup].set(p.b_enc_M[j]))
+    vals, idx = sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, x, K)
+    assert idx.shape == (B, K) and all(len(set(r)) == K for r in np.asarray(idx).tolist())
+    assert min(j, dup) in np.asarray(idx[0]) and max(j, dup) not in np.asarray(idx[0])
+    c = jnp.zeros((B, M)).at[jnp.arange(B)[:, None], idx].set(vals)
     atoms = sae.unit_rows(p.D_MxD)
     _close(sparse.decode(atoms, vals, idx), c @ atoms, 1e-5)
 
