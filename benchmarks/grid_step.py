@@ -12,11 +12,15 @@ d 256, sizes 256-2048, 4 alphas, batch 1024). Printed, each in ms per step and G
 4. the bfloat16 step's breakdown, each part timed on its own: matmuls, transposes, elementwise
    work (the fused gradient with free matmuls and transposes), the optimizer (Adam, divergence
    check, counters); their sum against the measured step;
-5. the PyTorch loop (cells one after another) in float32 and under bfloat16 autocast.
+5. the PyTorch loop (cells one after another) in float32 and under bfloat16 autocast;
+6. a TopK group through the sparse decoder (sae_jax.sparse) against the dense L1 group of the
+   same size (C cells of m latents), float32 and bfloat16, at k = m/32, m/64, m/128, and
+   where the TopK step's time goes (`--only topk` runs this section alone).
 
 Runs on the default JAX backend (a GPU if there is one) and PyTorch's (cuda if available).
 Usage: python benchmarks/grid_step.py [--d 256] [--sizes 256,512,1024,2048] [--alphas 4]
        [--batch 1024] [--steps 10] [--json out.json] [--no-torch]
+       [--only topk] [--topk-m 4096] [--topk-cells 4] [--topk-ks 128,64,32]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import _sparse_step
 from _torch_loop import gemm_rate as torch_gemm_rate
 from _torch_loop import step_seconds as torch_step_seconds
 
@@ -170,7 +175,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="also write every number to this file")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--only", choices=["topk"], help="run only this section")
+    p.add_argument("--topk-m", type=int, default=4096, help="latents per cell in the TopK section")
+    p.add_argument("--topk-cells", type=int, default=4)
+    p.add_argument("--topk-ks", default="", help="k values (default m/32, m/64, m/128)")
     a = p.parse_args()
+    ks = [int(k) for k in a.topk_ks.split(",")] if a.topk_ks else [a.topk_m // r for r in (32, 64, 128)]
+    if a.only == "topk":
+        res = dict(machine=machine(), topk=None)
+        print(res["machine"])
+        res["topk"] = _sparse_step.section(a.d, a.topk_m, a.topk_cells, a.batch, ks, a.steps, a.repeats)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     sizes = [int(s) for s in a.sizes.split(",")]
     flops = 10 * a.d * a.alphas * sum(sizes) * a.batch
     gf = lambda sec, fl=flops: fl / sec / 1e9
@@ -232,6 +250,7 @@ def main() -> None:
         ratios["f32 step vs PyTorch f32"] = tt["float32"] / min(st["float32 autodiff"], st["float32 fused"])
         ratios["bf16 step vs PyTorch bf16 autocast"] = tt["bfloat16 autocast"] / st["bfloat16 fused"]
     res["ratios"] = ratios
+    res["topk"] = _sparse_step.section(a.d, a.topk_m, a.topk_cells, a.batch, ks, a.steps, a.repeats)
     print("\nratios (> 1: sae_jax faster / closer to the limit)")
     for k, v in ratios.items():
         print(f"   {k:36s} {v:5.2f}")

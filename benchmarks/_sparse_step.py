@@ -1,0 +1,194 @@
+"""The TopK section of benchmarks/grid_step.py: a TopK group step through the sparse decoder
+(sae_jax.sparse) against the dense L1 group step of the same size (sae_jax.fused), side by side
+in one process (interleaved repeats, the minimum of each), and where the TopK step's time goes.
+
+Both steps: C cells of m latents on one shared batch (B, d), loss and gradients, then Adam on
+every parameter (grid.apply_grads, the grid's own optimizer step), T steps in one lax.scan.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax import fused, grid, sae, sparse
+
+F32 = jnp.float32
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Best seconds per call of each function, the calls interleaved (one warm-up each), so that
+    every variant sees the same load on a shared machine."""
+    for f in fns.values():
+        f()
+    best = {k: np.inf for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def topk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
+    """(MSE, aux) of one TopK cell through the sparse kernels."""
+    vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
+    x_hat = sparse.decode(sae.unit_rows(params.D_MxD), vals, idx)
+    sq = jnp.sum(jnp.square(x_BxD - x_hat), axis=-1)
+    mse = jnp.mean(sq) / x_BxD.shape[-1]
+    active = jax.lax.stop_gradient(vals) > 0
+    fired = jnp.zeros(params.b_enc_M.shape, bool).at[idx].max(active)
+    l0 = jnp.mean(jnp.sum(active, axis=-1).astype(F32))
+    return mse, sae.LossAux(mse, jnp.zeros((), F32), l0, fired, sq)
+
+
+def batchtopk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
+    """(MSE, aux) of one BatchTopK cell through the sparse kernels (COO codes)."""
+    c = sparse.batchtopk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
+    x_hat = sparse.decode_coo(sae.unit_rows(params.D_MxD), c.vals_N, c.sample_N, c.latent_N,
+                              x_BxD.shape[0])
+    sq = jnp.sum(jnp.square(x_BxD - x_hat), axis=-1)
+    mse = jnp.mean(sq) / x_BxD.shape[-1]
+    active = jax.lax.stop_gradient(c.vals_N) > 0
+    fired = jnp.zeros(params.b_enc_M.shape, bool).at[c.latent_N].max(active)
+    return mse, sae.LossAux(mse, jnp.zeros((), F32), jnp.sum(active) / x_BxD.shape[0], fired, sq)
+
+
+def topk_group_grads(params, x_BxD, k: int, dtype: str, loss=topk_cell_loss):
+    return jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(0, None, None, None))(
+        params, x_BxD, k, dtype)
+
+
+def _adam(group, out, x, cfg, step):
+    (total, aux), grads = out
+    return jax.vmap(grid.apply_grads, in_axes=(0, 0, 0, 0, None, None, None, None))(
+        group, grads, total, aux, x, 1.0, cfg, step)[0]
+
+
+def _scan(grads_fn, cfg):
+    """T steps (loss, gradients, Adam) of one group over the batches xs: one lax.scan."""
+    @jax.jit
+    def run(group, xs):
+        def body(g, x):
+            return _adam(g, grads_fn(g, x), x, cfg, jnp.zeros((), jnp.int32)), None
+        return jax.lax.scan(body, group, xs)[0]
+    return run
+
+
+def dense_grads(dtype: str, cfg):
+    return lambda g, x: fused.group_loss_and_grad(g.params, x, g.l1_coeff, cfg.l1_convention, None, dtype)
+
+
+def setup(d, m, cells, batch, steps):
+    spec = grid.GridSpec(tuple(np.logspace(-2, 0, cells)), (m,))
+    cfg = grid.TrainConfig(batch_size=batch, fused_step=True)
+    group = grid.init_grid(jax.random.PRNGKey(0), spec, d, cfg).groups[0]
+    xs = jax.random.normal(jax.random.PRNGKey(1), (steps, batch, d)) / np.sqrt(d)
+    return group, xs, cfg
+
+
+def step_fns(d, m, cells, batch, ks, steps) -> dict:
+    """{name: one call of T steps}: dense L1 per dtype, TopK per (k, dtype)."""
+    group, xs, cfg = setup(d, m, cells, batch, steps)
+    fns = {}
+    for dt in ("float32", "bfloat16"):
+        run = _scan(dense_grads(dt, cfg), cfg)
+        fns[f"dense {dt}"] = lambda run=run: jax.block_until_ready(run(group, xs))
+        for k in ks:
+            run = _scan(functools.partial(lambda g, x, k, dt: topk_group_grads(g.params, x, k, dt),
+                                          k=k, dt=dt), cfg)
+            fns[f"topk k={k} {dt}"] = lambda run=run: jax.block_until_ready(run(group, xs))
+        run = _scan(lambda g, x, dt=dt: topk_group_grads(g.params, x, ks[0], dt, batchtopk_cell_loss), cfg)
+        fns[f"batchtopk k={ks[0]} {dt}"] = lambda run=run: jax.block_until_ready(run(group, xs))
+    return fns
+
+
+def part_fns(d, m, cells, batch, k, dtype) -> dict:
+    """{name: one call} of each part of the TopK group step, jitted alone: the encoder GEMM (and,
+    for comparison, the same GEMM in the dense step's (m, B) layout plus a transpose to (B, m)),
+    top_k, the decoder's gather, its VJP (dL/dc: k dot products per sample; dL/dD^: scatter-add),
+    the encoder's VJP (dL/dW_e: scatter-add; dL/db_e), Adam."""
+    group, xs, cfg = setup(d, m, cells, batch, 1)
+    x, p, dt = xs[0], group.params, jnp.dtype(dtype)
+    cell = lambda f: jax.jit(jax.vmap(f))
+    pre = cell(lambda w, b: sparse._pre(w, b, x, dt))
+    x_t = fused._swap_last(x.astype(dt)) if dt == jnp.bfloat16 else x.T
+    pre_t = jax.jit(lambda w, b: jnp.swapaxes(fused._mm(fused.MATMULS["encoder forward"], w.reshape(
+        -1, d), x_t, dt).reshape(cells, m, batch) + b[:, :, None], 1, 2))
+    vals, idx = jax.lax.top_k(pre(p.W_enc_MxD, p.b_enc_M), k)
+    vals = jnp.maximum(vals, 0.0)
+    atoms = jax.vmap(sae.unit_rows)(p.D_MxD)
+    g = jax.random.normal(jax.random.PRNGKey(2), (cells, batch, d)) * 1e-3
+    out = jax.jit(topk_group_grads, static_argnums=(2, 3))(p, x, k, dtype)
+    parts = {
+        "encoder GEMM": (pre, (p.W_enc_MxD, p.b_enc_M)),
+        "top_k": (jax.jit(lambda a: jax.lax.top_k(a, k)), (pre(p.W_enc_MxD, p.b_enc_M),)),
+        "decoder gather": (cell(sparse.decode), (atoms, vals, idx)),
+        "decoder VJP": (cell(lambda a, v, i, g: sparse._decode_bwd((a, v, i), g)[:2]),
+                        (atoms, vals, idx, g)),
+        "encoder VJP": (cell(lambda w, v, i: sparse._topk_bwd(k, dtype, (w, x, v > 0, i), (v, None))[:2]),
+                        (p.W_enc_MxD, vals, idx)),
+        "Adam": (jax.jit(lambda gr, o: _adam(gr, o, x, cfg, jnp.zeros((), jnp.int32))), (group, out)),
+        "(GEMM as W x^T + transpose)": (pre_t, (p.W_enc_MxD, p.b_enc_M)),
+    }
+    return {name: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for name, (f, a) in parts.items()}
+
+
+def flops(d, m, cells, batch, k) -> dict[str, float]:
+    """FLOPs per step of each matmul-like part (2 per multiply-add)."""
+    sparse_one = 2 * cells * batch * k * d
+    gemm = 2 * cells * batch * m * d
+    return {"(the limit: 2048^3 GEMM)": 2 * 2048 ** 3, "encoder GEMM": gemm, "(GEMM as W x^T + transpose)": gemm, "decoder gather": sparse_one,
+            "decoder VJP": 2 * sparse_one, "encoder VJP": sparse_one, "dense step": 5 * gemm}
+
+
+def section(d, m, cells, batch, ks, steps, repeats) -> dict:
+    """Prints and returns the TopK section of benchmarks/grid_step.py."""
+    print(f"\n6. TopK group (sparse decoder, sae_jax.sparse) vs the dense L1 group of the same size: "
+          f"{cells} cells, m {m}, d {d}, batch {batch}; loss, gradients and Adam; ms per step")
+    fns = step_fns(d, m, cells, batch, ks, steps)
+    k0 = ks[0]
+    for dt in ("float32", "bfloat16"):
+        fns.update({f"{dt} part: {n}": f for n, f in part_fns(d, m, cells, batch, k0, dt).items()})
+        a = jax.random.normal(jax.random.PRNGKey(3), (2048, 2048)).astype(dt)
+        mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=F32))
+        fns[f"{dt} part: (the limit: 2048^3 GEMM)"] = lambda mm=mm, a=a: jax.block_until_ready(mm(a, a))
+    measured = interleaved(fns, repeats)
+    times = {n: s / steps for n, s in measured.items() if " part: " not in n}
+    fl = flops(d, m, cells, batch, k0)
+    for name, s in times.items():
+        rate = f"  ({fl['dense step'] / s / 1e9:.0f} GFLOP/s)" if name.startswith("dense") else ""
+        print(f"   {name:26s} {s * 1e3:8.1f}{rate}")
+    fastest = min(times[f"dense {dt}"] for dt in ("float32", "bfloat16"))
+    ratios = {}
+    for k in ks:
+        for dt in ("float32", "bfloat16"):
+            ratios[f"k={k} (m/{m // k}) {dt}: dense {dt} / topk"] = times[f"dense {dt}"] / times[f"topk k={k} {dt}"]
+        best = min(times[f"topk k={k} {dt}"] for dt in ("float32", "bfloat16"))
+        ratios[f"k={k} (m/{m // k}): fastest dense / fastest topk"] = fastest / best
+    for dt in ("float32", "bfloat16"):
+        ratios[f"BatchTopK k={k0} {dt}: dense {dt} / batchtopk"] = (
+            times[f"dense {dt}"] / times[f"batchtopk k={k0} {dt}"])
+    print("   speed-up (> 1: TopK faster; the issue's target: >= 3 at k <= m/32)")
+    for name, r in ratios.items():
+        print(f"   {name:52s} {r:5.2f}")
+    out = dict(cells=cells, m=m, d=d, batch=batch, ks=list(ks), step=times, ratios=ratios, breakdown={})
+    for dt in ("float32", "bfloat16"):
+        parts = {n.split(" part: ")[1]: s for n, s in measured.items() if n.startswith(f"{dt} part: ")}
+        step, dense = times[f"topk k={k0} {dt}"], times[f"dense {dt}"]
+        print(f"\n   where the {dt} TopK step (k={k0}) goes, each part alone (ms, GFLOP/s)")
+        for name, s in parts.items():
+            rate = f"{fl[name] / s / 1e9:6.0f}" if name in fl else "     -"
+            print(f"   {name:30s} {s * 1e3:8.1f}  {rate}")
+        total = sum(s for n, s in parts.items() if not n.startswith("("))
+        floor = parts["encoder GEMM"] + parts["Adam"]
+        print(f"   {'sum':30s} {total * 1e3:8.1f}  = {total / step:.2f} x the measured step")
+        print(f"   best possible speed-up with free top_k and sparse kernels: dense / (GEMM + Adam) "
+              f"= {dense / floor:.2f}; with this top_k: {dense / (floor + parts['top_k']):.2f}")
+        out["breakdown"][dt] = dict(parts, sum=total, step=step, bound_free_sparse=dense / floor,
+                                    bound_with_top_k=dense / (floor + parts["top_k"]))
+    return out

@@ -1,0 +1,286 @@
+"""Sparse codes and a sparse decoder for TopK and BatchTopK SAEs (one cell; vmap for a group).
+
+TopK (Gao et al. 2024) keeps the k largest pre-activations of each sample; BatchTopK
+(Bussmann et al. 2024) the k B largest of the whole batch. With k of m latents active, only the
+encoder's forward needs every latent:
+
+    pre_BxM = x W_e^T + b_e                         one dense GEMM
+    (v, i)  = top-k of pre per sample (TopK) or over the batch (BatchTopK); c = ReLU(v)
+    x^_b    = sum_j c_bj a_{i_bj}                    gather k atoms per sample (a = unit rows of D)
+
+and the backward pass, by hand (`jax.custom_vjp`), touches only the selected rows:
+
+    dL/dc_bj   = g_b . a_{i_bj}                      g = dL/dx^
+    dL/da_l    = sum_{(b,j): i_bj = l} c_bj g_b      scatter-add
+    dL/dpre_bj = dL/dc_bj [v_bj > 0]
+    dL/dW_e,l  = sum_{(b,j): i_bj = l} dL/dpre_bj x_b, dL/db_e,l the same sum of dL/dpre_bj.
+
+These equal autodiff of the dense formulation (c scattered into a (B, m) matrix of zeros,
+x^ = c unit_rows(D)) to float tolerance (tests/test_sparse.py). A pre-activation that is
+selected but negative gives a zero code and no gradient, as ReLU does.
+
+XLA's CPU gather and scatter run fast only on whole rows, a batch of them at a time: every
+kernel here loops over the k slots (a `fori_loop`) and moves B rows (or B x 8) per trip, so the
+(B, k, d) array of gathered rows never exists. `compute_dtype` casts the encoder GEMM's
+operands (float32 accumulation); the gathers and scatter-adds stay in the parameters' float32
+(bfloat16 tables measured no faster on this CPU: benchmarks/grid_step.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sae_jax.errors import UsageError
+
+Array = jax.Array
+F32 = jnp.float32
+COMPUTE_DTYPES = ("float32", "bfloat16")
+UNROLL = 8  # slots per trip of the gather loop, unrolled (measured: 8 beat 1, 16 and 32)
+P = "promise_in_bounds"
+PER_CELL = True  # vmap of a kernel runs it once per cell (see _per_cell) ...
+MAX_UNROLLED_CELLS = 16  # ... up to this many cells; beyond, one batched kernel
+
+
+class BatchTopKCodes(NamedTuple):
+    """The batch's k B largest activations as coordinates (COO)."""
+
+    vals_N: Array  # ReLU of the selected pre-activations (float32)
+    sample_N: Array  # int32: which sample
+    latent_N: Array  # int32: which latent
+    min_active: Array  # () the smallest selected positive activation (inf if none): what the
+    #                    inference threshold is estimated from
+
+
+def _check_k(k: int, m: int) -> None:
+    if not isinstance(k, int) or not 1 <= k <= m:
+        raise UsageError(f"`k` must be an integer in [1, {m}] (the latents), got {k!r}", field="k")
+
+
+def _dtype(compute_dtype: str):
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"`compute_dtype` must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}",
+                         field="compute_dtype")
+    return jnp.dtype(compute_dtype)
+
+
+# ----------------------------------------------------------------------------- kernels
+# Index arrays are (N, J): entry n (a sample) holds J slots. A kernel loops over the slots, CHUNK
+# at a time, and moves N x CHUNK rows per trip.
+CHUNK = 8
+
+
+def _per_cell(f):
+    """f, whose vmap runs f once per batch element (a loop unrolled at trace time) instead of one
+    batched gather/scatter: XLA's CPU backend ran the unbatched row gathers and scatter-adds about
+    twice as fast (measured with `PER_CELL` off and on, 4 cells). Arguments: arrays only."""
+    if not PER_CELL:
+        return f
+    g = jax.custom_batching.custom_vmap(f)
+
+    @g.def_vmap
+    def rule(axis_size, in_batched, *args):
+        if axis_size > MAX_UNROLLED_CELLS:  # bound the compiled program's size
+            return jax.vmap(f, in_axes=[0 if b else None for b in in_batched])(*args), True
+        outs = [g(*[a[i] if b else a for a, b in zip(args, in_batched)]) for i in range(axis_size)]
+        return jnp.stack(outs), True
+    return g
+
+
+def _chunks(a_NxJ: Array) -> Array:
+    """(T, N, CHUNK): the slots in chunks, the last padded with zeros (weight 0, index 0)."""
+    n, j = a_NxJ.shape
+    a = jnp.pad(a_NxJ, ((0, 0), (0, (-j) % CHUNK)))
+    return a.reshape(n, -1, CHUNK).transpose(1, 0, 2)
+
+
+def _rows(table: Array, i: Array | None) -> Array:
+    """table[i] as float32 (N, CHUNK, D); i None: row n of the table for every slot."""
+    return (table[:, None, :] if i is None else jnp.take(table, i, axis=0, mode="clip")).astype(F32)
+
+
+def _unpack(idx, first, second):
+    """The index arrays passed to a kernel, back in their places (None where none was given)."""
+    idx = list(idx)
+    return (None if first is None else idx.pop(0)), (None if second is None else idx.pop(0))
+
+
+def _gather_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array) -> Array:
+    """out_n = sum_j w_nj table[src_nj]: (N, D) float32, accumulated in place slot by slot."""
+    w_JxN, src_JxN = w_NxJ.T.astype(F32), src_NxJ.T
+
+    def kernel(w, table, src):
+        def body(j, acc):
+            return acc + w[j][:, None] * jnp.take(table, src[j], axis=0, mode="clip").astype(F32)
+        return jax.lax.fori_loop(0, w.shape[0], body, jnp.zeros((w.shape[1], table.shape[-1]), F32),
+                                 unroll=min(UNROLL, w.shape[0]))
+    return _per_cell(kernel)(w_JxN, table_SxD, src_JxN)
+
+
+def _scatter_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array | None, dst_NxJ: Array,
+                 n_out: int) -> Array:
+    """out[dst_nj] += w_nj table[src_nj] (src None: table row n): (n_out, D) float32."""
+    def kernel(w, table, *idx):
+        src, dst = _unpack(idx, src_NxJ, dst_NxJ)
+
+        def body(t, acc):
+            upd = w[t][..., None] * _rows(table, None if src is None else src[t])
+            return acc.at[dst[t]].add(upd, mode=P)
+        return jax.lax.fori_loop(0, w.shape[0], body, jnp.zeros((n_out, table.shape[-1]), F32))
+    idx = [_chunks(i) for i in (src_NxJ, dst_NxJ) if i is not None]
+    return _per_cell(kernel)(_chunks(w_NxJ.astype(F32)), table_SxD, *idx)
+
+
+def _dots(a_SxD: Array, a_NxJ: Array | None, b_TxD: Array, b_NxJ: Array | None) -> Array:
+    """out_nj = a[a_nj] . b[b_nj] (index None: row n): (N, J) float32."""
+    n, j = (a_NxJ if a_NxJ is not None else b_NxJ).shape
+
+    def kernel(a, b, *idx):
+        ai, bi = _unpack(idx, a_NxJ, b_NxJ)
+        pick = lambda i, t: None if i is None else i[t]
+
+        def body(carry, t):
+            return carry, jnp.einsum("ncd,ncd->nc", _rows(a, pick(ai, t)), _rows(b, pick(bi, t)))
+        return jax.lax.scan(body, None, jnp.arange(idx[0].shape[0]))[1]
+    idx = [_chunks(i) for i in (a_NxJ, b_NxJ) if i is not None]
+    out_TxNxC = _per_cell(kernel)(a_SxD, b_TxD, *idx)
+    return out_TxNxC.transpose(1, 0, 2).reshape(n, -1)[:, :j]
+
+
+def _pre(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, dt) -> Array:
+    """x W_e^T + b_e, operands in dt, float32 accumulation: (B, M). Once per cell under vmap:
+    the batched dot wrote (B, C, M) and then transposed all of it to (C, B, M) for top_k."""
+    def gemm(w, b, x):
+        return jnp.einsum("bd,md->bm", x.astype(dt), w.astype(dt), preferred_element_type=F32) + b
+    return _per_cell(gemm)(W_enc_MxD, b_enc_M, x_BxD)
+
+
+def _encoder_grads(W_enc_MxD: Array, x_BxD: Array, dpre_NxJ: Array, latent_NxJ: Array,
+                   sample_NxJ: Array | None) -> tuple[Array, Array, Array]:
+    """(dW_e, db_e, dx) from dL/dpre at the selected (sample, latent) pairs (sample None: the
+    TopK layout, row n holds sample n's slots)."""
+    m, batch = W_enc_MxD.shape[0], x_BxD.shape[0]
+    dW = _scatter_sum(dpre_NxJ, x_BxD, sample_NxJ, latent_NxJ, m)
+    db = jnp.zeros((m,), F32).at[latent_NxJ.reshape(-1)].add(dpre_NxJ.reshape(-1), mode=P)
+    if sample_NxJ is None:  # unused (and dropped by XLA) unless x is differentiated
+        dx = _gather_sum(dpre_NxJ, W_enc_MxD, latent_NxJ)
+    else:
+        dx = _scatter_sum(dpre_NxJ, W_enc_MxD, latent_NxJ, sample_NxJ, batch)
+    return dW.astype(W_enc_MxD.dtype), db.astype(W_enc_MxD.dtype), dx.astype(x_BxD.dtype)
+
+
+# ----------------------------------------------------------------------------- TopK
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def topk_codes(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int,
+               compute_dtype: str = "float32") -> tuple[Array, Array]:
+    """(c_BxK, i_BxK): per sample the k largest pre = x W_e^T + b_e (descending), c = ReLU of
+    them, i their latents (int32). The VJP scatters k rows per sample into dW_e, db_e."""
+    _check_k(k, W_enc_MxD.shape[0])
+    pre = _pre(W_enc_MxD, b_enc_M, x_BxD, _dtype(compute_dtype))
+    # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it, some
+    # consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents instead
+    v, i = jax.lax.optimization_barrier(jax.lax.top_k(pre, k))
+    return jnp.maximum(v, 0.0), i
+
+
+def _topk_fwd(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype):
+    c, i = topk_codes(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype)
+    return (c, i), (W_enc_MxD, x_BxD, c > 0, i)
+
+
+def _topk_bwd(k, compute_dtype, res, cot):
+    W, x, active_BxK, i_BxK = res
+    dpre = jnp.where(active_BxK, cot[0], 0.0).astype(F32)
+    return _encoder_grads(W, x, dpre, i_BxK, None)
+
+
+topk_codes.defvjp(_topk_fwd, _topk_bwd)
+
+
+@jax.custom_vjp
+def decode(atoms_MxD: Array, vals_BxK: Array, idx_BxK: Array) -> Array:
+    """x^_b = sum_j c_bj a_{i_bj}, with the sparse VJP of the module docstring; the atoms a are
+    used as given (normalise them first: autodiff carries that VJP)."""
+    return _gather_sum(vals_BxK, atoms_MxD, idx_BxK)
+
+
+def _decode_fwd(atoms_MxD, vals_BxK, idx_BxK):
+    return decode(atoms_MxD, vals_BxK, idx_BxK), (atoms_MxD, vals_BxK, idx_BxK)
+
+
+def _decode_bwd(res, g_BxD):
+    atoms, vals, idx = res
+    d_vals = _dots(g_BxD, None, atoms, idx)
+    d_atoms = _scatter_sum(vals, g_BxD, None, idx, atoms.shape[0])
+    return d_atoms.astype(atoms.dtype), d_vals.astype(vals.dtype), None
+
+
+decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+# ----------------------------------------------------------------------------- BatchTopK
+def _coo_rows(a_N: Array, rows: int) -> Array:
+    """(rows, J) view of a length-N array, padded with zeros (weight 0, index 0) to rows * J."""
+    return jnp.pad(a_N, (0, (-a_N.shape[0]) % rows)).reshape(rows, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batchtopk(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype):
+    _check_k(k, W_enc_MxD.shape[0])
+    pre = _pre(W_enc_MxD, b_enc_M, x_BxD, _dtype(compute_dtype))
+    m = pre.shape[1]
+    v, flat = jax.lax.optimization_barrier(jax.lax.top_k(pre.reshape(-1), k * x_BxD.shape[0]))
+    return jnp.maximum(v, 0.0), (flat // m).astype(jnp.int32), (flat % m).astype(jnp.int32)
+
+
+def _batchtopk_fwd(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype):
+    out = _batchtopk(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype)
+    return out, (W_enc_MxD, x_BxD, out[0] > 0, out[1], out[2])
+
+
+def _batchtopk_bwd(k, compute_dtype, res, cot):
+    W, x, active, sample, latent = res
+    rows = lambda a: _coo_rows(a, x.shape[0])
+    dpre = jnp.where(active, cot[0], 0.0).astype(F32)
+    return _encoder_grads(W, x, rows(dpre), rows(latent), rows(sample))
+
+
+_batchtopk.defvjp(_batchtopk_fwd, _batchtopk_bwd)
+
+
+def batchtopk_codes(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int,
+                    compute_dtype: str = "float32") -> BatchTopKCodes:
+    """The N = k B largest entries of pre = x W_e^T + b_e over the whole batch (a sample may
+    hold any number of them), as COO with c = ReLU(pre), in descending order of pre; and the
+    smallest selected positive activation. Sparse VJP to W_e and b_e, as `topk_codes`."""
+    vals, sample, latent = _batchtopk(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype)
+    min_active = jnp.min(jnp.where(vals > 0, jax.lax.stop_gradient(vals), jnp.inf))
+    return BatchTopKCodes(vals, sample, latent, min_active)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def decode_coo(atoms_MxD: Array, vals_N: Array, sample_N: Array, latent_N: Array,
+               batch: int) -> Array:
+    """x^_b = sum over entries n with sample_n = b of c_n a_{latent_n}: (batch, d), with the
+    same sparse VJP as `decode`."""
+    rows = lambda a: _coo_rows(a, batch)
+    return _scatter_sum(rows(vals_N), atoms_MxD, rows(latent_N), rows(sample_N), batch)
+
+
+def _decode_coo_fwd(atoms_MxD, vals_N, sample_N, latent_N, batch):
+    out = decode_coo(atoms_MxD, vals_N, sample_N, latent_N, batch)
+    return out, (atoms_MxD, vals_N, sample_N, latent_N)
+
+
+def _decode_coo_bwd(batch, res, g_BxD):
+    atoms, vals, sample, latent = res
+    rows = lambda a: _coo_rows(a, batch)
+    d_vals = _dots(g_BxD, rows(sample), atoms, rows(latent)).reshape(-1)[:vals.shape[0]]
+    d_atoms = _scatter_sum(rows(vals), g_BxD, rows(sample), rows(latent), atoms.shape[0])
+    return d_atoms.astype(atoms.dtype), d_vals.astype(vals.dtype), None, None
+
+
+decode_coo.defvjp(_decode_coo_fwd, _decode_coo_bwd)

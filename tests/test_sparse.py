@@ -1,0 +1,163 @@
+"""The sparse TopK / BatchTopK codes and decoder: forward values and gradients (w.r.t. W_e, b_e
+and D through the unit-norm rows) equal autodiff of the dense formulation, one cell and under
+vmap over cells; selected negative pre-activations give zero codes and no gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax import sae, sparse
+from sae_jax.errors import UsageError
+
+C, B, D, M, K = 3, 12, 8, 32, 4
+
+
+def _params(seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    p = jax.vmap(lambda key: sae.init(key, D, M))(jax.random.split(k[0], C))
+    # negative biases: some selected pre-activations are negative
+    bias = 0.3 * jax.random.normal(k[1], (C, M)) - 0.8
+    return p._replace(b_enc_M=bias,
+                      D_MxD=p.D_MxD * jax.random.uniform(k[2], (C, M, 1), minval=0.3, maxval=3.0))
+
+
+def _x(seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (B, D))
+
+
+def _dense_codes(p, x, k, batch_top):
+    """c = ReLU(pre) on the selected entries, 0 elsewhere; the selection held constant."""
+    pre = x @ p.W_enc_MxD.T + p.b_enc_M
+    ref = jax.lax.stop_gradient(pre)
+    if batch_top:
+        keep = ref >= jax.lax.top_k(ref.reshape(-1), k * x.shape[0])[0][-1]
+    else:
+        keep = ref >= jax.lax.top_k(ref, k)[0][:, -1:]
+    return jnp.where(keep, jax.nn.relu(pre), 0.0)
+
+
+def _loss(x_hat, c_sum, x):
+    """MSE plus a term on the codes, so that d/dc has a part not through x^."""
+    return jnp.mean(jnp.square(x - x_hat)) + 0.01 * c_sum
+
+
+def dense_loss(p, x, k, batch_top):
+    c = _dense_codes(p, x, k, batch_top)
+    return _loss(c @ sae.unit_rows(p.D_MxD), jnp.sum(c ** 2), x)
+
+
+def sparse_loss(p, x, k, batch_top, dtype="float32"):
+    if batch_top:
+        codes = sparse.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
+        x_hat = sparse.decode_coo(sae.unit_rows(p.D_MxD), codes.vals_N, codes.sample_N,
+                                  codes.latent_N, x.shape[0])
+        return _loss(x_hat, jnp.sum(codes.vals_N ** 2), x)
+    vals, idx = sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
+    return _loss(sparse.decode(sae.unit_rows(p.D_MxD), vals, idx), jnp.sum(vals ** 2), x)
+
+
+def _close(a, b, rtol):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+def test_loss_and_gradients_equal_dense_under_vmap(batch_top):
+    p, x = _params(), _x()
+    grad = lambda f: jax.jit(jax.vmap(jax.value_and_grad(f), in_axes=(0, None, None, None)),
+                             static_argnums=(2, 3))
+    ref_l, ref_g = grad(dense_loss)(p, x, K, batch_top)
+    l, g = grad(sparse_loss)(p, x, K, batch_top)
+    _close(l, ref_l, 1e-5)
+    for name, a, b in zip(sae.SAEParams._fields, g, ref_g):
+        assert float(jnp.max(jnp.abs(b))) > 0, name
+        _close(a, b, 1e-4)
+
+
+def test_many_cells_take_the_batched_kernels(monkeypatch):
+    """Past MAX_UNROLLED_CELLS cells the kernels run batched: the same gradients."""
+    p, x = _params(), _x()
+    g = lambda: jax.jit(jax.vmap(jax.grad(sparse_loss), in_axes=(0, None, None, None)),
+                        static_argnums=(2, 3))(p, x, K, False)
+    unrolled = g()
+    monkeypatch.setattr(sparse, "MAX_UNROLLED_CELLS", 1)
+    for a, b in zip(g(), unrolled):
+        _close(a, b, 1e-6)
+
+
+def test_topk_codes_and_decode_forward():
+    p = jax.tree.map(lambda a: a[0], _params())
+    x = _x()
+    vals, idx = sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, x, K)
+    c = _dense_codes(p, x, K, False)
+    assert vals.shape == idx.shape == (B, K) and idx.dtype == jnp.int32
+    _close(np.sort(vals, 1), np.sort(np.take_along_axis(c, idx, 1), 1), 1e-6)
+    assert np.count_nonzero(c) == np.count_nonzero(vals) < B * K  # some selected are negative
+    atoms = sae.unit_rows(p.D_MxD)
+    _close(sparse.decode(atoms, vals, idx), c @ atoms, 1e-5)
+
+
+@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+def test_all_negative_pre_activations_give_zero_codes_and_no_encoder_gradient(batch_top):
+    p, x = jax.tree.map(lambda a: a[0], _params()), _x()
+    p = p._replace(b_enc_M=p.b_enc_M - 100.0)
+    g = jax.grad(sparse_loss)(p, x, K, batch_top)
+    assert not np.any(g.W_enc_MxD) and not np.any(g.b_enc_M) and not np.any(g.D_MxD)
+    assert float(sparse_loss(p, x, K, batch_top)) == pytest.approx(float(jnp.mean(x ** 2)))
+
+
+def test_tied_latents_select_exactly_k():
+    """Two latents with the same encoder row tie everywhere; TopK still keeps k per sample (the
+    lower index first) and the decoder uses exactly those."""
+    p, x = jax.tree.map(lambda a: a[0], _params()), _x()
+    pre = x @ p.W_enc_MxD.T + p.b_enc_M
+    j = int(jnp.argsort(pre[0])[-K])  # sample 0's k-th latent: duplicate it into latent `dup`
+    dup = M - 1 if j != M - 1 else 0
+    p = p._replace(W_enc_MxD=p.W_enc_MxD.at[dup].set(p.W_enc_MxD[j]),
+                   b_enc_M=p.b_enc_M.at[dup].set(p.b_enc_M[j]))
+    vals, idx = sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, x, K)
+    assert idx.shape == (B, K) and all(len(set(r)) == K for r in np.asarray(idx).tolist())
+    assert min(j, dup) in np.asarray(idx[0]) and max(j, dup) not in np.asarray(idx[0])
+    c = jnp.zeros((B, M)).at[jnp.arange(B)[:, None], idx].set(vals)
+    atoms = sae.unit_rows(p.D_MxD)
+    _close(sparse.decode(atoms, vals, idx), c @ atoms, 1e-5)
+
+
+def test_batchtopk_selects_the_batch_top_and_its_threshold():
+    p = jax.tree.map(lambda a: a[0], _params())
+    x = _x()
+    codes = jax.jit(sparse.batchtopk_codes, static_argnums=3)(p.W_enc_MxD, p.b_enc_M, x, K)
+    c = _dense_codes(p, x, K, True)
+    counts = np.bincount(np.asarray(codes.sample_N)[np.asarray(codes.vals_N) > 0], minlength=B)
+    np.testing.assert_array_equal(counts, np.count_nonzero(c, axis=1))
+    assert counts.min() != counts.max()  # samples hold different numbers of latents
+    _close(codes.vals_N, c[codes.sample_N, codes.latent_N], 1e-6)
+    np.testing.assert_allclose(codes.min_active, np.min(c[c > 0]), rtol=1e-6)
+    atoms = sae.unit_rows(p.D_MxD)
+    _close(sparse.decode_coo(atoms, codes.vals_N, codes.sample_N, codes.latent_N, B), c @ atoms, 1e-5)
+
+
+@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+def test_bfloat16_gradients_near_float32(batch_top):
+    p, x = jax.tree.map(lambda a: a[0], _params()), _x()
+    g32 = jax.grad(sparse_loss)(p, x, K, batch_top)
+    g16 = jax.grad(sparse_loss)(p, x, K, batch_top, "bfloat16")
+    for name, a, b in zip(sae.SAEParams._fields, g16, g32):
+        rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        assert rel < 2e-2, (name, rel)
+
+
+@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+def test_input_gradient_equals_dense(batch_top):
+    p, x = jax.tree.map(lambda a: a[0], _params()), _x()
+    ref = jax.grad(dense_loss, argnums=1)(p, x, K, batch_top)
+    _close(jax.grad(sparse_loss, argnums=1)(p, x, K, batch_top), ref, 1e-4)
+
+
+def test_bad_compute_dtype_or_k_is_a_usage_error():
+    p = jax.tree.map(lambda a: a[0], _params())
+    with pytest.raises(UsageError, match="`compute_dtype` must be one of"):
+        sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, _x(), K, "float16")
+    for bad in (0, M + 1):
+        with pytest.raises(UsageError, match=r"`k` must be an integer in \[1, 32\]"):
+            sparse.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, _x(), bad)
