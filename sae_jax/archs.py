@@ -71,6 +71,8 @@ class ArchOptions(NamedTuple):
     bandwidth: float = 0.05  # JumpReLU's kernel width eps
     aux_k_coeff: float = 0.0  # AuxK's coefficient (0: off)
     aux_k: int = 0  # AuxK's k_aux (0: d / 2)
+    sparse: bool = True  # topk without AuxK: the sparse decoder (sae_jax.sparse)
+    compute_dtype: str = "float32"  # the sparse path's encoder GEMM operands
 
 
 def pre_acts(params: sae.SAEParams, x_BxD: Array) -> Array:
@@ -188,6 +190,25 @@ def aux_k_loss(params: sae.SAEParams, pre_BxM: Array, resid_BxD: Array, dead_M: 
     return jnp.where(jnp.any(dead_M), loss, 0.0)
 
 
+def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int, convention: str,
+                      compute_dtype: str) -> tuple[Array, tuple[sae.LossAux, Array]]:
+    """TopK's loss through the sparse decoder: k of m atoms gathered per sample, gradients by
+    scatter-adds (`sae_jax.sparse`); the same values as the dense formulation."""
+    from sae_jax import sparse
+
+    m = params.W_enc_MxD.shape[0]
+    vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, min(k, m), compute_dtype)
+    x_hat = sparse.decode(sae.unit_rows(params.D_MxD), vals, idx)
+    sq = jnp.square(t_BxD - x_hat)
+    mse = jnp.mean(sq)
+    active = vals > 0
+    l1 = jnp.mean(jnp.sum(vals, axis=-1)) / (m if convention == "report" else 1)
+    fired = jnp.zeros((m,), bool).at[idx.reshape(-1)].max(active.reshape(-1))
+    aux = sae.LossAux(mse, l1, jnp.mean(jnp.sum(active, axis=-1).astype(jnp.float32)), fired,
+                      jnp.sum(sq, axis=-1))
+    return mse, (aux, jnp.zeros((), jnp.float32))
+
+
 def loss(params: sae.SAEParams, x_BxD: Array, coeff: Array, arch: Arch, convention: str = "report",
          target_BxD: Array | None = None, opts: ArchOptions = ArchOptions(),
          dead_M: Array | None = None) -> tuple[Array, tuple[sae.LossAux, Array]]:
@@ -197,6 +218,8 @@ def loss(params: sae.SAEParams, x_BxD: Array, coeff: Array, arch: Arch, conventi
     if arch.name == "relu_l1" and not opts.aux_k_coeff:
         total, aux = sae.loss(params, x_BxD, coeff, convention, target_BxD)
         return total, (aux, jnp.zeros((), jnp.float32))
+    if arch.name == "topk" and opts.sparse and not opts.aux_k_coeff:
+        return _topk_sparse_loss(params, x_BxD, t, arch.k, convention, opts.compute_dtype)
     if arch.name == "relu_l1":
         pre = pre_acts(params, x_BxD)
         c = jax.nn.relu(pre)

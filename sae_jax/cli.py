@@ -20,7 +20,8 @@ TRAIN_FIELDS = ("batch_size", "lr", "b1", "b2", "lr_warmup", "lr_decay_steps", "
                 "tied_init", "l1_convention", "dead_window", "resample_every", "resample_pool",
                 "resample_worst", "resample_dead_window", "dedup_threshold",
                 "resample_encoder_scale", "resample_until", "compute_dtype", "fused_step",
-                "aux_k_coeff", "aux_k", "jumprelu_bandwidth", "init_threshold", "threshold_decay")
+                "aux_k_coeff", "aux_k", "jumprelu_bandwidth", "init_threshold", "threshold_decay",
+                "sparse_decoder")
 
 
 def flag(field: str) -> str:
@@ -102,6 +103,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--jumprelu-bandwidth", type=float, help="JumpReLU straight-through kernel width")
     a.add_argument("--init-threshold", type=float, help="JumpReLU's initial threshold")
     a.add_argument("--threshold-decay", type=float, help="BatchTopK threshold average decay")
+    a.add_argument("--sparse-decoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="topk groups through the sparse gather/scatter decoder (default on; off with AuxK)")
     r = p.add_argument_group("resampling (on in --recipe fast)")
     r.add_argument("--resample-every", type=int)
     r.add_argument("--resample-pool", type=int,

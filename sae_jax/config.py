@@ -41,6 +41,7 @@ class TrainConfig:
     # Architectures other than the report's relu_l1 (sae_jax.archs):
     aux_k_coeff: float = 0.0  # AuxK loss coefficient (0: off; Gao et al. use 1/32)
     aux_k: int = 0  # AuxK's k_aux: dead latents reconstructing the residual (0: d / 2)
+    sparse_decoder: bool = True  # topk groups (without AuxK) through sae_jax.sparse's gather/scatter kernels
     jumprelu_bandwidth: float = 0.05  # the straight-through kernel width eps (pre-activation units)
     init_threshold: float = 0.05  # jumprelu's initial theta (and batchtopk's before step 0)
     threshold_decay: float = 0.99  # batchtopk: theta's exponential average (after 1/(1-decay) steps of a plain mean)
@@ -78,7 +79,8 @@ class TrainConfig:
 
     @property
     def arch_options(self) -> "archs.ArchOptions":
-        return archs.ArchOptions(self.jumprelu_bandwidth, self.aux_k_coeff, self.aux_k)
+        return archs.ArchOptions(self.jumprelu_bandwidth, self.aux_k_coeff, self.aux_k,
+                                 self.sparse_decoder, self.compute_dtype)
 
     def adam(self) -> optax.GradientTransformation:
         return optax.scale_by_adam(self.b1, self.b2, self.eps)

@@ -177,3 +177,25 @@ def test_every_architecture_recovers_a_small_world():
         score = metrics.mmcs(sae.dictionary(grid.cell_params(state, c)), world.features_HxD)
         best[c.arch] = max(best.get(c.arch, 0.0), score)
     assert all(v >= 0.95 for v in best.values()), best
+
+
+def test_topk_sparse_decoder_step_equals_the_dense_step(tiny_world):
+    """The TopK group's step through sae_jax.sparse (the default) gives the dense formulation's
+    parameters and fired counters, under vmap over cells, to float tolerance."""
+    spec = grid.GridSpec((), (24, 32), seeds=(0, 1), archs=("topk",), k=(3,))
+    runs = {}
+    for sparse_on in (True, False):
+        cfg = grid.TrainConfig(batch_size=64, lr=3e-3, sparse_decoder=sparse_on)
+        runs[sparse_on] = grid.train(grid.init_grid(KEY, spec, 16, cfg), cfg, 40, world=tiny_world,
+                                     chunk=40, progress=False)
+    for a, b in zip(runs[True].groups, runs[False].groups, strict=True):
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(a.since_fired), np.asarray(b.since_fired))
+    loss = lambda p, opts: archs.loss(p, tiny_world.features_HxD[:8] * 0.5, 0.0, archs.Arch("topk", 3),
+                                      opts=opts)[0]
+    p = grid.cell_params(runs[True], spec.cells()[0])
+    g1 = jax.grad(loss)(p, archs.ArchOptions(sparse=True))
+    g2 = jax.grad(loss)(p, archs.ArchOptions(sparse=False))
+    for x, y in zip(g1, g2):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
