@@ -124,7 +124,8 @@ def cmd_toy(args: argparse.Namespace) -> int:
                           fresh_z=not args.fixed_z, corr_strength=args.corr_strength,
                           zipf=args.zipf, hierarchy=args.hierarchy, nonneg=args.nonneg,
                           jitter=args.jitter, noise=args.noise).validate()
-    spec = grid.GridSpec.from_ratios(pick("l1", "l1_coeff"), pick("ratios"), world.features, pick("seeds"))
+    spec = grid.GridSpec.from_ratios(pick("l1", "l1_coeff"), pick("ratios"), world.features, pick("seeds"),
+                                     world_axis=args.world_axis or "", world_values=args.world_values or ())
     overrides = _train_overrides(args)
     train = recipes.train_config(args.recipe, steps, overrides, preset)
     custom = any(getattr(args, k) is not None for k in ("d", "features", "l1", "ratios"))
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--jitter", type=float, default=0.0,
                    help="per-sample angle std (radians) of each feature's direction")
     w.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to every sampled x")
+    w.add_argument("--world-axis", help="sweep one world knob across the grid: noise, jitter or "
+                   "corr_strength (every value in the same compiled step; README: a world axis)")
+    w.add_argument("--world-values", type=floats, help="comma list of the --world-axis knob's values")
     w.add_argument("--no-appendix", action="store_true",
                    help="skip the denoising appendix grid (skipped anyway for a custom world or grid)")
     w.add_argument("--appendix", action="store_true", help="run the denoising appendix grid even so")

@@ -44,6 +44,7 @@ class CellSpec:
     group: int
     slot: int  # position inside its size group
     noise: float = 0.0  # input-noise std (denoising grids)
+    world_value: float | None = None  # the world knob's value (grids with a world axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +57,13 @@ class GridSpec:
     seeds: tuple[int, ...] = (0,)
     features: int | None = None  # h, when sizes came from ratios (for reporting only)
     noise: tuple[float, ...] = (0.0,)
+    world_axis: str = ""  # a toy-world knob swept in the same step (`toy.axis_worlds`); "": none
+    world_values: tuple[float, ...] = ()
 
     @classmethod
     def from_ratios(cls, l1_coeff: Sequence[float], ratios: Sequence[float], features: int,
-                    seeds: int | Sequence[int] = 1, noise: Sequence[float] = (0.0,)) -> "GridSpec":
+                    seeds: int | Sequence[int] = 1, noise: Sequence[float] = (0.0,),
+                    world_axis: str = "", world_values: Sequence[float] = ()) -> "GridSpec":
         """Dictionary sizes m = round(ratio * features)."""
         _check_positive("ratios", ratios)
         sizes = tuple(max(1, int(round(r * features))) for r in ratios)
@@ -68,7 +72,8 @@ class GridSpec:
                 raise UsageError(f"`seeds` must be >= 1, got {seeds}", field="seeds")
             seeds = tuple(range(seeds))
         return cls(tuple(float(a) for a in l1_coeff), sizes, tuple(seeds), features,
-                   tuple(float(n) for n in noise)).validate()
+                   tuple(float(n) for n in noise), world_axis,
+                   tuple(float(v) for v in world_values)).validate()
 
     def validate(self) -> "GridSpec":
         if not self.l1_coeff:
@@ -88,6 +93,7 @@ class GridSpec:
         for n in self.noise:
             if not (math.isfinite(n) and n >= 0):
                 raise UsageError(f"noise std values must be finite and >= 0, got {n}", field="noise")
+        toy.check_world_axis(self.world_axis, self.world_values, self.denoising)
         return self
 
     @property
@@ -103,15 +109,17 @@ class GridSpec:
             slot = 0
             for a in self.l1_coeff:
                 for n in self.noise:
-                    for s in self.seeds:
-                        out.append(CellSpec(len(out), a, m, self.ratio(m), s, g, slot, n))
-                        slot += 1
+                    for w in (self.world_values or (None,)):
+                        for s in self.seeds:
+                            out.append(CellSpec(len(out), a, m, self.ratio(m), s, g, slot, n, w))
+                            slot += 1
         return out
 
     def to_dict(self) -> dict:
         """As results.json and checkpoints record it (alpha under `l1`; lists)."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        return {("l1" if k == "l1_coeff" else k): v for k, v in d.items()}
+        return {("l1" if k == "l1_coeff" else k): v for k, v in d.items()
+                if self.world_axis or k not in ("world_axis", "world_values")}  # (as before axes)
 
 
 def _check_positive(name: str, values: Iterable[float]) -> None:
@@ -136,6 +144,7 @@ class GroupState:
     valid: Array  # (C,) bool: False for inert padding cells
     pool_x: Array  # (C, K, d): the worst-reconstructed input of each of the last K steps (the
     #                resampling pool; row t mod K is written at step t)
+    world_index: Array | None = None  # (C,) int32: the cell's world value (index into world_values)
 
     @property
     def dict_size(self) -> int:
@@ -190,6 +199,8 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
             n_resampled=jnp.zeros((len(mine),), jnp.int32),
             valid=jnp.ones((len(mine),), bool),
             pool_x=jnp.zeros((len(mine), cfg.resample.pool_size, d), jnp.float32),
+            world_index=(jnp.asarray([spec.world_values.index(c.world_value) for c in mine], jnp.int32)
+                         if spec.world_axis else None),
         ))
     return pad(GridState(tuple(groups), jnp.zeros((), jnp.int32), data_key), pad_multiple)
 
@@ -278,14 +289,17 @@ def group_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult
                  step: Array) -> tuple[GroupState, tuple[Array, Array]]:
     """One Adam step of every cell of a size group. With `cfg.fused_step` (always in bfloat16)
     the whole group's gradients come from `fused.group_loss_and_grad`; otherwise from autodiff,
-    cell by cell under vmap."""
+    cell by cell under vmap. A world axis's x is (V, B, d): each cell trains on its value's."""
+    if group.world_index is not None:
+        x_BxD = x_BxD[group.world_index]  # (C, B, d)
+    per_cell = 0 if x_BxD.ndim == 3 else None
     if not cfg.uses_fused_step:
-        return jax.vmap(cell_update, in_axes=(0, None, None, None, None, None, None))(
+        return jax.vmap(cell_update, in_axes=(0, per_cell, None, None, None, None, None))(
             group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
     x_in = x_BxD if eps_BxD is None else x_BxD + group.noise[:, None, None] * eps_BxD
     (total, aux), grads = fused.group_loss_and_grad(
         group.params, x_in, group.l1_coeff * l1_mult, cfg.l1_convention, x_BxD, cfg.compute_dtype)
-    return jax.vmap(apply_grads, in_axes=(0, 0, 0, 0, None, None, None, None))(
+    return jax.vmap(apply_grads, in_axes=(0, 0, 0, 0, per_cell, None, None, None))(
         group, grads, total, aux, x_BxD, lr_mult, cfg, step)
 
 
@@ -299,11 +313,12 @@ def train_step(state: GridState, x_BxD: Array, cfg: TrainConfig,
     return state.replace(groups=groups, step=state.step + 1), metrics
 
 
-def toy_batch(world: toy.ToyWorld, key: Array, batch_size: int,
+def toy_batch(world: toy.ToyWorld | tuple[toy.ToyWorld, ...], key: Array, batch_size: int,
               denoise: bool = False) -> tuple[Array, Array | None]:
-    """(x, eps): a toy batch and, when denoising, standard normal noise of the same shape."""
+    """(x, eps): a toy batch ((V, B, d) for a world axis's worlds) and, when denoising, standard
+    normal noise of the same shape."""
     k_x, k_n = jax.random.split(key)
-    x, _ = toy.sample(k_x, world, batch_size)
+    x = toy.sample_inputs(k_x, world, batch_size)
     return x, (jax.random.normal(k_n, x.shape) if denoise else None)
 
 
@@ -312,7 +327,7 @@ def _chunk_metrics(metrics: StepMetrics) -> StepMetrics:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps"))
-def run_toy_chunk(state: GridState, world: toy.ToyWorld, cfg: TrainConfig,
+def run_toy_chunk(state: GridState, world: toy.ToyWorld | tuple[toy.ToyWorld, ...], cfg: TrainConfig,
                   n_steps: int) -> tuple[GridState, StepMetrics]:
     """n_steps grid steps with the toy sampler fused in (one compiled lax.scan)."""
     def body(s, _):
@@ -342,7 +357,8 @@ def _mean_loss(losses: tuple[Array, ...], valid: tuple[Array, ...]) -> Array:
     return jnp.sum(jnp.where(ok, loss, 0.0)) / jnp.sum(ok)
 
 
-def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWorld | None = None,
+def train(state: GridState, cfg: TrainConfig, n_steps: int, *,
+          world: toy.ToyWorld | tuple[toy.ToyWorld, ...] | None = None,
           batches: Callable[[int, int], np.ndarray] | None = None, chunk: int = 250,
           callback: Callable[[GridState, StepMetrics], None] | None = None,
           progress: bool = True) -> GridState:

@@ -16,7 +16,8 @@ near 0.97; a fresh z per batch gives every feature its decayed base rate on aver
 
 Knobs past the report (defaults reproduce the report's world bit for bit; see `ToyConfig`):
 correlation strength s, Zipfian base rates, hierarchy, non-negative features, per-sample
-direction jitter and additive Gaussian noise.
+direction jitter and additive Gaussian noise. One of `WORLD_AXES` can be swept as an axis of a
+grid (`axis_worlds`, `sample_inputs`).
 """
 
 from __future__ import annotations
@@ -215,3 +216,51 @@ def sample(key: Array, world: ToyWorld, n: int) -> tuple[Array, Array]:
     knobs x = coeffs @ features."""
     x, _, coeffs = sample_with_target(key, world, n)
     return x, coeffs
+
+
+# ----------------------------------------------------------------------------- a world axis
+WORLD_AXES = ("noise", "jitter", "corr_strength")
+
+
+def check_world_axis(axis: str, values: tuple[float, ...], denoising: bool = False) -> None:
+    """A world axis names one of `WORLD_AXES` and >= 1 distinct finite values (none without an
+    axis), and is not combined with the denoising grid's per-cell input noise."""
+    if not axis and not values:
+        return
+    if axis not in WORLD_AXES:
+        raise UsageError(f"`world_axis` must be one of {', '.join(WORLD_AXES)}, got {axis!r}",
+                         field="world_axis")
+    if not values:
+        raise UsageError(f"`world_values` needs at least one value of {axis}", field="world_values")
+    if not all(math.isfinite(v) for v in values) or len(set(values)) != len(values):
+        raise UsageError(f"`world_values` must be distinct finite numbers, got {list(values)}",
+                         field="world_values")
+    if denoising:
+        raise UsageError("`world_axis` cannot be combined with denoising noise", field="world_axis")
+
+
+def axis_worlds(key: Array, cfg: ToyConfig, axis: str, values: tuple[float, ...]) -> tuple[ToyWorld, ...]:
+    """One world per value v of the knob `axis` (cfg with axis = v), all made from the same key:
+    the same features g_i, and for corr_strength the Cholesky factor of C(v) = (1 - v) I + v C
+    with the same random C. Value v's world is exactly the one `make_world(key, cfg)` makes with
+    that value set."""
+    check_world_axis(axis, values)
+    if axis == "corr_strength" and not cfg.correlated:
+        raise UsageError("`world_axis` corr_strength needs a correlated world", field="world_axis")
+    worlds = []
+    for v in values:
+        try:
+            worlds.append(make_world(key, dataclasses.replace(cfg, **{axis: float(v)})))
+        except UsageError as e:
+            raise UsageError(f"`world_values`: {str(e).replace('`', '')}", field="world_values") from None
+    return tuple(worlds)
+
+
+def sample_inputs(key: Array, world: ToyWorld | tuple[ToyWorld, ...], n: int) -> Array:
+    """The inputs x of `sample(key, world, n)`: (n, d); for a world axis's worlds (V, n, d), value
+    v's batch being `sample(key, worlds[v], n)`: every value from the same random numbers (the
+    same active features and coefficients; the noise x + v eps, the jitter angles v theta and
+    the copula z = chol(C(v)) e share eps, theta and e). With noise the input is also the target."""
+    if not isinstance(world, tuple):
+        return sample(key, world, n)[0]
+    return jnp.stack([sample(key, w, n)[0] for w in world])
