@@ -11,8 +11,10 @@ then scores every selection rule of `sae_jax.selection` on every world:
 - ratio hit = the chosen ratio is within one grid step of the best cell's ratio.
 
 Each world's run is kept in DIR/world_NN/ (rerunning skips finished worlds; --rescore only
-rescores them). Writes DIR/study.json and DIR/STUDY.md (the table). The rule was developed on
-the worlds of --seed 7 (see REPORT.md); 1414 is the held-out study seed.
+rescores them), with since_fired.npz, every cell's steps-since-last-fired counters. Writes
+DIR/study.json and DIR/STUDY.md (the table, then the combined rule's regrets with the dead count
+read at other windows: a diagnostic). The rule was developed on the worlds of --seed 7 and 8
+(see REPORT.md); 1414, 2718 and 3141 are held-out study seeds.
 """
 
 from __future__ import annotations
