@@ -132,7 +132,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
     appendix = args.appendix or not (args.no_appendix or custom)
     data = run.ToyData(world, preset.denoise_noise if appendix else (), min(preset.denoise_steps, steps))
     opts = _run_options(args, f"runs/toy-{args.preset}", steps, overrides)
-    _summary(run.run(spec, train, opts, data), opts.out, opts.figures)
+    _summary(run.run(spec, train, opts, data), opts.out, opts.figures and not spec.world_axis)
     return 0
 
 
@@ -171,6 +171,12 @@ def _summary(out: dict, path: str, figures: bool) -> None:
         print(f"best MMCS {opt['mmcs']:.4f} at ratio {opt['ratio']:g}, alpha {opt['l1']:.3g}")
     if s.get("ratio") is not None:
         print(f"suggested without ground truth: ratio {s['ratio']:g}, alpha {s['l1']:.3g} ({s['summary']})")
+    for b in out.get("by_world_value", []):  # a world axis: one selection per value
+        s, opt = b["suggested"], b["ground_truth_optimum"] or {}
+        f = lambda x, spec=".3g": "none" if x is None else format(x, spec)
+        print(f"{out['config']['grid']['world_axis']} {b['world_value']:g}: best MMCS {f(opt.get('mmcs'), '.4f')} "
+              f"at ratio {f(opt.get('ratio'))}, alpha {f(opt.get('l1'))}; suggested without ground truth: "
+              f"ratio {f(s['ratio'])}, alpha {f(s['l1'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
