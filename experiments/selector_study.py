@@ -11,8 +11,10 @@ then scores every selection rule of `sae_jax.selection` on every world:
 - ratio hit = the chosen ratio is within one grid step of the best cell's ratio.
 
 Each world's run is kept in DIR/world_NN/ (rerunning skips finished worlds; --rescore only
-rescores them). Writes DIR/study.json and DIR/STUDY.md (the table). The rule was developed on
-the worlds of --seed 7 (see REPORT.md); 1414 is the held-out study seed.
+rescores them), with since_fired.npz, every cell's steps-since-last-fired counters. Writes
+DIR/study.json and DIR/STUDY.md (the table, then the combined rule's regrets with the dead count
+read at other windows: a diagnostic). The rule was developed on the worlds of --seed 7 and 8
+(see REPORT.md); 1414, 2718 and 3141 are held-out study seeds.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import json
 import os
 import sys
 import time
+from typing import Sequence
 
 import numpy as np
 
-from sae_jax import cli, metrics, selection
+from sae_jax import cli, metrics, results, selection
 
 RULES = ("dead_latents", "ssll", "mmcs_with_larger", "combined")
 
@@ -49,12 +52,34 @@ def draw_worlds(seed: int, n: int, d: int = 32) -> list[dict]:
     return worlds
 
 
+SINCE_FIRED = "since_fired.npz"
+
+
+def _keep_since_fired(out: str):
+    """Wraps `results.evaluate` so that each cell's steps-since-last-fired counters are saved to
+    OUT/since_fired.npz (cell_{i}: (m,) int32): the dead count for any window W <= steps is then
+    sum(since_fired >= W), without retraining."""
+    inner = results.evaluate
+
+    def evaluate(state, spec, cfg, *args, **kwargs):
+        arrays = {f"cell_{c.index}": np.asarray(state.groups[c.group].since_fired[c.slot])
+                  for c in spec.cells()}
+        os.makedirs(out, exist_ok=True)
+        np.savez(os.path.join(out, SINCE_FIRED), **arrays)
+        return inner(state, spec, cfg, *args, **kwargs)
+    return inner, evaluate
+
+
 def train(world: dict, out: str, seed: int, steps: int, dead_window: int = 10) -> None:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in world.items()]
-    rc = cli.main(["toy", *flags, "--steps", str(steps), "--l1-warmup", str(steps // 5),
+    inner, results.evaluate = _keep_since_fired(out)
+    try:
+        rc = cli.main(["toy", *flags, "--steps", str(steps), "--l1-warmup", str(steps // 5),
                    "--dead-window", str(dead_window),
                    "--seed", str(seed), "--out", out, "--no-appendix", "--no-figures",
                    "--no-progress", "--checkpoint-every", "0", "--check-every", "0"])
+    finally:
+        results.evaluate = inner
     if rc:
         raise SystemExit(f"world {out} failed with exit code {rc}")
 
@@ -134,6 +159,39 @@ def table(worlds: list[dict], rows: list[dict]) -> list[str]:
     return lines
 
 
+WINDOWS = (10, 50, 100, 200)  # the sensitivity table's dead windows (steps)
+
+
+def rescored(out: str, window: int) -> dict | None:
+    """The world's score with the dead count read at another window, from its since_fired.npz
+    (None when the run did not keep it)."""
+    path = os.path.join(out, SINCE_FIRED)
+    if not os.path.exists(path):
+        return None
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    since = np.load(path)
+    for c in res["cells"]:
+        c["dead"] = int(np.sum(since[f"cell_{c['index']}"] >= window))
+    return score(planes(res))
+
+
+def sensitivity(outs: list[str], windows: Sequence[int] = WINDOWS) -> list[str]:
+    """The combined rule's regrets with the dead count read at each window: a diagnostic of how
+    the dead-latent ratio depends on the window, not a rule (the rule uses the run's window)."""
+    lines = ["| dead window (steps) | combined: median regret | worst regret | ratio within one step | picks (ratio, α) |",
+             "|---|---|---|---|---|"]
+    for w in windows:
+        rows = [rescored(o, w) for o in outs]
+        if any(r is None for r in rows):
+            return []
+        reg = [r["combined"]["regret"] for r in rows]
+        picks = " ".join(f"{r['combined']['ratio']:g}/{r['combined']['l1']:.3g}" for r in rows)
+        lines.append(f"| {w} | {np.median(reg):.4f} | {max(reg):.4f} | "
+                     f"{sum(r['combined']['ratio_hit'] for r in rows)}/{len(rows)} | {picks} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=1414, help="study seed (1414 held out; 7 for development)")
@@ -146,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rescore", action="store_true", help="only rescore the worlds already trained")
     args = ap.parse_args(argv)
     worlds = draw_worlds(args.seed, args.worlds, args.d)
-    t0, rows, done = time.perf_counter(), [], []
+    t0, rows, done, outs, load0 = time.perf_counter(), [], [], [], os.getloadavg()
     for i, w in enumerate(worlds):
         out = os.path.join(args.out, f"world_{i:02d}")
         if not os.path.exists(os.path.join(out, "results.json")):
@@ -154,12 +212,20 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t = time.perf_counter()
             train(w, out, seed=args.seed * 1000 + i, steps=args.steps, dead_window=args.dead_window)
-            print(f"world {i} ({world_label(w)}): {time.perf_counter() - t:.0f} s", flush=True)
+            with open(os.path.join(out, "results.json")) as f:
+                trained = json.load(f).get("train_seconds", float("nan"))
+            print(f"world {i} ({world_label(w)}): {time.perf_counter() - t:.0f} s "
+                  f"({trained:.0f} s training)", flush=True)
         with open(os.path.join(out, "results.json")) as f:
             rows.append(score(planes(json.load(f))))
         done.append(w)
-    wall = time.perf_counter() - t0
+        outs.append(out)
+    wall, load1 = time.perf_counter() - t0, os.getloadavg()
     lines = table(done, rows)
+    windows = sensitivity(outs)
+    if windows:
+        lines += ["", "The combined rule with the dead count read at other windows (a diagnostic):", "",
+                  *windows]
     os.makedirs(args.out, exist_ok=True)
     previous = os.path.join(args.out, "study.json")
     if args.rescore and os.path.exists(previous):  # keep the training run's wall time
@@ -167,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             wall = json.load(f).get("wall_seconds", wall)
     with open(os.path.join(args.out, "study.json"), "w") as f:
         json.dump({"seed": args.seed, "steps": args.steps, "worlds": done, "rows": rows,
-                   "wall_seconds": round(wall, 1)}, f, indent=1)
+                   "wall_seconds": round(wall, 1), "load_average_start_end": [load0, load1]},
+                  f, indent=1)
     with open(os.path.join(args.out, "STUDY.md"), "w") as f:
         f.write("\n".join([f"# Selector study (seed {args.seed}, {len(done)} worlds, {args.steps} steps)",
                            "", *lines, ""]))
     print("\n".join(lines))
-    print(f"wall {wall:.0f} s")
+    print(f"wall {wall:.0f} s; load average (1, 5, 15 min) at start {load0}, at end {load1}")
     return 0
 
 

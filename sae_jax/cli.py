@@ -158,6 +158,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
                           zipf=args.zipf, hierarchy=args.hierarchy, nonneg=args.nonneg,
                           jitter=args.jitter, noise=args.noise).validate()
     spec = grid.GridSpec.from_ratios(pick("l1", "l1_coeff"), pick("ratios"), world.features, pick("seeds"),
+                                     world_axis=args.world_axis or "", world_values=args.world_values or (),
                                      **_arch_axes(args))
     overrides = _train_overrides(args)
     train = recipes.train_config(args.recipe, steps, overrides, preset)
@@ -165,7 +166,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
     appendix = args.appendix or not (args.no_appendix or custom)
     data = run.ToyData(world, preset.denoise_noise if appendix else (), min(preset.denoise_steps, steps))
     opts = _run_options(args, f"runs/toy-{args.preset}", steps, overrides)
-    _summary(run.run(spec, train, opts, data), opts.out, opts.figures)
+    _summary(run.run(spec, train, opts, data), opts.out, opts.figures and not spec.world_axis)
     return 0
 
 
@@ -218,6 +219,12 @@ def _summary(out: dict, path: str, figures: bool) -> None:
             print(f"{head}best MMCS {opt['mmcs']:.4f} at ratio {opt['ratio']:g}, {name} {opt[key]:.3g}")
         if s.get("ratio") is not None:
             print(f"{head}suggested without ground truth: ratio {s['ratio']:g}, {name} {s[key]:.3g} ({s['summary']})")
+    for b in out.get("by_world_value", []):  # a world axis: one selection per value
+        s, opt = b["suggested"], b["ground_truth_optimum"] or {}
+        f = lambda x, spec=".3g": "none" if x is None else format(x, spec)
+        print(f"{out['config']['grid']['world_axis']} {b['world_value']:g}: best MMCS {f(opt.get('mmcs'), '.4f')} "
+              f"at ratio {f(opt.get('ratio'))}, alpha {f(opt.get('l1'))}; suggested without ground truth: "
+              f"ratio {f(s['ratio'])}, alpha {f(s['l1'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--jitter", type=float, default=0.0,
                    help="per-sample angle std (radians) of each feature's direction")
     w.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to every sampled x")
+    w.add_argument("--world-axis", help="sweep one world knob across the grid: noise, jitter or "
+                   "corr_strength (every value in the same compiled step; README: a world axis)")
+    w.add_argument("--world-values", type=floats, help="comma list of the --world-axis knob's values")
     w.add_argument("--no-appendix", action="store_true",
                    help="skip the denoising appendix grid (skipped anyway for a custom world or grid)")
     w.add_argument("--appendix", action="store_true", help="run the denoising appendix grid even so")

@@ -65,7 +65,8 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     """((L_C, aux with a leading cell axis), dL_c/dparams_c) for every cell c of a size group.
 
     `params` leaves carry a leading cell axis C; x (B, d) is shared by every cell, or given per
-    cell as (C, B, d) (denoising: then the target t (B, d) is required); t defaults to x.
+    cell as (C, B, d) (denoising, with a shared target t (B, d); a world axis, with t = x per
+    cell); t defaults to x.
     Same values as `jax.vmap(jax.value_and_grad(sae.loss, has_aux=True))` (to float tolerance in
     float32).
     """
@@ -77,9 +78,8 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     w_CxMxD, b_CxM, d_CxMxD = params.W_enc_MxD, params.b_enc_M, params.D_MxD
     n_cells, m, d = w_CxMxD.shape
     batch = x_BxD.shape[-2]
-    if target_BxD is None and x_BxD.ndim == 3:
-        raise ValueError("per-cell inputs (C, B, d) need a shared target (B, d)")
-    t_DxB = (x_BxD if target_BxD is None else target_BxD).astype(F32).T
+    t = (x_BxD if target_BxD is None else target_BxD).astype(F32)
+    t_DxB = t.T if t.ndim == 2 else jnp.swapaxes(t, -1, -2)  # (d, B), or (C, d, B) per cell
 
     # forward. bfloat16 dots run on the fast path only with untransposed operands, so x and the
     # atoms are transposed by a gather (B x d and C x m x d: small next to the codes).

@@ -48,6 +48,7 @@ class GroupState:
     valid: Array  # (C,) bool: False for inert padding cells
     pool_x: Array  # (C, K, d): the worst-reconstructed input of each of the last K steps (the
     #                resampling pool; row t mod K is written at step t)
+    world_index: Array | None = None  # (C,) int32: the cell's world value (index into world_values)
     arch: archs.Arch = struct.field(pytree_node=False, default=archs.RELU_L1)  # static
 
     @property
@@ -106,6 +107,8 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
             n_resampled=jnp.zeros((len(mine),), jnp.int32),
             valid=jnp.ones((len(mine),), bool),
             pool_x=jnp.zeros((len(mine), cfg.resample.pool_size, d), jnp.float32),
+            world_index=(jnp.asarray([spec.world_values.index(c.world_value) for c in mine], jnp.int32)
+                         if spec.world_axis else None),
             arch=arch,
         ))
     return pad(GridState(tuple(groups), jnp.zeros((), jnp.int32), data_key), pad_multiple)
@@ -208,14 +211,17 @@ def group_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult
                  step: Array) -> tuple[GroupState, tuple[Array, Array]]:
     """One Adam step of every cell of a group. With `cfg.fused_step` (always in bfloat16) a
     relu_l1 group's gradients come from `fused.group_loss_and_grad`; otherwise from autodiff,
-    cell by cell under vmap."""
+    cell by cell under vmap. A world axis's x is (V, B, d): each cell trains on its value's."""
+    if group.world_index is not None:
+        x_BxD = x_BxD[group.world_index]  # (C, B, d)
+    per_cell = 0 if x_BxD.ndim == 3 else None
     if not cfg.uses_fused_step or group.arch != archs.RELU_L1 or cfg.aux_k_coeff:
-        return jax.vmap(cell_update, in_axes=(0, None, None, None, None, None, None))(
+        return jax.vmap(cell_update, in_axes=(0, per_cell, None, None, None, None, None))(
             group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
     x_in = x_BxD if eps_BxD is None else x_BxD + group.noise[:, None, None] * eps_BxD
     (total, aux), grads = fused.group_loss_and_grad(
         group.params, x_in, group.l1_coeff * l1_mult, cfg.l1_convention, x_BxD, cfg.compute_dtype)
-    return jax.vmap(apply_grads, in_axes=(0, 0, 0, 0, None, None, None, None))(
+    return jax.vmap(apply_grads, in_axes=(0, 0, 0, 0, per_cell, None, None, None))(
         group, grads, total, aux, x_BxD, lr_mult, cfg, step)
 
 
@@ -229,11 +235,12 @@ def train_step(state: GridState, x_BxD: Array, cfg: TrainConfig,
     return state.replace(groups=groups, step=state.step + 1), metrics
 
 
-def toy_batch(world: toy.ToyWorld, key: Array, batch_size: int,
+def toy_batch(world: toy.ToyWorld | tuple[toy.ToyWorld, ...], key: Array, batch_size: int,
               denoise: bool = False) -> tuple[Array, Array | None]:
-    """(x, eps): a toy batch and, when denoising, standard normal noise of the same shape."""
+    """(x, eps): a toy batch ((V, B, d) for a world axis's worlds) and, when denoising, standard
+    normal noise of the same shape."""
     k_x, k_n = jax.random.split(key)
-    x, _ = toy.sample(k_x, world, batch_size)
+    x = toy.sample_inputs(k_x, world, batch_size)
     return x, (jax.random.normal(k_n, x.shape) if denoise else None)
 
 
@@ -242,7 +249,7 @@ def _chunk_metrics(metrics: StepMetrics) -> StepMetrics:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps"))
-def run_toy_chunk(state: GridState, world: toy.ToyWorld, cfg: TrainConfig,
+def run_toy_chunk(state: GridState, world: toy.ToyWorld | tuple[toy.ToyWorld, ...], cfg: TrainConfig,
                   n_steps: int) -> tuple[GridState, StepMetrics]:
     """n_steps grid steps with the toy sampler fused in (one compiled lax.scan)."""
     def body(s, _):
@@ -272,7 +279,8 @@ def _mean_loss(losses: tuple[Array, ...], valid: tuple[Array, ...]) -> Array:
     return jnp.sum(jnp.where(ok, loss, 0.0)) / jnp.sum(ok)
 
 
-def train(state: GridState, cfg: TrainConfig, n_steps: int, *, world: toy.ToyWorld | None = None,
+def train(state: GridState, cfg: TrainConfig, n_steps: int, *,
+          world: toy.ToyWorld | tuple[toy.ToyWorld, ...] | None = None,
           batches: Callable[[int, int], np.ndarray] | None = None, chunk: int = 250,
           callback: Callable[[GridState, StepMetrics], None] | None = None,
           progress: bool = True) -> GridState:

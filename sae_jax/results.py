@@ -72,6 +72,7 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
             "l0": _f(s["l0"]), "fvu": _f(s["fvu"]),
             "diverged": diverged, "n_resampled": int(g["n_resampled"][c.slot]),
             **(matched[c.index] if matched else {}),
+            **({"world_value": c.world_value} if c.world_value is not None else {}),
         })
     from sae_jax import quality
     quality.annotate(out, state, spec, x_eval)  # explained variance, L2 ratio, bias, alive, density

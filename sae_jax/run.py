@@ -267,7 +267,19 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
     if trained.recovery is not None:
         trained.recovery.annotate(cells)
     dicts = results.dictionaries(state, spec)
+    if spec.world_axis:
+        return cells, dicts, _analyse_per_world_value(cells, dicts, spec, cfg)
     return cells, dicts, results.analyse(cells, dicts, cfg.l1_convention)
+
+
+def _analyse_per_world_value(cells: list[dict], dicts: list[np.ndarray], spec: grid.GridSpec,
+                             cfg: grid.TrainConfig) -> dict:
+    """A world axis's grid: the diagnostics and the selection for each value's cells alone."""
+    per = [{"world_value": v, **results.analyse([c for c in cells if c["world_value"] == v], dicts,
+                                                cfg.l1_convention)} for v in spec.world_values]
+    return {"suggested": {"ratio": None, "l1": None, "summary": "one per world value: by_world_value"},
+            "ground_truth_optimum": None, "by_world_value": per,
+            "diverged_cells": [i for p in per for i in p["diverged_cells"]]}
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -309,8 +321,11 @@ def _run_toy(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, dat
               "train": train.to_dict(), "steps": opts.steps, "seed": opts.seed,
               "eval_samples": opts.eval_samples, "denoise_noise": list(data.denoise_noise),
               "denoise_steps": data.denoise_steps}
-    world = toy.make_world(jax.random.fold_in(jax.random.PRNGKey(opts.seed), 0x3017D), data.world)
-    state, trained = train_grid(spec, train, opts, data.world.d, config, world=world,
+    world_key = jax.random.fold_in(jax.random.PRNGKey(opts.seed), 0x3017D)
+    world = toy.make_world(world_key, data.world)
+    worlds = (toy.axis_worlds(world_key, data.world, spec.world_axis, spec.world_values)
+              if spec.world_axis else world)  # a world axis: the same features in every world
+    state, trained = train_grid(spec, train, opts, data.world.d, config, world=worlds,
                                 ground_truth=world.features_HxD)
     x_eval = eval_batch_toy(world, opts.seed, opts.eval_samples)
     cells, dicts, analysis = evaluate(state, spec, train, x_eval, world.features_HxD, trained)
@@ -320,7 +335,7 @@ def _run_toy(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, dat
     out = results.write(opts.out, config, cells, analysis, dicts, np.asarray(world.features_HxD), extra)
     # weights.safetensors: every process joins the gather, process 0 writes
     export.write_weights(opts.out, sharding.gather_to_host(state), spec, x_eval)
-    if opts.figures and jax.process_index() == 0:
+    if opts.figures and jax.process_index() == 0 and not spec.world_axis:
         figs = plots.toy_figures(out, os.path.join(opts.out, "figures"))
         report.write(opts.out, out, figs, "sae-jax toy reproduction")
     return out

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
-from sae_jax import archs
+from sae_jax import archs, toy
 from sae_jax.errors import UsageError
 
 
@@ -26,6 +26,7 @@ class CellSpec:
     arch: str = "relu_l1"
     k: int = 0  # topk / batchtopk: active latents per sample
     l0_coeff: float = 0.0  # jumprelu: lambda
+    world_value: float | None = None  # the world knob's value (grids with a world axis)
 
     @property
     def arch_spec(self) -> archs.Arch:
@@ -57,12 +58,15 @@ class GridSpec:
     archs: tuple[str, ...] = ("relu_l1",)
     k: tuple[int, ...] = ()  # topk / batchtopk cells
     l0_coeff: tuple[float, ...] = ()  # lambda (jumprelu cells)
+    world_axis: str = ""  # a toy-world knob swept in the same step (`toy.axis_worlds`); "": none
+    world_values: tuple[float, ...] = ()
 
     @classmethod
     def from_ratios(cls, l1_coeff: Sequence[float], ratios: Sequence[float], features: int,
                     seeds: int | Sequence[int] = 1, noise: Sequence[float] = (0.0,),
                     archs: Sequence[str] = ("relu_l1",), k: Sequence[int] = (),
-                    l0_coeff: Sequence[float] = ()) -> "GridSpec":
+                    l0_coeff: Sequence[float] = (), world_axis: str = "",
+                    world_values: Sequence[float] = ()) -> "GridSpec":
         """Dictionary sizes m = round(ratio * features)."""
         _check_positive("ratios", ratios)
         sizes = tuple(max(1, int(round(r * features))) for r in ratios)
@@ -72,7 +76,8 @@ class GridSpec:
             seeds = tuple(range(seeds))
         return cls(tuple(float(a) for a in l1_coeff), sizes, tuple(seeds), features,
                    tuple(float(n) for n in noise), tuple(archs), tuple(k),
-                   tuple(float(v) for v in l0_coeff)).validate()
+                   tuple(float(v) for v in l0_coeff), world_axis,
+                   tuple(float(v) for v in world_values)).validate()
 
     def validate(self) -> "GridSpec":
         if not self.archs or len(set(self.archs)) != len(self.archs) or any(a not in archs.ARCHS for a in self.archs):
@@ -108,6 +113,7 @@ class GridSpec:
         for n in self.noise:
             if not (math.isfinite(n) and n >= 0):
                 raise UsageError(f"noise std values must be finite and >= 0, got {n}", field="noise")
+        toy.check_world_axis(self.world_axis, self.world_values, self.denoising)
         return self
 
     @property
@@ -130,10 +136,11 @@ class GridSpec:
                       "jumprelu": [(0.0, v) for v in self.l0_coeff]}.get(arch.name, [(0.0, 0.0)])
             for a, lam in coeffs:
                 for n in self.noise:
-                    for s in self.seeds:
-                        out.append(CellSpec(len(out), a, m, self.ratio(m), s, g, slot, n, arch.name,
-                                            arch.k, lam))
-                        slot += 1
+                    for w in (self.world_values or (None,)):
+                        for s in self.seeds:
+                            out.append(CellSpec(len(out), a, m, self.ratio(m), s, g, slot, n, arch.name,
+                                                arch.k, lam, w))
+                            slot += 1
         return out
 
     def to_dict(self) -> dict:
@@ -142,6 +149,9 @@ class GridSpec:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
         if self.archs == ("relu_l1",):
             for k in ("archs", "k", "l0_coeff"):
+                del d[k]
+        if not self.world_axis:  # (as before world axes)
+            for k in ("world_axis", "world_values"):
                 del d[k]
         return {("l1" if k == "l1_coeff" else k): v for k, v in d.items()}
 

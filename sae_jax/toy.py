@@ -16,7 +16,8 @@ near 0.97; a fresh z per batch gives every feature its decayed base rate on aver
 
 Knobs past the report (defaults reproduce the report's world bit for bit; see `ToyConfig`):
 correlation strength s, Zipfian base rates, hierarchy, non-negative features, per-sample
-direction jitter and additive Gaussian noise.
+direction jitter and additive Gaussian noise. One of `WORLD_AXES` can be swept as an axis of a
+grid (`axis_worlds`, `sample_inputs`).
 """
 
 from __future__ import annotations
@@ -98,19 +99,25 @@ class ToyConfig:
 
 @struct.dataclass
 class ToyWorld:
-    """A sampled world: features_HxD (unit rows), the copula factor and the base probabilities."""
+    """A sampled world: features_HxD (unit rows), the copula factor and the base probabilities.
+
+    k/h, the jitter and the noise std are leaves, not static fields (only whether there is
+    jitter or noise is static), so worlds of one shape that differ in them share one compiled
+    training program."""
 
     features_HxD: Array
     chol_HxH: Array  # lower Cholesky factor of the correlation matrix C
     decay_H: Array  # lambda^i, or (i + 1)^-a for Zipfian rates
     probs_H: Array  # p_i for a fixed z (used when fresh_z is False)
-    mean_active: float = struct.field(pytree_node=False)
+    active_share: Array  # k / h (float32), k the mean number of active features
     correlated: bool = struct.field(pytree_node=False)
     fresh_z: bool = struct.field(pytree_node=False)
     hierarchy: int = struct.field(pytree_node=False, default=0)
-    jitter: float = struct.field(pytree_node=False, default=0.0)
-    noise: float = struct.field(pytree_node=False, default=0.0)
+    jitter: Array | float = 0.0
+    noise: Array | float = 0.0
     noise_targets: bool = struct.field(pytree_node=False, default=False)
+    jittered: bool = struct.field(pytree_node=False, default=False)  # jitter > 0
+    noisy: bool = struct.field(pytree_node=False, default=False)  # noise > 0
 
     @property
     def d(self) -> int:
@@ -121,15 +128,14 @@ class ToyWorld:
         return self.features_HxD.shape[0]
 
 
-def _rescale(p_H: Array, mean_active: float) -> Array:
+def _rescale(p_H: Array, active_share: Array) -> Array:
     """p <- p * (k/h) / mean(p), clipped to [0, 1]."""
-    h = p_H.shape[-1]
-    return jnp.clip(p_H * (mean_active / h) / jnp.mean(p_H, axis=-1, keepdims=True), 0.0, 1.0)
+    return jnp.clip(p_H * active_share / jnp.mean(p_H, axis=-1, keepdims=True), 0.0, 1.0)
 
 
 def _probs_from_z(world: ToyWorld, z_H: Array) -> Array:
     p_tilde = jax.scipy.stats.norm.cdf(z_H) if world.correlated else jnp.full_like(z_H, 0.5)
-    return _rescale(world.decay_H * p_tilde, world.mean_active)
+    return _rescale(world.decay_H * p_tilde, world.active_share)
 
 
 def random_correlation(key: Array, h: int) -> Array:
@@ -163,9 +169,11 @@ def make_world(key: Array, cfg: ToyConfig = ToyConfig()) -> ToyWorld:
         decay = (i_H + 1.0) ** -jnp.asarray(cfg.zipf, jnp.float32)
     else:
         decay = jnp.asarray(cfg.decay, jnp.float32) ** i_H
-    world = ToyWorld(g, chol, decay, jnp.zeros(cfg.features), float(cfg.mean_active),
+    world = ToyWorld(g, chol, decay, jnp.zeros(cfg.features),
+                     jnp.float32(float(cfg.mean_active) / cfg.features),
                      bool(cfg.correlated), bool(cfg.fresh_z), int(cfg.hierarchy),
-                     float(cfg.jitter), float(cfg.noise), bool(cfg.noise_targets))
+                     jnp.float32(cfg.jitter), jnp.float32(cfg.noise), bool(cfg.noise_targets),
+                     cfg.jitter > 0, cfg.noise > 0)
     z = chol @ jax.random.normal(k_z, (cfg.features,))
     return world.replace(probs_H=_probs_from_z(world, z))
 
@@ -199,12 +207,12 @@ def sample_with_target(key: Array, world: ToyWorld, n: int) -> tuple[Array, Arra
     if world.hierarchy:
         active = active & active[:, par_H]
     coeffs = jnp.where(active, jax.random.uniform(k_c, (n, world.h)), 0.0)
-    if world.jitter:
+    if world.jittered:
         dirs = jitter_directions(jax.random.fold_in(key, 0x717), world.features_HxD, world.jitter, n)
         x = jnp.einsum("nh,nhd->nd", coeffs, dirs)
     else:
         x = coeffs @ world.features_HxD
-    if not world.noise:
+    if not world.noisy:
         return x, x, coeffs
     noisy = x + world.noise * jax.random.normal(jax.random.fold_in(key, 0x9015E), x.shape)
     return noisy, (noisy if world.noise_targets else x), coeffs
@@ -215,3 +223,51 @@ def sample(key: Array, world: ToyWorld, n: int) -> tuple[Array, Array]:
     knobs x = coeffs @ features."""
     x, _, coeffs = sample_with_target(key, world, n)
     return x, coeffs
+
+
+# ----------------------------------------------------------------------------- a world axis
+WORLD_AXES = ("noise", "jitter", "corr_strength")
+
+
+def check_world_axis(axis: str, values: tuple[float, ...], denoising: bool = False) -> None:
+    """A world axis names one of `WORLD_AXES` and >= 1 distinct finite values (none without an
+    axis), and is not combined with the denoising grid's per-cell input noise."""
+    if not axis and not values:
+        return
+    if axis not in WORLD_AXES:
+        raise UsageError(f"`world_axis` must be one of {', '.join(WORLD_AXES)}, got {axis!r}",
+                         field="world_axis")
+    if not values:
+        raise UsageError(f"`world_values` needs at least one value of {axis}", field="world_values")
+    if not all(math.isfinite(v) for v in values) or len(set(values)) != len(values):
+        raise UsageError(f"`world_values` must be distinct finite numbers, got {list(values)}",
+                         field="world_values")
+    if denoising:
+        raise UsageError("`world_axis` cannot be combined with denoising noise", field="world_axis")
+
+
+def axis_worlds(key: Array, cfg: ToyConfig, axis: str, values: tuple[float, ...]) -> tuple[ToyWorld, ...]:
+    """One world per value v of the knob `axis` (cfg with axis = v), all made from the same key:
+    the same features g_i, and for corr_strength the Cholesky factor of C(v) = (1 - v) I + v C
+    with the same random C. Value v's world is exactly the one `make_world(key, cfg)` makes with
+    that value set."""
+    check_world_axis(axis, values)
+    if axis == "corr_strength" and not cfg.correlated:
+        raise UsageError("`world_axis` corr_strength needs a correlated world", field="world_axis")
+    worlds = []
+    for v in values:
+        try:
+            worlds.append(make_world(key, dataclasses.replace(cfg, **{axis: float(v)})))
+        except UsageError as e:
+            raise UsageError(f"`world_values`: {str(e).replace('`', '')}", field="world_values") from None
+    return tuple(worlds)
+
+
+def sample_inputs(key: Array, world: ToyWorld | tuple[ToyWorld, ...], n: int) -> Array:
+    """The inputs x of `sample(key, world, n)`: (n, d); for a world axis's worlds (V, n, d), value
+    v's batch being `sample(key, worlds[v], n)`: every value from the same random numbers (the
+    same active features and coefficients; the noise x + v eps, the jitter angles v theta and
+    the copula z = chol(C(v)) e share eps, theta and e). With noise the input is also the target."""
+    if not isinstance(world, tuple):
+        return sample(key, world, n)[0]
+    return jnp.stack([sample(key, w, n)[0] for w in world])

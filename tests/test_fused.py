@@ -33,8 +33,8 @@ def batch():
 
 
 def _reference(params, x_in, target, conv):
-    in_x = 0 if x_in.ndim == 3 else None
-    f = jax.vmap(jax.value_and_grad(sae.loss, has_aux=True), in_axes=(0, in_x, 0, None, None))
+    in_x, in_t = (0 if a.ndim == 3 else None for a in (x_in, target))
+    f = jax.vmap(jax.value_and_grad(sae.loss, has_aux=True), in_axes=(0, in_x, 0, None, in_t))
     return f(params, x_in, ALPHAS, conv, target)
 
 
@@ -44,13 +44,16 @@ def _rel_err(a, b):
 
 
 @pytest.mark.parametrize("conv", ["report", "sum"])
-@pytest.mark.parametrize("per_cell_input", [False, True])
-def test_float32_equals_autodiff(group, batch, conv, per_cell_input):
+@pytest.mark.parametrize("inputs", ["shared", "per_cell", "per_cell_target"])
+def test_float32_equals_autodiff(group, batch, conv, inputs):
+    """per_cell: denoising (per-cell input, shared target); per_cell_target: a world axis (each
+    cell's own batch is its input and its target, the default target)."""
     x, x_noisy = batch
-    x_in = x_noisy if per_cell_input else x
-    (ref_loss, ref_aux), ref_g = _reference(group, x_in, x, conv)
+    x_in = x if inputs == "shared" else x_noisy
+    target = x_noisy if inputs == "per_cell_target" else x
+    (ref_loss, ref_aux), ref_g = _reference(group, x_in, target, conv)
     (loss, aux), g = jax.jit(fused.group_loss_and_grad, static_argnums=(3, 5))(
-        group, x_in, ALPHAS, conv, x, "float32")
+        group, x_in, ALPHAS, conv, None if inputs == "per_cell_target" else x, "float32")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for name in ("mse", "l1", "l0", "sq_err_B"):
         np.testing.assert_allclose(getattr(aux, name), getattr(ref_aux, name), rtol=1e-5, atol=1e-7)
@@ -81,11 +84,9 @@ def test_bfloat16_input_equals_its_float32_values(group, batch):
         np.testing.assert_array_equal(u, v)
 
 
-def test_bad_dtype_and_missing_target(group, batch):
+def test_bad_dtype(group, batch):
     with pytest.raises(ValueError, match="compute_dtype"):
         fused.group_loss_and_grad(group, batch[0], ALPHAS, compute_dtype="float16")
-    with pytest.raises(ValueError, match="shared target"):
-        fused.group_loss_and_grad(group, batch[1], ALPHAS)
     with pytest.raises(UsageError, match="`compute_dtype` must be one of float32, bfloat16"):
         grid.TrainConfig(compute_dtype="float16").validate()
 
