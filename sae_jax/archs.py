@@ -71,7 +71,8 @@ class ArchOptions(NamedTuple):
     bandwidth: float = 0.05  # JumpReLU's kernel width eps
     aux_k_coeff: float = 0.0  # AuxK's coefficient (0: off)
     aux_k: int = 0  # AuxK's k_aux (0: d / 2)
-    sparse: bool = True  # topk without AuxK: the sparse decoder (sae_jax.sparse)
+    sparse: str = "auto"  # topk without AuxK: the sparse decoder (sae_jax.sparse): "on", "off", or
+    #                       "auto" = on where k <= m / 64 (where it measured faster than dense)
     compute_dtype: str = "float32"  # the sparse path's encoder GEMM operands
 
 
@@ -190,6 +191,18 @@ def aux_k_loss(params: sae.SAEParams, pre_BxM: Array, resid_BxD: Array, dead_M: 
     return jnp.where(jnp.any(dead_M), loss, 0.0)
 
 
+SPARSE_MODES = ("auto", "on", "off")
+SPARSE_AUTO_RATIO = 64  # "auto": sparse where k <= m / 64 (benchmarks/grid_step.py --only topk)
+
+
+def uses_sparse(arch: Arch, m: int, opts: ArchOptions) -> bool:
+    """Whether a topk cell of m latents trains through the sparse decoder (never with AuxK, whose
+    dead-latent codes need every pre-activation)."""
+    if arch.name != "topk" or opts.aux_k_coeff or opts.sparse == "off":
+        return False
+    return opts.sparse == "on" or arch.k * SPARSE_AUTO_RATIO <= m
+
+
 def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int, convention: str,
                       compute_dtype: str) -> tuple[Array, tuple[sae.LossAux, Array]]:
     """TopK's loss through the sparse decoder: k of m atoms gathered per sample, gradients by
@@ -218,7 +231,7 @@ def loss(params: sae.SAEParams, x_BxD: Array, coeff: Array, arch: Arch, conventi
     if arch.name == "relu_l1" and not opts.aux_k_coeff:
         total, aux = sae.loss(params, x_BxD, coeff, convention, target_BxD)
         return total, (aux, jnp.zeros((), jnp.float32))
-    if arch.name == "topk" and opts.sparse and not opts.aux_k_coeff:
+    if arch.name == "topk" and uses_sparse(arch, params.W_enc_MxD.shape[0], opts):
         return _topk_sparse_loss(params, x_BxD, t, arch.k, convention, opts.compute_dtype)
     if arch.name == "relu_l1":
         pre = pre_acts(params, x_BxD)

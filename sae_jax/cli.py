@@ -103,8 +103,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--jumprelu-bandwidth", type=float, help="JumpReLU straight-through kernel width")
     a.add_argument("--init-threshold", type=float, help="JumpReLU's initial threshold")
     a.add_argument("--threshold-decay", type=float, help="BatchTopK threshold average decay")
-    a.add_argument("--sparse-decoder", action=argparse.BooleanOptionalAction, default=None,
-                   help="topk groups through the sparse gather/scatter decoder (default on; off with AuxK)")
+    a.add_argument("--sparse-decoder", choices=("auto", "on", "off"),
+                   help="topk groups through the sparse gather/scatter decoder: auto (default: where "
+                        "k <= m/64), on, off; never with AuxK")
     r = p.add_argument_group("resampling (on in --recipe fast)")
     r.add_argument("--resample-every", type=int)
     r.add_argument("--resample-pool", type=int,

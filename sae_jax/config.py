@@ -41,7 +41,9 @@ class TrainConfig:
     # Architectures other than the report's relu_l1 (sae_jax.archs):
     aux_k_coeff: float = 0.0  # AuxK loss coefficient (0: off; Gao et al. use 1/32)
     aux_k: int = 0  # AuxK's k_aux: dead latents reconstructing the residual (0: d / 2)
-    sparse_decoder: bool = True  # topk groups (without AuxK) through sae_jax.sparse's gather/scatter kernels
+    # topk groups (without AuxK) through sae_jax.sparse's gather/scatter kernels: "on", "off", or
+    # "auto" (on where k <= m / 64, where it measured faster than the dense step on CPU)
+    sparse_decoder: str = "auto"
     jumprelu_bandwidth: float = 0.05  # the straight-through kernel width eps (pre-activation units)
     init_threshold: float = 0.05  # jumprelu's initial theta (and batchtopk's before step 0)
     threshold_decay: float = 0.99  # batchtopk: theta's exponential average (after 1/(1-decay) steps of a plain mean)
@@ -58,7 +60,9 @@ class TrainConfig:
             ("aux_k", "must be >= 0", lambda v: v >= 0),
             ("jumprelu_bandwidth", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),
             ("init_threshold", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),
-            ("threshold_decay", "must be in [0, 1)", lambda v: 0 <= v < 1)] + [
+            ("threshold_decay", "must be in [0, 1)", lambda v: 0 <= v < 1),
+            ("sparse_decoder", f"must be one of {', '.join(archs.SPARSE_MODES)}",
+             lambda v: v in archs.SPARSE_MODES)] + [
             (n, "must be >= 0", lambda v: v >= 0) for n in ("lr_warmup", "lr_decay_steps", "l1_warmup")]
         for name, must, ok in checks:
             if not ok(getattr(self, name)):

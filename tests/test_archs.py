@@ -185,7 +185,7 @@ def test_topk_sparse_decoder_step_equals_the_dense_step(tiny_world):
     spec = grid.GridSpec((), (24, 32), seeds=(0, 1), archs=("topk",), k=(3,))
     runs = {}
     for sparse_on in (True, False):
-        cfg = grid.TrainConfig(batch_size=64, lr=3e-3, sparse_decoder=sparse_on)
+        cfg = grid.TrainConfig(batch_size=64, lr=3e-3, sparse_decoder="on" if sparse_on else "off")
         runs[sparse_on] = grid.train(grid.init_grid(KEY, spec, 16, cfg), cfg, 40, world=tiny_world,
                                      chunk=40, progress=False)
     for a, b in zip(runs[True].groups, runs[False].groups, strict=True):
@@ -195,7 +195,10 @@ def test_topk_sparse_decoder_step_equals_the_dense_step(tiny_world):
     loss = lambda p, opts: archs.loss(p, tiny_world.features_HxD[:8] * 0.5, 0.0, archs.Arch("topk", 3),
                                       opts=opts)[0]
     p = grid.cell_params(runs[True], spec.cells()[0])
-    g1 = jax.grad(loss)(p, archs.ArchOptions(sparse=True))
-    g2 = jax.grad(loss)(p, archs.ArchOptions(sparse=False))
+    g1 = jax.grad(loss)(p, archs.ArchOptions(sparse="on"))
+    g2 = jax.grad(loss)(p, archs.ArchOptions(sparse="off"))
+    assert archs.uses_sparse(archs.Arch("topk", 4), 256, archs.ArchOptions())  # auto: k <= m / 64
+    assert not archs.uses_sparse(archs.Arch("topk", 5), 256, archs.ArchOptions())
+    assert not archs.uses_sparse(archs.Arch("topk", 2), 256, archs.ArchOptions(aux_k_coeff=0.1))
     for x, y in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
