@@ -17,9 +17,11 @@ Heaviside H gets the straight-through pseudo-derivatives of a rectangle kernel o
 d/dtheta H(p - theta) = -(1/eps) K((p - theta)/eps) and d/dtheta [p H(p - theta)] =
 -(theta/eps) K((p - theta)/eps), with K(u) = [|u| < 1/2]; H passes no gradient to p.
 
-AuxK (Gao et al.), an option for every architecture: with e = t - x^ (no gradient) and the
-dead latents' codes ReLU(p) restricted to their k_aux largest, e^ = decode(those codes),
+AuxK (Gao et al.), an option for topk, batchtopk and jumprelu: with e = t - x^ (no gradient)
+and the dead latents' codes ReLU(p) restricted to their k_aux largest, e^ = decode(those codes),
     L_aux = coeff * mean_b ||e - e^||^2 / mean_b ||e - mean(e)||^2      (0 when none is dead).
+(A dead relu_l1 latent has ReLU(p) = 0 on every input, so AuxK could not move it; relu_l1 cells
+keep the report's loss.)
 
 The static part of an architecture (its name and k) is an `Arch`; per-cell numbers (alpha or
 lambda) are traced, so cells of one (arch, size, k) group train in one vmapped step.
@@ -226,19 +228,14 @@ def loss(params: sae.SAEParams, x_BxD: Array, coeff: Array, arch: Arch, conventi
          target_BxD: Array | None = None, opts: ArchOptions = ArchOptions(),
          dead_M: Array | None = None) -> tuple[Array, tuple[sae.LossAux, Array]]:
     """L = (1/d)||t - x^||^2 + S (+ L_aux) for one cell of any architecture; aux as `sae.loss`'s,
-    plus batchtopk's smallest kept activation. relu_l1 without AuxK is exactly `sae.loss`."""
+    plus batchtopk's smallest kept activation. relu_l1 is exactly `sae.loss`."""
     t = x_BxD if target_BxD is None else target_BxD
-    if arch.name == "relu_l1" and not opts.aux_k_coeff:
+    if arch.name == "relu_l1":
         total, aux = sae.loss(params, x_BxD, coeff, convention, target_BxD)
         return total, (aux, jnp.zeros((), jnp.float32))
     if arch.name == "topk" and uses_sparse(arch, params.W_enc_MxD.shape[0], opts):
         return _topk_sparse_loss(params, x_BxD, t, arch.k, convention, opts.compute_dtype)
-    if arch.name == "relu_l1":
-        pre = pre_acts(params, x_BxD)
-        c = jax.nn.relu(pre)
-        sparsity, kth = coeff * sae.l1_penalty(c, convention), jnp.zeros((), jnp.float32)
-    else:
-        c, pre, sparsity, kth = train_codes(params, x_BxD, coeff, arch, convention, opts.bandwidth)
+    c, pre, sparsity, kth = train_codes(params, x_BxD, coeff, arch, convention, opts.bandwidth)
     x_hat = sae.decode(params, c)
     sq = jnp.square(t - x_hat)
     mse = jnp.mean(sq)

@@ -206,26 +206,28 @@ def _summary(out: dict, path: str, figures: bool) -> None:
 
     if jax.process_index() != 0:  # process 0 wrote the outputs and says so
         return
-    s = out.get("suggested") or {}
-    opt = out.get("ground_truth_optimum")
     print(f"wrote {path}/results.json, dictionaries.npz" + (", REPORT.md and figures/" if figures else ""))
+    worlds = out.get("by_world_value")
+    if not worlds:
+        _print_selection(out, "")
+    for b in worlds or []:  # a world axis: one selection per value
+        _print_selection(b, f"{out['config']['grid']['world_axis']} {b['world_value']:g}: ")
+
+
+def _print_selection(res: dict, head: str) -> None:
+    """The best cell and the suggestion, per architecture (each with its sparsity setting)."""
     from sae_jax import archs
 
-    for a, res in (out.get("by_arch") or {"": {"suggested": s, "ground_truth_optimum": opt}}).items():
-        s, opt = res.get("suggested") or {}, res.get("ground_truth_optimum")
-        key = archs.SPARSITY_KEY[s.get("arch") or "relu_l1"]
-        name = archs.SPARSITY_NAME[s.get("arch") or "relu_l1"]
-        head = f"{a}: " if a else ""
+    one = {"suggested": res.get("suggested"), "ground_truth_optimum": res.get("ground_truth_optimum")}
+    for a, r in (res.get("by_arch") or {"": one}).items():
+        s, opt = r.get("suggested") or {}, r.get("ground_truth_optimum")
+        arch = s.get("arch") or "relu_l1"
+        key, name = archs.SPARSITY_KEY[arch], archs.SPARSITY_NAME[arch]
+        pre = head + (f"{a}: " if a else "")
         if opt:
-            print(f"{head}best MMCS {opt['mmcs']:.4f} at ratio {opt['ratio']:g}, {name} {opt[key]:.3g}")
+            print(f"{pre}best MMCS {opt['mmcs']:.4f} at ratio {opt['ratio']:g}, {name} {opt[key]:.3g}")
         if s.get("ratio") is not None:
-            print(f"{head}suggested without ground truth: ratio {s['ratio']:g}, {name} {s[key]:.3g} ({s['summary']})")
-    for b in out.get("by_world_value", []):  # a world axis: one selection per value
-        s, opt = b["suggested"], b["ground_truth_optimum"] or {}
-        f = lambda x, spec=".3g": "none" if x is None else format(x, spec)
-        print(f"{out['config']['grid']['world_axis']} {b['world_value']:g}: best MMCS {f(opt.get('mmcs'), '.4f')} "
-              f"at ratio {f(opt.get('ratio'))}, alpha {f(opt.get('l1'))}; suggested without ground truth: "
-              f"ratio {f(s['ratio'])}, alpha {f(s['l1'])}")
+            print(f"{pre}suggested without ground truth: ratio {s['ratio']:g}, {name} {s[key]:.3g} ({s['summary']})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -164,7 +164,7 @@ def cell_update(cell: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: 
     autodiff. BatchTopK's threshold then moves towards the batch's smallest kept activation."""
     x_in = x_BxD if eps_BxD is None else x_BxD + cell.noise * eps_BxD
     coeff = cell.l1_coeff * l1_mult
-    if cell.arch == archs.RELU_L1 and not cfg.aux_k_coeff:
+    if cell.arch == archs.RELU_L1:  # (AuxK gives a ReLU cell's dead latents no gradient: ReLU(p) = 0)
         (total, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(
             cell.params, x_in, coeff, cfg.l1_convention, x_BxD)
         return apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
@@ -215,7 +215,7 @@ def group_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult
     if group.world_index is not None:
         x_BxD = x_BxD[group.world_index]  # (C, B, d)
     per_cell = 0 if x_BxD.ndim == 3 else None
-    if not cfg.uses_fused_step or group.arch != archs.RELU_L1 or cfg.aux_k_coeff:
+    if not cfg.uses_fused_step or group.arch != archs.RELU_L1:
         return jax.vmap(cell_update, in_axes=(0, per_cell, None, None, None, None, None))(
             group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
     x_in = x_BxD if eps_BxD is None else x_BxD + group.noise[:, None, None] * eps_BxD

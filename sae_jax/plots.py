@@ -99,24 +99,30 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def toy_figures(results: dict, fig_dir: str) -> dict[str, str]:
-    """Figures 1-10 (and the denoising appendix when present) per architecture. Returns name -> path
-    (names of architectures after the first are prefixed "<arch>/")."""
+def _per_arch(results: dict, fig_dir: str, draw) -> dict[str, str]:
+    """draw(cells, mark, sub_dir, arch) -> {name: path} for each architecture's cells: the first
+    architecture's figures in fig_dir, the others' in fig_dir/<arch>/ (names prefixed "<arch>/")."""
     names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
     out = {}
     for i, arch in enumerate(names):
         mark = results.get("suggested") if i == 0 else results["by_arch"][arch]["suggested"]
         cells = [c for c in results["cells"] if c.get("arch", "relu_l1") == arch]
         sub = fig_dir if i == 0 else os.path.join(fig_dir, arch)
-        figs = _arch_figures(cells, mark, sub, arch)
-        if i == 0 and results.get("denoising"):
-            dn = results["denoising"]["cells"]
-            figs["appendix_denoising"] = heatmap(
-                dn, "mmcs", "Denoising: MMCS (dictionary size = h)", f"{fig_dir}/appendix_denoising.png",
-                x_key="noise", x_label="input noise std")
+        figs = draw(cells, mark, sub, arch)
         figs.update(quality.density_figure({"cells": cells}, sub, archs.SPARSITY_KEY[arch],
                                            archs.SPARSITY_NAME[arch]))
         out.update({(name if i == 0 else f"{arch}/{name}"): p for name, p in figs.items()})
+    return out
+
+
+def toy_figures(results: dict, fig_dir: str) -> dict[str, str]:
+    """Figures 1-10 per architecture (`_per_arch`), and the denoising appendix when present.
+    Returns name -> path."""
+    out = _per_arch(results, fig_dir, _arch_figures)
+    if results.get("denoising"):
+        out["appendix_denoising"] = heatmap(
+            results["denoising"]["cells"], "mmcs", "Denoising: MMCS (dictionary size = h)",
+            f"{fig_dir}/appendix_denoising.png", x_key="noise", x_label="input noise std")
     return dict(sorted(out.items()))
 
 
@@ -143,14 +149,8 @@ def _arch_figures(cells: list[dict], mark: dict | None, fig_dir: str, arch: str)
 
 
 def lm_figures(results: dict, fig_dir: str) -> dict[str, str]:
-    """Figures 11-13 on activations without ground truth, plus the loss curves (per architecture,
-    as in `toy_figures`)."""
-    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
-    out = {}
-    for i, arch in enumerate(names):
-        mark = results.get("suggested") if i == 0 else results["by_arch"][arch]["suggested"]
-        cells = [c for c in results["cells"] if c.get("arch", "relu_l1") == arch]
-        sub = fig_dir if i == 0 else os.path.join(fig_dir, arch)
+    """Figures 11-13 on activations without ground truth, plus the loss curves, per architecture."""
+    def draw(cells: list[dict], mark: dict | None, sub: str, arch: str) -> dict[str, str]:
         y, name, label = archs.SPARSITY_KEY[arch], archs.SPARSITY_NAME[arch], archs.SPARSITY_LABEL[arch]
         figs = {fig: heatmap(cells, key, f"LM activations: {title}", f"{sub}/{fig}.png", cmap,
                              mark=mark, y_key=y, y_label=label)
@@ -158,6 +158,5 @@ def lm_figures(results: dict, fig_dir: str) -> dict[str, str]:
         figs["lm_recon_vs_l1"] = lines(cells, "recon_loss", y, "ratio", f"{sub}/lm_recon_vs_l1.png",
                                        f"LM activations: reconstruction loss against {name}", logy=True,
                                        x_label=label)
-        figs.update(quality.density_figure({"cells": cells}, sub, y, name))
-        out.update({(f if i == 0 else f"{arch}/{f}"): p for f, p in figs.items()})
-    return out
+        return figs
+    return _per_arch(results, fig_dir, draw)

@@ -51,16 +51,17 @@ def reading(results: dict, key: str = "l1", name: str = "alpha") -> list[str]:
             out.append(f"MMCS >= 0.95 holds for {name} in [{min(band):.3g}, {max(band):.3g}] "
                        f"({np.log10(max(band) / min(band)):.2f} decades) at ratio {r1:g}.")
         dead_in_band = [c for c in at1 if c["mmcs"] >= 0.95 and c["dead"] > 0]
-        above = [c for c in at1 if band and c[key] > max(band) and c["dead"] > 0]
-        out.append(f"Dead latents inside that band: {len(dead_in_band)} cells; "
-                   f"above it: {len(above)} of {sum(1 for c in at1 if band and c[key] > max(band))} cells.")
+        # sparser than the band: a larger alpha or lambda, a smaller k
+        sparser = [c for c in at1 if band and (c[key] < min(band) if key == "k" else c[key] > max(band))]
+        out.append(f"Dead latents inside that band: {len(dead_in_band)} cells; on its sparse side: "
+                   f"{sum(1 for c in sparser if c['dead'] > 0)} of {len(sparser)} cells.")
         if dead_in_band:
             worst = max(c["dead"] for c in dead_in_band)
             settings = ", ".join(f"{c[key]:.3g}" for c in dead_in_band)
             out.append(f"This differs from the report, which saw no dead latents at ratio {r1:g} inside "
                        f"the band: here up to {worst} of {dead_in_band[0]['dict_size']} latents are dead at "
                        f"{name} {settings} (figure 4), while MMCS "
-                       "stays high (probably latents of rare features that the L1 penalty silenced).")
+                       "stays high (probably latents of rare features that the sparsity pressure silenced).")
         for r in ratios:
             col = [c["mmcs"] for c in scored if c["ratio"] == r]
             out.append(f"Ratio {r:g}: best MMCS over {name} {max(col):.3f}.")

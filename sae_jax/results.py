@@ -129,6 +129,8 @@ def _analyse_arch(cells: list[dict], dicts: list[np.ndarray], arch: str, l1_conv
         for d in [suggested] + suggested["methods"]:
             v = d.pop("l1")
             d[key] = None if v is None else (int(v) if key == "k" else v)
+            if "why" in d:
+                d["why"] = d["why"].replace("alpha", archs.SPARSITY_NAME[arch])
         suggested["summary"] = suggested["summary"].replace("alpha", archs.SPARSITY_NAME[arch])
     if suggested["ratio"] is not None:
         match = [c for c in live if c["ratio"] == suggested["ratio"] and c[key] == suggested[key]]

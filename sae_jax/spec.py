@@ -47,7 +47,8 @@ class CellSpec:
 class GridSpec:
     """The grid: every (architecture, sparsity, dict_size, noise, seed). Cells are ordered by
     architecture, then size, then sparsity (alpha for relu_l1, k for topk/batchtopk, lambda for
-    jumprelu), then input-noise std (denoising; (0,) for plain autoencoders), then seed. A group
+    jumprelu), then input-noise std (denoising; (0,) for plain autoencoders), then the world
+    axis's value (`world_values`, when a toy-world knob is swept), then seed. A group
     holds the cells of one (architecture, size), and of one k for topk/batchtopk."""
 
     l1_coeff: tuple[float, ...]  # alpha (relu_l1 cells)
@@ -75,7 +76,8 @@ class GridSpec:
                 raise UsageError(f"`seeds` must be >= 1, got {seeds}", field="seeds")
             seeds = tuple(range(seeds))
         return cls(tuple(float(a) for a in l1_coeff), sizes, tuple(seeds), features,
-                   tuple(float(n) for n in noise), tuple(archs), tuple(k),
+                   tuple(float(n) for n in noise), tuple(archs),
+                   tuple(int(v) if v == int(v) else v for v in k),
                    tuple(float(v) for v in l0_coeff), world_axis,
                    tuple(float(v) for v in world_values)).validate()
 
@@ -90,6 +92,10 @@ class GridSpec:
         for v in self.l0_coeff:
             if not (math.isfinite(v) and v >= 0):
                 raise UsageError(f"`l0_coeff` values must be finite and >= 0, got {v}", field="l0_coeff")
+        if self.k and not any(a in archs.TOPK_ARCHS for a in self.archs):
+            raise UsageError("`k` is for topk and batchtopk, which `arch` does not include", field="k")
+        if self.l0_coeff and "jumprelu" not in self.archs:
+            raise UsageError("`l0_coeff` is for jumprelu, which `arch` does not include", field="l0_coeff")
         if any(a in archs.TOPK_ARCHS for a in self.archs):
             if not self.k:
                 raise UsageError("topk and batchtopk need `k` (at least one value)", field="k")
