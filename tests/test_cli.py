@@ -99,6 +99,21 @@ def test_toy_grid_of_architectures_reports_each_one(tmp_path):
     assert "topk: best MMCS" in r.stdout and "jumprelu: best MMCS" in r.stdout
 
 
+def test_world_axis_with_architectures_prints_each_ones_selection(tmp_path, capsys):
+    """A world axis and a grid whose first architecture is not relu_l1: one summary line pair
+    per (world value, architecture), each naming its own sparsity setting."""
+    out = tmp_path / "w"
+    code = cli.main(["toy", "--d", "8", "--features", "16", "--mean-active", "2", "--arch", "topk,relu_l1",
+                     "--k", "2", "--l1", "0.01", "--ratios", "0.5,1", "--steps", "20", "--batch-size", "32",
+                     "--world-axis", "noise", "--world-values", "0,0.05", "--eval-samples", "256",
+                     "--no-progress", "--check-every", "0", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for v in ("noise 0", "noise 0.05"):
+        assert f"{v}: topk: best MMCS" in printed and f"{v}: relu_l1: best MMCS" in printed
+    assert ", k 2" in printed and ", alpha 0.01" in printed
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical(tmp_path):
     args = [*TINY, "--steps", "1200", "--checkpoint-every", "100", "--no-figures"]
@@ -163,6 +178,8 @@ def test_resume_refuses_different_arguments(tmp_path):
     (["--arch", "jumprelu", "--l0", "-1"], "--l0"),
     (["--aux-k-coeff", "-1"], "--aux-k-coeff"),
     (["--jumprelu-bandwidth", "0"], "--jumprelu-bandwidth"),
+    (["--k", "3"], "--k"),
+    (["--l0", "0.1"], "--l0"),
 ])
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys, args, needle):
     base = ["toy", "--d", "16", "--features", "32", "--mean-active", "3", "--l1", "0.1",
