@@ -225,11 +225,27 @@ def group_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult
         group, grads, total, aux, x_BxD, lr_mult, cfg, step)
 
 
-def train_step(state: GridState, x_BxD: Array, cfg: TrainConfig,
-               eps_BxD: Array | None = None) -> tuple[GridState, StepMetrics]:
-    """Updates every cell of every size group on one shared batch (eps: shared input noise)."""
+def _local_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array,
+                  l1_mult: Array, cfg: TrainConfig, step: Array,
+                  mesh: jax.sharding.Mesh | None) -> tuple[GroupState, tuple[Array, Array]]:
+    """`group_update`, on each device's own cells where the group is sharded over `mesh`'s 'grid'
+    axis and selects by top-k: XLA's partitioner does not split a vmapped top_k over the cell
+    axis (it all-gathers the group's pre-activations), though the cells are independent."""
+    if mesh is None or mesh.size == 1 or not group.arch.uses_k:
+        return group_update(group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
+    cells, rep = jax.sharding.PartitionSpec("grid"), jax.sharding.PartitionSpec()
+    f = lambda g, x, eps, a, b, t: group_update(g, x, eps, a, b, cfg, t)
+    return jax.shard_map(f, mesh=mesh, in_specs=(cells, rep, rep, rep, rep, rep),
+                         out_specs=(cells, cells), check_vma=False)(
+        group, x_BxD, eps_BxD, lr_mult, l1_mult, step)
+
+
+def train_step(state: GridState, x_BxD: Array, cfg: TrainConfig, eps_BxD: Array | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[GridState, StepMetrics]:
+    """Updates every cell of every group on one shared batch (eps: shared input noise); `mesh`:
+    the device mesh the groups are sharded over, if any."""
     lr_mult, l1_mult = _schedules(state.step, cfg)
-    outs = [group_update(g, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, state.step) for g in state.groups]
+    outs = [_local_update(g, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, state.step, mesh) for g in state.groups]
     groups = tuple(o[0] for o in outs)
     metrics = StepMetrics(tuple(o[1][0] for o in outs), tuple(o[1][1] for o in outs))
     return state.replace(groups=groups, step=state.step + 1), metrics
@@ -248,28 +264,36 @@ def _chunk_metrics(metrics: StepMetrics) -> StepMetrics:
     return jax.tree.map(lambda a: jnp.mean(a, axis=0), metrics)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_steps"))
+@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "mesh"))
 def run_toy_chunk(state: GridState, world: toy.ToyWorld | tuple[toy.ToyWorld, ...], cfg: TrainConfig,
-                  n_steps: int) -> tuple[GridState, StepMetrics]:
+                  n_steps: int, mesh: jax.sharding.Mesh | None = None) -> tuple[GridState, StepMetrics]:
     """n_steps grid steps with the toy sampler fused in (one compiled lax.scan)."""
     def body(s, _):
         key = jax.random.fold_in(s.data_key, s.step)
         x, eps = toy_batch(world, key, cfg.batch_size, cfg.denoise)
-        s, m = train_step(s, x, cfg, eps)
-        return resample.maybe_resample(s, cfg.resample), m
+        s, m = train_step(s, x, cfg, eps, mesh)
+        return resample.maybe_resample(s, cfg.resample, mesh), m
     state, metrics = jax.lax.scan(body, state, None, length=n_steps)
     return state, _chunk_metrics(metrics)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def run_batches_chunk(state: GridState, xs_TxBxD: Array, cfg: TrainConfig) -> tuple[GridState, StepMetrics]:
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def run_batches_chunk(state: GridState, xs_TxBxD: Array, cfg: TrainConfig,
+                      mesh: jax.sharding.Mesh | None = None) -> tuple[GridState, StepMetrics]:
     """One grid step per given batch (e.g. streamed from an activation store), one lax.scan.
     The resampling pool fills from the same stream, exactly as with the toy sampler."""
     def body(s, x):
-        s, m = train_step(s, x, cfg)
-        return resample.maybe_resample(s, cfg.resample), m
+        s, m = train_step(s, x, cfg, mesh=mesh)
+        return resample.maybe_resample(s, cfg.resample, mesh), m
     state, metrics = jax.lax.scan(body, state, xs_TxBxD)
     return state, _chunk_metrics(metrics)
+
+
+def mesh_of(state: GridState) -> jax.sharding.Mesh | None:
+    """The mesh the groups are sharded over (`sharding.shard_state`), or None on one device."""
+    s = getattr(state.groups[0].valid, "sharding", None)
+    mesh = getattr(s, "mesh", None)
+    return mesh if isinstance(mesh, jax.sharding.Mesh) and mesh.size > 1 else None
 
 
 @jax.jit
@@ -296,13 +320,14 @@ def train(state: GridState, cfg: TrainConfig, n_steps: int, *,
     from tqdm.auto import tqdm
     start = int(state.step)
     bar = tqdm(total=n_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    mesh = mesh_of(state)
     while int(state.step) < n_steps:
         t0 = int(state.step)
         n = min(chunk, n_steps - t0)
         if world is not None:
-            state, metrics = run_toy_chunk(state, world, cfg, n)
+            state, metrics = run_toy_chunk(state, world, cfg, n, mesh)
         else:
-            state, metrics = run_batches_chunk(state, jnp.asarray(batches(t0, n)), cfg)
+            state, metrics = run_batches_chunk(state, jnp.asarray(batches(t0, n)), cfg, mesh)
         if progress:
             loss = _mean_loss(metrics.loss, tuple(g.valid for g in state.groups))
             bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)

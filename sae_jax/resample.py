@@ -151,9 +151,10 @@ def resample_cell(cell: GroupState, pool_PxD: Array, key: Array, dead_window: in
                         n_resampled=cell.n_resampled + jnp.sum(mask).astype(jnp.int32))
 
 
-def resample_grid(state: GridState, cfg: ResampleConfig) -> GridState:
+def resample_grid(state: GridState, cfg: ResampleConfig, mesh: jax.sharding.Mesh | None = None) -> GridState:
     """Resamples every cell of every group from its own pool (vmapped, so a sharded cell axis
-    stays local)."""
+    stays local; a group that selects by top-k runs per device under `mesh`, see
+    `grid._local_update`)."""
     key = jax.random.fold_in(jax.random.fold_in(state.data_key, state.step), 0x5EED)
     window = cfg.dead_window or cfg.every
     groups = []
@@ -164,15 +165,19 @@ def resample_grid(state: GridState, cfg: ResampleConfig) -> GridState:
         keys = jnp.broadcast_to(k, (n,) + k.shape)
         fn = lambda cell, k: resample_cell(cell, cell.pool_x, k, window, cfg.dedup_threshold,
                                            cfg.n_worst, cfg.encoder_scale)
-        groups.append(jax.vmap(fn)(g, keys))
+        update = jax.vmap(fn)
+        if mesh is not None and g.arch.uses_k:
+            cells = jax.sharding.PartitionSpec("grid")
+            update = jax.shard_map(update, mesh=mesh, in_specs=(cells, cells), out_specs=cells, check_vma=False)
+        groups.append(update(g, keys))
     return state.replace(groups=tuple(groups))
 
 
-def maybe_resample(state: GridState, cfg: ResampleConfig) -> GridState:
+def maybe_resample(state: GridState, cfg: ResampleConfig, mesh: jax.sharding.Mesh | None = None) -> GridState:
     """`resample_grid` at steps that are multiples of `every`, up to `until`."""
     if not cfg.every:
         return state
     due = (state.step % cfg.every == 0)
     if cfg.until:
         due &= state.step <= cfg.until
-    return jax.lax.cond(due, lambda s: resample_grid(s, cfg), lambda s: s, state)
+    return jax.lax.cond(due, lambda s: resample_grid(s, cfg, mesh), lambda s: s, state)

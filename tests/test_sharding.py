@@ -28,17 +28,18 @@ def test_1_2_4_8_devices_give_the_same_dictionaries(findings):
 
 
 def test_padding_never_shows_in_results(findings):
-    assert findings["padded_cells"] == {"1": [3, 3], "2": [4, 4], "4": [4, 4], "8": [8, 8]}
+    assert findings["padded_cells"] == {"1": [3, 3, 1, 1, 1, 1], "2": [4, 4, 2, 2, 2, 2], "4": [4] * 6,
+                                        "8": [8] * 6}
     ref = findings["cells"]["1"]
     for n in ("2", "4", "8"):
         cells = findings["cells"][n]
-        assert [c["index"] for c in cells] == list(range(6))
+        assert [c["index"] for c in cells] == list(range(10))
         for a, b in zip(ref, cells):
             assert (a["l1"], a["dict_size"], a["dead"], a["n_resampled"]) == (b["l1"], b["dict_size"], b["dead"], b["n_resampled"])
             assert abs(a["mmcs"] - b["mmcs"]) < 1e-4
 
 
 def test_cells_are_sharded_and_the_step_has_no_collectives(findings):
-    assert findings["shardings"]["8"] == ["P('grid',)"] * 2
+    assert findings["shardings"]["8"] == ["P('grid',)"] * 6
     for n, found in findings["collectives"].items():
         assert found == [], f"{n} devices: {found}"

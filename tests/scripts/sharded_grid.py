@@ -10,7 +10,9 @@ from sae_jax import grid, resample, results, sharding, toy
 
 assert jax.device_count() == 8, jax.devices()
 world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=16, features=32, mean_active=3))
-spec = grid.GridSpec.from_ratios([0.1, 0.3, 1.0], [0.5, 1.0], 32, seeds=1)  # 3 cells per group
+# relu_l1: 3 cells per size group; topk and batchtopk (which select by top-k): 1 cell per group
+spec = grid.GridSpec.from_ratios([0.1, 0.3, 1.0], [0.5, 1.0], 32, seeds=1,
+                                 archs=("relu_l1", "topk", "batchtopk"), k=(2,))
 cfg = grid.TrainConfig(batch_size=64, resample=resample.ResampleConfig(every=50, dedup_threshold=0.9))
 x_eval = grid.toy_batch(world, jax.random.PRNGKey(9), 512)[0]
 
@@ -20,7 +22,7 @@ for n in (1, 2, 4, 8):
     state = grid.init_grid(jax.random.PRNGKey(1), spec, 16, cfg, pad_multiple=n)
     state = sharding.shard_state(state, mesh)
     out["shardings"][n] = [str(g.params.D_MxD.sharding.spec) for g in state.groups]
-    hlo = grid.run_toy_chunk.lower(state, world, cfg, 10).compile().as_text()
+    hlo = grid.run_toy_chunk.lower(state, world, cfg, 10, grid.mesh_of(state)).compile().as_text()
     out["collectives"][n] = sorted(set(re.findall(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo)))
     state = grid.train(state, cfg, 150, world=world, chunk=50, progress=False)
     out["params"][n] = [np.asarray(grid.cell_params(state, c).D_MxD).tolist() for c in spec.cells()]
