@@ -75,10 +75,15 @@ class TrainConfig:
         return self.fused_step or self.compute_dtype != "float32"
 
     def to_dict(self) -> dict:
-        """Flat, with the resampling fields under their `resample.FIELDS` names (results.json)."""
+        """Flat, with the resampling fields under their `resample.FIELDS` names (results.json and
+        checkpoints). The architecture options appear only where they differ from their defaults,
+        so runs checkpointed before they existed still resume."""
         d = dataclasses.asdict(self)
         d.update({k: d["resample"][f] for k, f in resample.FIELDS.items()})
         del d["resample"]
+        for name in _ARCH_OPTIONS:
+            if d[name] == getattr(TrainConfig, name):
+                del d[name]
         return d
 
     @property
@@ -88,6 +93,10 @@ class TrainConfig:
 
     def adam(self) -> optax.GradientTransformation:
         return optax.scale_by_adam(self.b1, self.b2, self.eps)
+
+
+_ARCH_OPTIONS = ("aux_k_coeff", "aux_k", "sparse_decoder", "jumprelu_bandwidth", "init_threshold",
+                 "threshold_decay")
 
 
 # ----------------------------------------------------------------------------- state
