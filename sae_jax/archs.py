@@ -214,14 +214,19 @@ def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int,
     m = params.W_enc_MxD.shape[0]
     vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, min(k, m), compute_dtype)
     x_hat = sparse.decode(sae.unit_rows(params.D_MxD), vals, idx)
-    sq = jnp.square(t_BxD - x_hat)
-    mse = jnp.mean(sq)
     active = vals > 0
     l1 = jnp.mean(jnp.sum(vals, axis=-1)) / (m if convention == "report" else 1)
     fired = jnp.zeros((m,), bool).at[idx.reshape(-1)].max(active.reshape(-1))
-    aux = sae.LossAux(mse, l1, jnp.mean(jnp.sum(active, axis=-1).astype(jnp.float32)), fired,
-                      jnp.sum(sq, axis=-1))
-    return mse, (aux, jnp.zeros((), jnp.float32))
+    aux = _aux(t_BxD, x_hat, l1, active, fired)
+    return aux.mse, (aux, jnp.zeros((), jnp.float32))
+
+
+def _aux(t_BxD: Array, x_hat_BxD: Array, l1: Array, active: Array, fired_M: Array) -> sae.LossAux:
+    """`sae.LossAux` from the reconstruction, the L1 term and the active codes (any layout whose
+    last axis runs over one sample's codes)."""
+    sq = jnp.square(t_BxD - x_hat_BxD)
+    return sae.LossAux(jnp.mean(sq), l1, jnp.mean(jnp.sum(active, axis=-1).astype(jnp.float32)),
+                       fired_M, jnp.sum(sq, axis=-1))
 
 
 def loss(params: sae.SAEParams, x_BxD: Array, coeff: Array, arch: Arch, convention: str = "report",
@@ -237,13 +242,9 @@ def loss(params: sae.SAEParams, x_BxD: Array, coeff: Array, arch: Arch, conventi
         return _topk_sparse_loss(params, x_BxD, t, arch.k, convention, opts.compute_dtype)
     c, pre, sparsity, kth = train_codes(params, x_BxD, coeff, arch, convention, opts.bandwidth)
     x_hat = sae.decode(params, c)
-    sq = jnp.square(t - x_hat)
-    mse = jnp.mean(sq)
     active = c > 0
-    aux = sae.LossAux(mse, sae.l1_penalty(c, convention),
-                      jnp.mean(jnp.sum(active, axis=-1).astype(jnp.float32)),
-                      jnp.any(active, axis=0), jnp.sum(sq, axis=-1))
-    total = mse + sparsity
+    aux = _aux(t, x_hat, sae.l1_penalty(c, convention), active, jnp.any(active, axis=0))
+    total = aux.mse + sparsity
     if opts.aux_k_coeff and dead_M is not None:
         k_aux = opts.aux_k or max(1, x_BxD.shape[-1] // 2)
         total = total + opts.aux_k_coeff * aux_k_loss(params, pre, t - x_hat, dead_M, k_aux)
