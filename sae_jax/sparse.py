@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sae_jax import native
 from sae_jax.errors import UsageError
 
 Array = jax.Array
@@ -43,6 +44,7 @@ UNROLL = 8  # slots per trip of the gather loop, unrolled (measured: 8 beat 1, 1
 P = "promise_in_bounds"
 PER_CELL = True  # vmap of a kernel runs it once per cell (see _per_cell) ...
 MAX_UNROLLED_CELLS = 16  # ... up to this many cells; beyond, one batched kernel
+NATIVE = True  # on the CPU, the kernels of sae_jax.native where they compiled (read at trace time)
 
 
 class BatchTopKCodes(NamedTuple):
@@ -65,6 +67,22 @@ def _dtype(compute_dtype: str):
         raise UsageError(f"`compute_dtype` must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}",
                          field="compute_dtype")
     return jnp.dtype(compute_dtype)
+
+
+def _cpu(native_fn, xla_fn):
+    """native_fn where the program is lowered for the CPU and the native kernels are available
+    (`NATIVE`, `native.status()`), xla_fn elsewhere (`lax.platform_dependent`: one branch is
+    lowered per platform)."""
+    if not (NATIVE and native.available()):
+        return xla_fn
+    return lambda *args: jax.lax.platform_dependent(*args, cpu=native_fn, default=xla_fn)
+
+
+def _top_k(pre_BxM: Array, k: int) -> tuple[Array, Array]:
+    # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it, some
+    # consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents instead
+    xla = lambda p: tuple(jax.lax.optimization_barrier(jax.lax.top_k(p, k)))
+    return _cpu(lambda p: native.topk(p, k), xla)(pre_BxM)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -110,6 +128,10 @@ def _unpack(idx, first, second):
 
 def _gather_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array) -> Array:
     """out_n = sum_j w_nj table[src_nj]: (N, D) float32, accumulated in place slot by slot."""
+    return _cpu(native.gather_sum, _xla_gather_sum)(w_NxJ, table_SxD, src_NxJ)
+
+
+def _xla_gather_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array) -> Array:
     w_JxN, src_JxN = w_NxJ.T.astype(F32), src_NxJ.T
 
     def kernel(w, table, src):
@@ -123,6 +145,13 @@ def _gather_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array) -> Array:
 def _scatter_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array | None, dst_NxJ: Array,
                  n_out: int) -> Array:
     """out[dst_nj] += w_nj table[src_nj] (src None: table row n): (n_out, D) float32."""
+    if src_NxJ is None:
+        return _row_scatter(w_NxJ, table_SxD, dst_NxJ, n_out)[0]
+    return _xla_scatter_sum(w_NxJ, table_SxD, src_NxJ, dst_NxJ, n_out)
+
+
+def _xla_scatter_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array | None, dst_NxJ: Array,
+                     n_out: int) -> Array:
     def kernel(w, table, *idx):
         src, dst = _unpack(idx, src_NxJ, dst_NxJ)
 
@@ -134,8 +163,22 @@ def _scatter_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array | None, dst_NxJ:
     return _per_cell(kernel)(_chunks(w_NxJ.astype(F32)), table_SxD, *idx)
 
 
+def _row_scatter(w_NxJ: Array, rows_NxD: Array, dst_NxJ: Array, n_out: int) -> tuple[Array, Array]:
+    """(out, col): out[dst_nj] += w_nj rows_n, (n_out, D); col[dst_nj] += w_nj, (n_out,)."""
+    def xla(w, rows, dst):
+        col = jnp.zeros((n_out,), F32).at[dst.reshape(-1)].add(w.reshape(-1).astype(F32), mode=P)
+        return _xla_scatter_sum(w, rows, None, dst, n_out), col
+    return _cpu(lambda w, rows, dst: native.scatter(w, rows, dst, n_out), xla)(w_NxJ, rows_NxD, dst_NxJ)
+
+
 def _dots(a_SxD: Array, a_NxJ: Array | None, b_TxD: Array, b_NxJ: Array | None) -> Array:
     """out_nj = a[a_nj] . b[b_nj] (index None: row n): (N, J) float32."""
+    if a_NxJ is None and b_NxJ is not None:
+        return _cpu(native.dots, lambda a, b, i: _xla_dots(a, None, b, i))(a_SxD, b_TxD, b_NxJ)
+    return _xla_dots(a_SxD, a_NxJ, b_TxD, b_NxJ)
+
+
+def _xla_dots(a_SxD: Array, a_NxJ: Array | None, b_TxD: Array, b_NxJ: Array | None) -> Array:
     n, j = (a_NxJ if a_NxJ is not None else b_NxJ).shape
 
     def kernel(a, b, *idx):
@@ -163,11 +206,12 @@ def _encoder_grads(W_enc_MxD: Array, x_BxD: Array, dpre_NxJ: Array, latent_NxJ: 
     """(dW_e, db_e, dx) from dL/dpre at the selected (sample, latent) pairs (sample None: the
     TopK layout, row n holds sample n's slots)."""
     m, batch = W_enc_MxD.shape[0], x_BxD.shape[0]
-    dW = _scatter_sum(dpre_NxJ, x_BxD, sample_NxJ, latent_NxJ, m)
-    db = jnp.zeros((m,), F32).at[latent_NxJ.reshape(-1)].add(dpre_NxJ.reshape(-1), mode=P)
-    if sample_NxJ is None:  # unused (and dropped by XLA) unless x is differentiated
-        dx = _gather_sum(dpre_NxJ, W_enc_MxD, latent_NxJ)
+    if sample_NxJ is None:
+        dW, db = _row_scatter(dpre_NxJ, x_BxD, latent_NxJ, m)
+        dx = _gather_sum(dpre_NxJ, W_enc_MxD, latent_NxJ)  # dropped by XLA unless x is differentiated
     else:
+        dW = _scatter_sum(dpre_NxJ, x_BxD, sample_NxJ, latent_NxJ, m)
+        db = jnp.zeros((m,), F32).at[latent_NxJ.reshape(-1)].add(dpre_NxJ.reshape(-1), mode=P)
         dx = _scatter_sum(dpre_NxJ, W_enc_MxD, latent_NxJ, sample_NxJ, batch)
     return dW.astype(W_enc_MxD.dtype), db.astype(W_enc_MxD.dtype), dx.astype(x_BxD.dtype)
 
@@ -180,9 +224,7 @@ def topk_codes(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int,
     them, i their latents (int32). The VJP scatters k rows per sample into dW_e, db_e."""
     _check_k(k, W_enc_MxD.shape[0])
     pre = _pre(W_enc_MxD, b_enc_M, x_BxD, _dtype(compute_dtype))
-    # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it, some
-    # consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents instead
-    v, i = jax.lax.optimization_barrier(jax.lax.top_k(pre, k))
+    v, i = _top_k(pre, k)
     return jnp.maximum(v, 0.0), i
 
 

@@ -1,16 +1,27 @@
 """The sparse TopK / BatchTopK codes and decoder: forward values and gradients (w.r.t. W_e, b_e
 and D through the unit-norm rows) equal autodiff of the dense formulation, one cell and under
-vmap over cells; selected negative pre-activations give zero codes and no gradient."""
+vmap over cells; selected negative pre-activations give zero codes and no gradient. Every test
+runs twice: through the native CPU kernels (sae_jax.native) and through XLA's."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import sae, sparse
+from sae_jax import native, sae, sparse
 from sae_jax.errors import UsageError
 
 C, B, D, M, K = 3, 12, 8, 32, 4
+
+
+@pytest.fixture(autouse=True, params=["native", "xla"])
+def kernels(request, monkeypatch):
+    """Each test once per kernel set; the native one must have built (g++ is on every CI
+    machine: a failure to build is a failure here, not a skip)."""
+    if request.param == "native":
+        assert native.available(), native.status()
+    monkeypatch.setattr(sparse, "NATIVE", request.param == "native")
+    return request.param
 
 
 def _params(seed=0):

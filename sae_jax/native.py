@@ -1,0 +1,144 @@
+"""Native CPU kernels for the TopK sparse decoder: XLA FFI custom calls compiled on first use.
+
+`_native/sparse_kernels.cc` holds four kernels (their equations are in that file and in
+`sae_jax.sparse`): per-row top-k, the decoder's row gather-sum, the k dot products of its VJP,
+and a deterministic scatter-add (rows grouped by target with a counting sort, so no two threads
+write one row). They replace XLA:CPU's single-threaded TopK and its slow row gathers; on other
+backends `sae_jax.sparse` keeps its XLA formulation.
+
+The library is built with the machine's C++ compiler (`$CXX`, else g++, else c++) against the
+headers jaxlib ships (`jax.ffi.include_dir()`), with `-O3 -march=native`, into a cache folder
+keyed by the source, jax's version, the compiler and the CPU's flags (`$SAE_JAX_NATIVE_CACHE`,
+else `~/.cache/sae_jax/native`). Without a compiler, or with `SAE_JAX_NATIVE=0`, everything runs
+through XLA as before and `status()` says why. `SAE_JAX_NATIVE_THREADS` caps the threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).with_name("_native") / "sparse_kernels.cc"
+TARGETS = {"sae_topk": "SaeTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": "SaeDots",
+           "sae_scatter": "SaeScatter"}
+F32, I32 = jnp.float32, jnp.int32
+_STATE: dict = {}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))),
+                os.uname().machine)
+
+
+def _build(cxx: str) -> Path:
+    """The compiled library, from the cache or freshly built (atomic rename: concurrent
+    processes may both build, one file wins)."""
+    include = jax.ffi.include_dir()
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w"]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), jax.__version__, include, version,
+                                    " ".join(flags), _cpu_flags()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("SAE_JAX_NATIVE_CACHE") or Path.home() / ".cache" / "sae_jax" / "native")
+    lib = root / f"sparse_kernels-{key}.so"
+    if lib.exists():
+        return lib
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", tmp],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{Path(cxx).name} failed: {r.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load() -> str:
+    """'' once the kernels are registered with XLA for the CPU, else why not."""
+    if os.environ.get("SAE_JAX_NATIVE", "1") == "0":
+        return "disabled by SAE_JAX_NATIVE=0"
+    if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "ffi_call"):
+        return f"jax {jax.__version__} has no jax.ffi"
+    cxx = _compiler()
+    if cxx is None:
+        return "no C++ compiler (set CXX, or install g++)"
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+        return f"native kernels unavailable: {e}"
+    _STATE["lib"] = lib  # keep the library loaded
+    return ""
+
+
+@functools.cache
+def status() -> str:
+    """'' when the native kernels are in use on the CPU, else the reason they are not."""
+    return _load()
+
+
+def available() -> bool:
+    return status() == ""
+
+
+def _call(target: str, *outs: jax.ShapeDtypeStruct):
+    if not available():
+        raise RuntimeError(f"sae_jax.native: {status()}")
+    call = jax.ffi.ffi_call(target, outs if len(outs) > 1 else outs[0], vmap_method="expand_dims")
+    return (lambda *args: tuple(call(*args))) if len(outs) > 1 else call
+
+
+def topk(pre_NxM: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Per row the k largest entries, descending (ties: lower index first), and their columns."""
+    shape = pre_NxM.shape[:-1] + (k,)
+    return _call("sae_topk", jax.ShapeDtypeStruct(shape, F32), jax.ShapeDtypeStruct(shape, I32))(
+        pre_NxM.astype(F32))
+
+
+def gather_sum(w_NxJ: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array) -> jax.Array:
+    """out_n = sum_j w_nj table[idx_nj]: (N, D) float32."""
+    shape = w_NxJ.shape[:-1] + table_SxD.shape[-1:]
+    return _call("sae_gather_sum", jax.ShapeDtypeStruct(shape, F32))(
+        w_NxJ.astype(F32), table_SxD.astype(F32), idx_NxJ.astype(I32))
+
+
+def dots(rows_NxD: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array) -> jax.Array:
+    """out_nj = rows_n . table[idx_nj]: (N, J) float32."""
+    return _call("sae_dots", jax.ShapeDtypeStruct(idx_NxJ.shape, F32))(
+        rows_NxD.astype(F32), table_SxD.astype(F32), idx_NxJ.astype(I32))
+
+
+def scatter(w_NxJ: jax.Array, rows_NxD: jax.Array, idx_NxJ: jax.Array,
+            n_out: int) -> tuple[jax.Array, jax.Array]:
+    """(out, col): out_l = sum over (n, j) with idx_nj = l of w_nj rows_n, (n_out, D); col_l the
+    same sum of w_nj, (n_out,). Entries outside [0, n_out) are dropped."""
+    lead = w_NxJ.shape[:-2]
+    return _call("sae_scatter", jax.ShapeDtypeStruct(lead + (n_out, rows_NxD.shape[-1]), F32),
+                 jax.ShapeDtypeStruct(lead + (n_out,), F32))(
+        w_NxJ.astype(F32), rows_NxD.astype(F32), idx_NxJ.astype(I32))

@@ -1,0 +1,124 @@
+"""The native CPU kernels (sae_jax.native): each equals its XLA formulation, under vmap with
+shared and per-cell operands; top-k keeps lax.top_k's order and tie rule; bad indices are
+clipped (gathers) or dropped (scatter); a TopK grid trains to the same state through either
+kernel set; without a compiler everything falls back to XLA with the reason in `status()`."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax import grid, native, sparse
+
+KEY = jax.random.PRNGKey(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    assert native.available(), native.status()
+
+
+def _rand(shape, seed):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+@pytest.mark.parametrize("m,k", [(512, 16), (37, 1), (37, 37), (4096, 128)])
+def test_topk_equals_lax_top_k_under_nested_vmap(m, k):
+    pre = _rand((2, 3, 24, m), 1)
+    f = jax.jit(jax.vmap(jax.vmap(lambda p: native.topk(p, k))))
+    v, i = f(pre)
+    v_ref, i_ref = jax.lax.top_k(pre, k)
+    np.testing.assert_array_equal(v, v_ref)
+    np.testing.assert_array_equal(i, i_ref)
+
+
+def test_topk_ties_keep_the_lower_index_first():
+    pre = jnp.round(_rand((64, 300), 2) * 2) / 2  # many equal values
+    pre = pre.at[:, 10].set(9.0).at[:, 250].set(9.0)  # a tie at the top, too
+    v, i = native.topk(pre, 40)
+    v_ref, i_ref = jax.lax.top_k(pre, 40)
+    np.testing.assert_array_equal(v, v_ref)
+    np.testing.assert_array_equal(i, i_ref)
+
+
+def _gathered(table, idx):
+    return jnp.take(table, jnp.clip(idx, 0, table.shape[0] - 1), axis=0)  # (N, J, D)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-cell table", "shared table"])
+def test_gather_sum_and_dots_equal_their_definitions(shared):
+    c, n, j, s, d = 3, 40, 7, 90, 33
+    w, r = _rand((c, n, j), 3), _rand((c, n, d), 4)
+    idx = jax.random.randint(KEY, (c, n, j), -5, s + 5)  # some out of range: clipped
+    tables = _rand((c, s, d), 5)
+    table_of = (lambda i: tables[0]) if shared else (lambda i: tables[i])
+    in_axes = (0, None, 0) if shared else (0, 0, 0)
+    out = jax.jit(jax.vmap(native.gather_sum, in_axes=in_axes))(w, tables[0] if shared else tables, idx)
+    dots = jax.jit(jax.vmap(lambda r, t, i: native.dots(r, t, i), in_axes=in_axes))(
+        r, tables[0] if shared else tables, idx)
+    for q in range(c):
+        g = _gathered(table_of(q), idx[q])
+        np.testing.assert_allclose(out[q], jnp.einsum("nj,njd->nd", w[q], g), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dots[q], jnp.einsum("nd,njd->nj", r[q], g), rtol=1e-5, atol=1e-5)
+
+
+def test_scatter_sums_rows_per_target_and_drops_out_of_range():
+    c, n, j, L, d = 2, 50, 6, 20, 17
+    w, rows = _rand((c, n, j), 6), _rand((n, d), 7)
+    idx = jax.random.randint(KEY, (c, n, j), -3, L + 3)
+    out, col = jax.jit(jax.vmap(lambda w, i: native.scatter(w, rows, i, L)))(w, idx)
+    for q in range(c):
+        ref = jnp.zeros((L + 6, d)).at[idx[q] + 3].add(w[q][..., None] * rows[:, None, :])[3:L + 3]
+        ref_col = jnp.zeros(L + 6).at[idx[q] + 3].add(w[q])[3:L + 3]
+        np.testing.assert_allclose(out[q], ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(col[q], ref_col, rtol=1e-5, atol=1e-5)
+
+
+def test_scatter_does_not_depend_on_the_thread_count():
+    """Each target row sums its entries in (n, j) order, whatever the threads: bit-identical."""
+    code = ("import os, sys, numpy as np, jax; from sae_jax import native;"
+            "w = jax.random.normal(jax.random.PRNGKey(0), (512, 32));"
+            "r = jax.random.normal(jax.random.PRNGKey(1), (512, 64));"
+            "i = jax.random.randint(jax.random.PRNGKey(2), (512, 32), 0, 100);"
+            "np.save(sys.argv[1], np.asarray(native.scatter(w, r, i, 100)[0]))")
+    outs = []
+    for threads, path in (("1", "a"), ("7", "b")):
+        env = dict(__import__("os").environ, SAE_JAX_NATIVE_THREADS=threads)
+        subprocess.run([sys.executable, "-c", code, f"/tmp/_sae_native_{path}.npy"], check=True, env=env)
+        outs.append(np.load(f"/tmp/_sae_native_{path}.npy"))
+    np.testing.assert_array_equal(*outs)
+
+
+def test_topk_grid_trains_to_the_same_state_through_either_kernel_set(monkeypatch):
+    spec = grid.GridSpec((0.0,), (64,), archs=("topk",), k=(2, 4))
+    cfg = grid.TrainConfig(batch_size=64, sparse_decoder="on")
+    state = grid.init_grid(jax.random.PRNGKey(0), spec, 16, cfg)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (20, 64, 16))
+    outs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(sparse, "NATIVE", flag)
+        outs[flag] = jax.jit(grid.run_batches_chunk, static_argnums=2)(state, xs, cfg)
+    for a, b in zip(jax.tree.leaves(outs[True]), jax.tree.leaves(outs[False])):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                   rtol=2e-4, atol=2e-5)
+
+
+def test_without_a_compiler_everything_falls_back_with_the_reason(monkeypatch):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native._load() == "no C++ compiler (set CXX, or install g++)"
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+    monkeypatch.setenv("SAE_JAX_NATIVE_CACHE", "/tmp/_sae_native_empty_cache")
+    assert native._load().startswith("native kernels unavailable: false failed")
+
+
+def test_disabled_by_environment_runs_the_xla_kernels():
+    code = ("from sae_jax import native, sparse; import jax;"
+            "x = jax.random.normal(jax.random.PRNGKey(0), (8, 4)); w = jax.random.normal(jax.random.PRNGKey(1), (16, 4));"
+            "v, i = sparse.topk_codes(w, jax.numpy.zeros(16), x, 3);"
+            "print(native.status(), v.shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(__import__("os").environ, SAE_JAX_NATIVE="0")).stdout
+    assert out.strip() == "disabled by SAE_JAX_NATIVE=0 (8, 3)"
