@@ -114,11 +114,15 @@ def _call(target: str, *outs: jax.ShapeDtypeStruct):
     return (lambda *args: tuple(call(*args))) if len(outs) > 1 else call
 
 
-def topk(pre_NxM: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Per row the k largest entries, descending (ties: lower index first), and their columns."""
+def topk(pre_NxM: jax.Array, k: int, bias_PxM: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per row n the k largest entries of pre_n + bias_{n mod P} (bias (P, M), default 0),
+    descending (ties: lower index first), and their columns."""
+    if bias_PxM is None:
+        bias_PxM = jnp.zeros((1, pre_NxM.shape[-1]), F32)
+    bias = bias_PxM.astype(F32).reshape((1,) * (pre_NxM.ndim - 2) + bias_PxM.shape[-2:])
     shape = pre_NxM.shape[:-1] + (k,)
     return _call("sae_topk", jax.ShapeDtypeStruct(shape, F32), jax.ShapeDtypeStruct(shape, I32))(
-        pre_NxM.astype(F32))
+        pre_NxM.astype(F32), bias)
 
 
 def gather_sum(w_NxJ: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array) -> jax.Array:

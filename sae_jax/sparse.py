@@ -78,11 +78,35 @@ def _cpu(native_fn, xla_fn):
     return lambda *args: jax.lax.platform_dependent(*args, cpu=native_fn, default=xla_fn)
 
 
-def _top_k(pre_BxM: Array, k: int) -> tuple[Array, Array]:
-    # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it, some
-    # consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents instead
-    xla = lambda p: tuple(jax.lax.optimization_barrier(jax.lax.top_k(p, k)))
-    return _cpu(lambda p: native.topk(p, k), xla)(pre_BxM)
+def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
+    """Per row n the k largest of pre_n + b_{n mod P}, descending, and their columns."""
+    def xla(pre, b):
+        rows = pre.reshape(-1, b.shape[0], pre.shape[-1]) + b
+        # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it,
+        # some consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents
+        return tuple(jax.lax.optimization_barrier(jax.lax.top_k(rows.reshape(pre.shape), k)))
+    return _cpu(lambda pre, b: native.topk(pre, k, b), xla)(pre_NxM, b_PxM)
+
+
+def _pre_top_k(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int, dt) -> tuple[Array, Array]:
+    """Per sample the k largest of pre = x W_e^T + b_e (operands in dt, float32 accumulation).
+    Under vmap over cells sharing x, one GEMM for the whole group, (B, C m) = x [W_e,1; ...]^T,
+    the layout XLA's CPU GEMM runs fastest (benchmarks/grid_step.py), read in place by top-k."""
+    def one(w, b, x):
+        pre = jnp.einsum("bd,md->bm", x.astype(dt), w.astype(dt), preferred_element_type=F32)
+        return _top_k(pre, b[None], k)
+    f = jax.custom_batching.custom_vmap(one)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, w, b, x):
+        if in_batched != [True, True, False]:
+            return jax.vmap(one, in_axes=[0 if t else None for t in in_batched])(w, b, x), (True, True)
+        n, m, d = w.shape
+        pre = jnp.einsum("bd,kd->bk", x.astype(dt), w.reshape(n * m, d).astype(dt),
+                         preferred_element_type=F32).reshape(x.shape[0], n, m)
+        v, i = _top_k(pre, b, k)  # (B, C, k)
+        return (v.transpose(1, 0, 2), i.transpose(1, 0, 2)), (True, True)
+    return f(W_enc_MxD, b_enc_M, x_BxD)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -223,8 +247,7 @@ def topk_codes(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int,
     """(c_BxK, i_BxK): per sample the k largest pre = x W_e^T + b_e (descending), c = ReLU of
     them, i their latents (int32). The VJP scatters k rows per sample into dW_e, db_e."""
     _check_k(k, W_enc_MxD.shape[0])
-    pre = _pre(W_enc_MxD, b_enc_M, x_BxD, _dtype(compute_dtype))
-    v, i = _top_k(pre, k)
+    v, i = _pre_top_k(W_enc_MxD, b_enc_M, x_BxD, k, _dtype(compute_dtype))
     return jnp.maximum(v, 0.0), i
 
 

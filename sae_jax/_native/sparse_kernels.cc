@@ -7,9 +7,9 @@
 // Every array may carry leading "cell" dimensions (a vmapped group); an input whose leading
 // dimension is 1 where the output's is not is shared by every cell (vmap_method="expand_dims").
 //
-//   sae_topk        pre (.., N, M)                       -> v (.., N, K), i (.., N, K)
-//                   per row the K largest entries, descending; ties: the lower index first
-//                   (lax.top_k's order)
+//   sae_topk        pre (.., N, M), bias (.., P, M)     -> v (.., N, K), i (.., N, K)
+//                   per row n the K largest entries of pre_n + bias_{n mod P}, descending;
+//                   ties: the lower index first (lax.top_k's order)
 //   sae_gather_sum  w (.., N, J), T (.., S, D), i (.., N, J) -> out (.., N, D)
 //                   out_n = sum_j w_nj T[i_nj]
 //   sae_dots        r (.., N, D), T (.., S, D), i (.., N, J) -> out (.., N, J)
@@ -22,11 +22,16 @@
 
 #include <sched.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -115,32 +120,57 @@ float RankValue(const float* a, int64_t n, int64_t r, std::vector<float>& heap) 
   return heap.front();
 }
 
+// The indices q with x[q] >= t, in increasing order, written to out (room for m + 16); their count.
+int64_t Candidates(const float* x, int64_t m, float t, int32_t* out) {
+  int64_t c = 0, q = 0;
+#ifdef __AVX512F__
+  const __m512 tv = _mm512_set1_ps(t);
+  __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  for (; q + 16 <= m; q += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + q), tv, _CMP_GE_OQ);
+    if (hit) {
+      // compress in a register, then a full store (out has 16 spare slots): the memory form
+      // of vpcompressd is microcoded and slow on AMD Zen 4
+      _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(hit, iv));
+      c += __builtin_popcount(hit);
+    }
+    iv = _mm512_add_epi32(iv, step);
+  }
+#endif
+  for (; q < m; ++q) {
+    out[c] = static_cast<int32_t>(q);
+    c += x[q] >= t;
+  }
+  return c;
+}
+
 // Scratch space of one thread.
 struct TopkScratch {
-  std::vector<float> sample, heap;
+  std::vector<float> row, sample, heap;
   std::vector<int32_t> cand;
   std::vector<uint64_t> keys;
 };
 
-// The k best of a row: a threshold t, the r-th largest of a strided sample of about 4k entries
+// The k best of a row (pre + bias): a threshold t, the r-th largest of a strided sample of about 4k entries
 // (r chosen so that about 2k of the row's m entries reach it); every entry >= t as a candidate;
 // an exact selection among the candidates. If fewer than k entries reach t (an unlucky sample,
 // NaN), every entry is a candidate. Exact either way: an entry left out is below t, and at
 // least k entries are not.
-void TopkRow(const float* x, int64_t m, int64_t k, TopkScratch& s, float* ov, int32_t* oi) {
+void TopkRow(const float* pre, const float* bias, int64_t m, int64_t k, TopkScratch& s, float* ov,
+             int32_t* oi) {
+  s.row.resize(m);
+  float* x = s.row.data();
+  for (int64_t q = 0; q < m; ++q) x[q] = pre[q] + bias[q];
   int64_t c = m;
-  s.cand.resize(m);
+  s.cand.resize(m + 16);
   const int64_t stride = m / (4 * k);
   if (stride >= 2) {
     const int64_t ns = m / stride;
     s.sample.resize(ns);
     for (int64_t q = 0; q < ns; ++q) s.sample[q] = x[q * stride];
     const float t = RankValue(s.sample.data(), ns, std::min<int64_t>(ns - 1, 2 * k * ns / m), s.heap);
-    c = 0;
-    for (int64_t q = 0; q < m; ++q) {
-      s.cand[c] = static_cast<int32_t>(q);
-      c += x[q] >= t;
-    }
+    c = Candidates(x, m, t, s.cand.data());
   }
   if (c < k) c = m;
   s.keys.resize(c);
@@ -148,7 +178,8 @@ void TopkRow(const float* x, int64_t m, int64_t k, TopkScratch& s, float* ov, in
     const int64_t i = c == m ? q : s.cand[q];
     s.keys[q] = Key(x[i], i);
   }
-  std::nth_element(s.keys.begin(), s.keys.begin() + (k - 1), s.keys.end(), std::greater<uint64_t>());
+  if (c > k)
+    std::nth_element(s.keys.begin(), s.keys.begin() + (k - 1), s.keys.end(), std::greater<uint64_t>());
   std::sort(s.keys.begin(), s.keys.begin() + k, std::greater<uint64_t>());  // best first
   for (int64_t q = 0; q < k; ++q) {
     oi[q] = KeyIndex(s.keys[q]);
@@ -156,26 +187,71 @@ void TopkRow(const float* x, int64_t m, int64_t k, TopkScratch& s, float* ov, in
   }
 }
 
-ffi::Error TopkImpl(ffi::Buffer<ffi::F32> pre, ffi::ResultBuffer<ffi::F32> vals,
-                    ffi::ResultBuffer<ffi::S32> idx) {
-  auto pd = pre.dimensions();
-  auto vd = vals->dimensions();
-  if (pd.size() < 2 || pd.size() != vd.size()) return ffi::Error::InvalidArgument("sae_topk: ranks");
-  const int64_t m = Dim(pd, 1), k = Dim(vd, 1);
-  if (k < 1 || k > m) return ffi::Error::InvalidArgument("sae_topk: k must be in [1, m]");
-  const int64_t rows = pre.element_count() / m;
-  const float* x = pre.typed_data();
+ffi::Error TopkImpl(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias,
+                    ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
+  auto pd = pre.dimensions(), bd = bias.dimensions(), vd = vals->dimensions();
+  if (pd.size() < 2 || pd.size() != vd.size() || bd.size() != pd.size())
+    return ffi::Error::InvalidArgument("sae_topk: ranks");
+  const int64_t m = Dim(pd, 1), k = Dim(vd, 1), n = Dim(pd, 2), nb = Dim(bd, 2);
+  if (k < 1 || k > m || Dim(bd, 1) != m) return ffi::Error::InvalidArgument("sae_topk: shapes");
+  Cells cells(vd, 2);
+  const float *X = pre.typed_data(), *Bs = bias.typed_data();
   float* ov = vals->typed_data();
   int32_t* oi = idx->typed_data();
-  ParallelFor(rows, 16, [&](int64_t a, int64_t b) {
+  ParallelFor(cells.count * n, 16, [&](int64_t a, int64_t b) {
     TopkScratch scratch;
-    for (int64_t r = a; r < b; ++r) TopkRow(x + r * m, m, k, scratch, ov + r * k, oi + r * k);
+    for (int64_t r = a; r < b; ++r) {
+      const int64_t c = r / n, row = r % n;
+      TopkRow(X + cells.Offset(c, pd, 2, n * m) + row * m,
+              Bs + cells.Offset(c, bd, 2, nb * m) + (row % nb) * m, m, k, scratch, ov + r * k,
+              oi + r * k);
+    }
   });
   return ffi::Error::Success();
 }
 
-// ----------------------------------------------------------------------------- gathers
-inline int64_t Clip(int32_t i, int64_t s) { return i < 0 ? 0 : (i >= s ? s - 1 : i); }
+// ----------------------------------------------------------------------------- gathers, scatter
+// All three walk one cell's (row, slot) entries grouped by blocks of rows, and within a block by
+// target latent, in increasing latent order: a block's rows (B_b x D floats, sized to stay in the
+// L2 cache) are read or written at random while the table streams through once per block in
+// address order. Reading the table at random instead, once per entry, ran at a fifth of the speed
+// once it outgrew the cache (benchmarks/grid_step.py, d 1024).
+constexpr int64_t kBlockBytes = 512 * 1024;
+
+struct Blocked {
+  int64_t rows_per_block = 0, blocks = 0;
+  std::vector<int32_t> start;  // (blocks, L + 1): block q's entries for latent l are
+  std::vector<int32_t> order;  // order[start[q, l] : start[q, l + 1]], each e = row * J + slot
+
+  // Entries with index outside [0, L) are clipped into it (clip) or left out.
+  void Build(const int32_t* idx, int64_t n, int64_t jn, int64_t L, int64_t d, bool clip) {
+    rows_per_block = std::max<int64_t>(8, std::min<int64_t>(n, kBlockBytes / (4 * std::max<int64_t>(d, 1))));
+    blocks = (n + rows_per_block - 1) / rows_per_block;
+    start.assign(blocks * (L + 1), 0);
+    order.resize(n * jn);
+    for (int64_t q = 0; q < blocks; ++q) {
+      int32_t* st = start.data() + q * (L + 1);
+      const int64_t e0 = q * rows_per_block * jn, e1 = std::min(n, (q + 1) * rows_per_block) * jn;
+      auto target = [&](int64_t e) -> int64_t {
+        const int64_t l = idx[e];
+        if (clip) return l < 0 ? 0 : (l >= L ? L - 1 : l);
+        return (l < 0 || l >= L) ? -1 : l;
+      };
+      for (int64_t e = e0; e < e1; ++e)
+        if (int64_t l = target(e); l >= 0) ++st[l + 1];
+      st[0] = static_cast<int32_t>(e0);
+      for (int64_t l = 0; l < L; ++l) st[l + 1] += st[l];
+      std::vector<int32_t> fill(st, st + L);
+      for (int64_t e = e0; e < e1; ++e)
+        if (int64_t l = target(e); l >= 0) order[fill[l]++] = static_cast<int32_t>(e);
+    }
+  }
+  const int32_t* Start(int64_t q, int64_t L) const { return start.data() + q * (L + 1); }
+};
+
+inline void Axpy(float a, const float* x, float* y, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) y[t] += a * x[t];
+}
 
 // a . b in kLanes partial sums (a fixed order the compiler can keep in vector registers).
 constexpr int64_t kLanes = 16;
@@ -190,59 +266,60 @@ inline float Dot(const float* a, const float* b, int64_t d) {
   return acc;
 }
 
-ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> table,
-                         ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
-  auto wd = w.dimensions(), td = table.dimensions(), id = idx.dimensions(), od = out->dimensions();
-  const int64_t n = Dim(od, 2), d = Dim(od, 1), jn = Dim(wd, 1), s = Dim(td, 2);
-  if (Dim(td, 1) != d || Dim(id, 1) != jn || Dim(wd, 2) != n || Dim(id, 2) != n)
-    return ffi::Error::InvalidArgument("sae_gather_sum: shapes");
+// out_n = sum_j w_nj T[i_nj] (gather) or out_nj = r_n . T[i_nj] (dots), a cell at a time, its
+// row blocks split over the threads (the cell's table is shared in the L3 cache).
+template <bool kDots>
+ffi::Error TableKernel(const char* name, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> table,
+                       ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
+  auto ad = a.dimensions(), td = table.dimensions(), id = idx.dimensions(), od = out->dimensions();
+  const int64_t n = Dim(id, 2), jn = Dim(id, 1), s = Dim(td, 2), d = Dim(td, 1);
+  const bool ok = kDots ? (Dim(ad, 1) == d && Dim(ad, 2) == n && Dim(od, 1) == jn)
+                        : (Dim(ad, 1) == jn && Dim(ad, 2) == n && Dim(od, 1) == d);
+  if (!ok || Dim(od, 2) != n) return ffi::Error::InvalidArgument(std::string(name) + ": shapes");
   Cells cells(od, 2);
-  const float *W = w.typed_data(), *T = table.typed_data();
+  const float *A = a.typed_data(), *T = table.typed_data();
   const int32_t* I = idx.typed_data();
   float* O = out->typed_data();
-  ParallelFor(cells.count * n, 64, [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) {
-      const int64_t c = r / n, row = r % n;
-      const float* wr = W + cells.Offset(c, wd, 2, n * jn) + row * jn;
-      const int32_t* ir = I + cells.Offset(c, id, 2, n * jn) + row * jn;
-      const float* t = T + cells.Offset(c, td, 2, s * d);
-      float* o = O + r * d;
-      std::fill(o, o + d, 0.0f);
-      for (int64_t j = 0; j < jn; ++j) {
-        const float wj = wr[j];
-        const float* src = t + Clip(ir[j], s) * d;
-        for (int64_t e = 0; e < d; ++e) o[e] += wj * src[e];
+  Blocked blk;
+  for (int64_t c = 0; c < cells.count; ++c) {
+    const float* ac = A + cells.Offset(c, ad, 2, kDots ? n * d : n * jn);
+    const float* t = T + cells.Offset(c, td, 2, s * d);
+    float* oc = O + c * n * (kDots ? jn : d);
+    blk.Build(I + cells.Offset(c, id, 2, n * jn), n, jn, s, d, /*clip=*/true);
+    ParallelFor(blk.blocks, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int32_t* st = blk.Start(q, s);
+        if (!kDots) {
+          const int64_t r0 = q * blk.rows_per_block, r1 = std::min(n, r0 + blk.rows_per_block);
+          std::fill(oc + r0 * d, oc + r1 * d, 0.0f);
+        }
+        for (int64_t l = 0; l < s; ++l) {
+          const float* src = t + l * d;
+          for (int32_t p = st[l]; p < st[l + 1]; ++p) {
+            const int64_t e = blk.order[p], row = e / jn;
+            if (kDots) oc[e] = Dot(ac + row * d, src, d);
+            else Axpy(ac[e], src, oc + row * d, d);
+          }
+        }
       }
-    }
-  });
+    });
+  }
   return ffi::Error::Success();
+}
+
+ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> table,
+                         ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
+  return TableKernel<false>("sae_gather_sum", w, table, idx, out);
 }
 
 ffi::Error DotsImpl(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> table,
                     ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
-  auto rd = rows.dimensions(), td = table.dimensions(), id = idx.dimensions(), od = out->dimensions();
-  const int64_t n = Dim(od, 2), jn = Dim(od, 1), d = Dim(rd, 1), s = Dim(td, 2);
-  if (Dim(td, 1) != d || Dim(rd, 2) != n || Dim(id, 2) != n || Dim(id, 1) != jn)
-    return ffi::Error::InvalidArgument("sae_dots: shapes");
-  Cells cells(od, 2);
-  const float *R = rows.typed_data(), *T = table.typed_data();
-  const int32_t* I = idx.typed_data();
-  float* O = out->typed_data();
-  ParallelFor(cells.count * n, 64, [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) {
-      const int64_t c = r / n, row = r % n;
-      const float* x = R + cells.Offset(c, rd, 2, n * d) + row * d;
-      const int32_t* ir = I + cells.Offset(c, id, 2, n * jn) + row * jn;
-      const float* t = T + cells.Offset(c, td, 2, s * d);
-      for (int64_t j = 0; j < jn; ++j) {
-        O[r * jn + j] = Dot(x, t + Clip(ir[j], s) * d, d);
-      }
-    }
-  });
-  return ffi::Error::Success();
+  return TableKernel<true>("sae_dots", rows, table, idx, out);
 }
 
-// ----------------------------------------------------------------------------- scatter-add
+// out_l = sum w_nj r_n over entries with i_nj = l, a cell at a time, its latents split over the
+// threads; each thread walks every row block and adds, per latent, that block's entries in
+// (row, slot) order, so the sum's order does not depend on the threads.
 ffi::Error ScatterImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> idx,
                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> col) {
   auto wd = w.dimensions(), rd = rows.dimensions(), id = idx.dimensions(), od = out->dimensions();
@@ -253,44 +330,28 @@ ffi::Error ScatterImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> rows, ffi:
   const float *W = w.typed_data(), *R = rows.typed_data();
   const int32_t* I = idx.typed_data();
   float *O = out->typed_data(), *C = col->typed_data();
-  // Per cell, the entries grouped by target row (counting sort; (n, j) order kept in a group).
-  const int64_t nn = n * jn;
-  std::vector<int64_t> start(cells.count * (L + 1));
-  std::vector<int32_t> order(cells.count * nn);
-  ParallelFor(cells.count, 1, [&](int64_t a, int64_t b) {
-    for (int64_t c = a; c < b; ++c) {
-      const int32_t* ic = I + cells.Offset(c, id, 2, nn);
-      int64_t* st = start.data() + c * (L + 1);
-      int32_t* ord = order.data() + c * nn;
-      std::fill(st, st + L + 1, 0);
-      for (int64_t e = 0; e < nn; ++e)
-        if (ic[e] >= 0 && ic[e] < L) ++st[ic[e] + 1];
-      for (int64_t l = 0; l < L; ++l) st[l + 1] += st[l];
-      std::vector<int64_t> fill(st, st + L);
-      for (int64_t e = 0; e < nn; ++e)
-        if (ic[e] >= 0 && ic[e] < L) ord[fill[ic[e]]++] = static_cast<int32_t>(e);
-    }
-  });
-  ParallelFor(cells.count * L, 64, [&](int64_t a, int64_t b) {
-    for (int64_t q = a; q < b; ++q) {
-      const int64_t c = q / L, l = q % L;
-      const int64_t* st = start.data() + c * (L + 1);
-      const int32_t* ord = order.data() + c * nn;
-      const float* wc = W + cells.Offset(c, wd, 2, nn);
-      const float* rc = R + cells.Offset(c, rd, 2, n * d);
-      float* o = O + q * d;
-      std::fill(o, o + d, 0.0f);
-      float sum = 0.0f;
-      for (int64_t p = st[l]; p < st[l + 1]; ++p) {
-        const int64_t e = ord[p];
-        const float we = wc[e];
-        const float* src = rc + (e / jn) * d;
-        sum += we;
-        for (int64_t t = 0; t < d; ++t) o[t] += we * src[t];
+  Blocked blk;
+  for (int64_t c = 0; c < cells.count; ++c) {
+    const float* wc = W + cells.Offset(c, wd, 2, n * jn);
+    const float* rc = R + cells.Offset(c, rd, 2, n * d);
+    float *oc = O + c * L * d, *cc = C + c * L;
+    blk.Build(I + cells.Offset(c, id, 2, n * jn), n, jn, L, d, /*clip=*/false);
+    ParallelFor(L, 64, [&](int64_t l0, int64_t l1) {
+      std::fill(oc + l0 * d, oc + l1 * d, 0.0f);
+      std::fill(cc + l0, cc + l1, 0.0f);
+      for (int64_t q = 0; q < blk.blocks; ++q) {
+        const int32_t* st = blk.Start(q, L);
+        for (int64_t l = l0; l < l1; ++l) {
+          float* o = oc + l * d;
+          for (int32_t p = st[l]; p < st[l + 1]; ++p) {
+            const int64_t e = blk.order[p];
+            cc[l] += wc[e];
+            Axpy(wc[e], rc + (e / jn) * d, o, d);
+          }
+        }
       }
-      C[q] = sum;
-    }
-  });
+    });
+  }
   return ffi::Error::Success();
 }
 
@@ -298,6 +359,7 @@ ffi::Error ScatterImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> rows, ffi:
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopk, TopkImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
