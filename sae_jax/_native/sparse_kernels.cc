@@ -216,7 +216,7 @@ ffi::Error TopkImpl(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias,
 // L2 cache) are read or written at random while the table streams through once per block in
 // address order. Reading the table at random instead, once per entry, ran at a fifth of the speed
 // once it outgrew the cache (benchmarks/grid_step.py, d 1024).
-constexpr int64_t kBlockBytes = 512 * 1024;
+constexpr int64_t kBlockBytes = 1024 * 1024;
 
 struct Blocked {
   int64_t rows_per_block = 0, blocks = 0;
@@ -225,7 +225,10 @@ struct Blocked {
 
   // Entries with index outside [0, L) are clipped into it (clip) or left out.
   void Build(const int32_t* idx, int64_t n, int64_t jn, int64_t L, int64_t d, bool clip) {
-    rows_per_block = std::max<int64_t>(8, std::min<int64_t>(n, kBlockBytes / (4 * std::max<int64_t>(d, 1))));
+    // rows that fit kBlockBytes, and at least one block per thread
+    const int64_t per_thread = (n + Threads() - 1) / Threads();
+    rows_per_block = std::max<int64_t>(
+        8, std::min<int64_t>(per_thread, kBlockBytes / (4 * std::max<int64_t>(d, 1))));
     blocks = (n + rows_per_block - 1) / rows_per_block;
     start.assign(blocks * (L + 1), 0);
     order.resize(n * jn);
