@@ -4,6 +4,8 @@ in one process (interleaved repeats, the minimum of each), and where the TopK st
 
 Both steps: C cells of m latents on one shared batch (B, d), loss and gradients, then Adam on
 every parameter (grid.apply_grads, the grid's own optimizer step), T steps in one lax.scan.
+On the CPU the TopK step runs the native kernels of sae_jax.native where they built; "XLA
+kernels" is the same step through XLA's top_k, gathers and scatter-adds (sparse.NATIVE off).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import fused, grid, sae, sparse
+from sae_jax import fused, grid, native, sae, sparse
 
 F32 = jnp.float32
 
@@ -102,9 +104,22 @@ def step_fns(d, m, cells, batch, ks, steps) -> dict:
             run = _scan(functools.partial(lambda g, x, k, dt: topk_group_grads(g.params, x, k, dt),
                                           k=k, dt=dt), cfg)
             fns[f"topk k={k} {dt}"] = lambda run=run: jax.block_until_ready(run(group, xs))
+        run = _scan(lambda g, x, dt=dt: topk_group_grads(g.params, x, ks[0], dt), cfg)
+        xla = _compiled(run, False, group, xs)  # XLA's top_k, gathers and scatters, for comparison
+        fns[f"topk k={ks[0]} {dt} (XLA kernels)"] = lambda xla=xla: jax.block_until_ready(xla(group, xs))
         run = _scan(lambda g, x, dt=dt: topk_group_grads(g.params, x, ks[0], dt, batchtopk_cell_loss), cfg)
         fns[f"batchtopk k={ks[0]} {dt}"] = lambda run=run: jax.block_until_ready(run(group, xs))
     return fns
+
+
+def _compiled(run, native: bool, *args):
+    """`run` compiled for args with sae_jax.sparse's native CPU kernels on or off (read when
+    the step is traced)."""
+    old, sparse.NATIVE = sparse.NATIVE, native
+    try:
+        return run.lower(*args).compile()
+    finally:
+        sparse.NATIVE = old
 
 
 def part_fns(d, m, cells, batch, k, dtype) -> dict:
@@ -150,6 +165,7 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
     """Prints and returns the TopK section of benchmarks/grid_step.py."""
     print(f"\n6. TopK group (sparse decoder, sae_jax.sparse) vs the dense L1 group of the same size: "
           f"{cells} cells, m {m}, d {d}, batch {batch}; loss, gradients and Adam; ms per step")
+    print(f"   native CPU kernels (sae_jax.native): {native.status() or 'in use on the CPU'}")
     fns = step_fns(d, m, cells, batch, ks, steps)
     k0 = ks[0]
     for dt in ("float32", "bfloat16"):
@@ -162,7 +178,7 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
     fl = flops(d, m, cells, batch, k0)
     for name, s in times.items():
         rate = f"  ({fl['dense step'] / s / 1e9:.0f} GFLOP/s)" if name.startswith("dense") else ""
-        print(f"   {name:26s} {s * 1e3:8.1f}{rate}")
+        print(f"   {name:36s} {s * 1e3:8.1f}{rate}")
     fastest = min(times[f"dense {dt}"] for dt in ("float32", "bfloat16"))
     ratios = {}
     for k in ks:
@@ -170,6 +186,9 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
             ratios[f"k={k} (m/{m // k}) {dt}: dense {dt} / topk"] = times[f"dense {dt}"] / times[f"topk k={k} {dt}"]
         best = min(times[f"topk k={k} {dt}"] for dt in ("float32", "bfloat16"))
         ratios[f"k={k} (m/{m // k}): fastest dense / fastest topk"] = fastest / best
+    for dt in ("float32", "bfloat16"):
+        ratios[f"k={k0} {dt}: dense / topk with XLA's kernels"] = (
+            times[f"dense {dt}"] / times[f"topk k={k0} {dt} (XLA kernels)"])
     for dt in ("float32", "bfloat16"):
         ratios[f"BatchTopK k={k0} {dt}: dense {dt} / batchtopk"] = (
             times[f"dense {dt}"] / times[f"batchtopk k={k0} {dt}"])
