@@ -112,14 +112,10 @@ def step_fns(d, m, cells, batch, ks, steps) -> dict:
     return fns
 
 
-def _compiled(run, native: bool, *args):
-    """`run` compiled for args with sae_jax.sparse's native CPU kernels on or off (read when
-    the step is traced)."""
-    old, sparse.NATIVE = sparse.NATIVE, native
-    try:
+def _compiled(run, native_on: bool, *args):
+    """`run` compiled for args with sae_jax.sparse's native CPU kernels on or off."""
+    with sparse.kernels(native_on):
         return run.lower(*args).compile()
-    finally:
-        sparse.NATIVE = old
 
 
 def part_fns(d, m, cells, batch, k, dtype) -> dict:

@@ -85,14 +85,18 @@ def pre_acts(params: sae.SAEParams, x_BxD: Array) -> Array:
 
 def topk_mask(pre_BxM: Array, k: int) -> Array:
     """True on each row's k largest entries."""
-    kth = jax.lax.top_k(pre_BxM, k)[0][..., -1:]
+    from sae_jax import sparse
+
+    kth = sparse.top_k_values(pre_BxM, k)[..., -1:]
     return pre_BxM >= kth
 
 
 def batch_topk_mask(pre_BxM: Array, k: int) -> tuple[Array, Array]:
     """(True on the batch's k*B largest entries, the smallest kept entry)."""
+    from sae_jax import sparse
+
     n = min(k * pre_BxM.shape[0], pre_BxM.size)
-    kth = jax.lax.top_k(pre_BxM.reshape(-1), n)[0][-1]
+    kth = sparse.top_k_values(pre_BxM.reshape(1, -1), n)[0, -1]
     return pre_BxM >= kth, kth
 
 
@@ -194,15 +198,24 @@ def aux_k_loss(params: sae.SAEParams, pre_BxM: Array, resid_BxD: Array, dead_M: 
 
 
 SPARSE_MODES = ("auto", "on", "off")
-SPARSE_AUTO_RATIO = 64  # "auto": sparse where k <= m / 64 (benchmarks/grid_step.py --only topk)
+SPARSE_AUTO_RATIO = 64  # "auto" with XLA's CPU kernels: sparse where k <= m / 64
 
 
 def uses_sparse(arch: Arch, m: int, opts: ArchOptions) -> bool:
     """Whether a topk cell of m latents trains through the sparse decoder (never with AuxK, whose
-    dead-latent codes need every pre-activation)."""
+    dead-latent codes need every pre-activation). "auto", measured with benchmarks/grid_step.py:
+    on the CPU always with the native kernels (8x the dense TopK step at k = m/8, 2 cores), else
+    where k <= m / 64; never on other backends (on an H200 the sparse step through XLA's gathers
+    ran 4-10x slower than the dense one)."""
     if arch.name != "topk" or opts.aux_k_coeff or opts.sparse == "off":
         return False
-    return opts.sparse == "on" or arch.k * SPARSE_AUTO_RATIO <= m
+    if opts.sparse == "on":
+        return True
+    if jax.default_backend() != "cpu":
+        return False
+    from sae_jax import native
+
+    return native.available() or arch.k * SPARSE_AUTO_RATIO <= m
 
 
 def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int, convention: str,

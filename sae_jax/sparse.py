@@ -28,6 +28,7 @@ operands (float32 accumulation); the gathers and scatter-adds stay in the parame
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -44,7 +45,7 @@ UNROLL = 8  # slots per trip of the gather loop, unrolled (measured: 8 beat 1, 1
 P = "promise_in_bounds"
 PER_CELL = True  # vmap of a kernel runs it once per cell (see _per_cell) ...
 MAX_UNROLLED_CELLS = 16  # ... up to this many cells; beyond, one batched kernel
-NATIVE = True  # on the CPU, the kernels of sae_jax.native where they compiled (read at trace time)
+NATIVE = True  # on the CPU, the kernels of sae_jax.native where they compiled (`kernels`)
 
 
 class BatchTopKCodes(NamedTuple):
@@ -69,6 +70,21 @@ def _dtype(compute_dtype: str):
     return jnp.dtype(compute_dtype)
 
 
+@contextlib.contextmanager
+def kernels(native_on: bool):
+    """Inside, programs traced from here on use the native CPU kernels (True, the default where
+    they built) or XLA's (False). The choice is read when a function is traced, and jax caches
+    traces (of jit, custom_vjp, ...): its caches are cleared on the way in and out."""
+    global NATIVE
+    old, NATIVE = NATIVE, native_on
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        NATIVE = old
+        jax.clear_caches()
+
+
 def _cpu(native_fn, xla_fn):
     """native_fn where the program is lowered for the CPU and the native kernels are available
     (`NATIVE`, `native.status()`), xla_fn elsewhere (`lax.platform_dependent`: one branch is
@@ -86,6 +102,12 @@ def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
         # some consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents
         return tuple(jax.lax.optimization_barrier(jax.lax.top_k(rows.reshape(pre.shape), k)))
     return _cpu(lambda pre, b: native.topk(pre, k, b), xla)(pre_NxM, b_PxM)
+
+
+def top_k_values(pre_NxM: Array, k: int) -> Array:
+    """The k largest entries of each row, descending (no gradient: for masks and thresholds)."""
+    pre = jax.lax.stop_gradient(pre_NxM).astype(F32)
+    return _top_k(pre, jnp.zeros((1, pre.shape[-1]), F32), k)[0]
 
 
 def _pre_top_k(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int, dt) -> tuple[Array, Array]:

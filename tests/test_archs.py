@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import archs, grid, metrics, resample, sae, toy
+from sae_jax import archs, grid, metrics, native, resample, sae, toy
 from sae_jax.errors import UsageError
 
 KEY = jax.random.PRNGKey(3)
@@ -198,7 +198,10 @@ def test_topk_sparse_decoder_step_equals_the_dense_step(tiny_world):
     g1 = jax.grad(loss)(p, archs.ArchOptions(sparse="on"))
     g2 = jax.grad(loss)(p, archs.ArchOptions(sparse="off"))
     assert archs.uses_sparse(archs.Arch("topk", 4), 256, archs.ArchOptions())  # auto: k <= m / 64
-    assert not archs.uses_sparse(archs.Arch("topk", 5), 256, archs.ArchOptions())
+    assert archs.uses_sparse(archs.Arch("topk", 5), 256, archs.ArchOptions())  # ... any k, native
+    with pytest.MonkeyPatch.context() as mp:  # without the native kernels: k <= m / 64
+        mp.setattr(native, "available", lambda: False)
+        assert not archs.uses_sparse(archs.Arch("topk", 5), 256, archs.ArchOptions())
     assert not archs.uses_sparse(archs.Arch("topk", 2), 256, archs.ArchOptions(aux_k_coeff=0.1))
     for x, y in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)

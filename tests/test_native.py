@@ -92,15 +92,17 @@ def test_scatter_does_not_depend_on_the_thread_count():
     np.testing.assert_array_equal(*outs)
 
 
-def test_topk_grid_trains_to_the_same_state_through_either_kernel_set(monkeypatch):
+def test_topk_grid_trains_to_the_same_state_through_either_kernel_set():
     spec = grid.GridSpec((0.0,), (64,), archs=("topk",), k=(2, 4))
     cfg = grid.TrainConfig(batch_size=64, sparse_decoder="on")
     state = grid.init_grid(jax.random.PRNGKey(0), spec, 16, cfg)
     xs = jax.random.normal(jax.random.PRNGKey(1), (20, 64, 16))
     outs = {}
     for flag in (True, False):
-        monkeypatch.setattr(sparse, "NATIVE", flag)
-        outs[flag] = jax.jit(grid.run_batches_chunk, static_argnums=2)(state, xs, cfg)
+        with sparse.kernels(flag):
+            step = jax.jit(grid.run_batches_chunk, static_argnums=2)
+            assert ("sae_topk" in step.lower(state, xs, cfg).as_text()) == flag
+            outs[flag] = step(state, xs, cfg)
     for a, b in zip(jax.tree.leaves(outs[True]), jax.tree.leaves(outs[False])):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                    rtol=2e-4, atol=2e-5)

@@ -14,14 +14,14 @@ from sae_jax.errors import UsageError
 C, B, D, M, K = 3, 12, 8, 32, 4
 
 
-@pytest.fixture(autouse=True, params=["native", "xla"])
-def kernels(request, monkeypatch):
+@pytest.fixture(autouse=True, scope="module", params=["native", "xla"])
+def kernels(request):
     """Each test once per kernel set; the native one must have built (g++ is on every CI
     machine: a failure to build is a failure here, not a skip)."""
     if request.param == "native":
         assert native.available(), native.status()
-    monkeypatch.setattr(sparse, "NATIVE", request.param == "native")
-    return request.param
+    with sparse.kernels(request.param == "native"):
+        yield request.param
 
 
 def _params(seed=0):
