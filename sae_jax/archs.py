@@ -213,9 +213,9 @@ def uses_sparse(arch: Arch, m: int, opts: ArchOptions) -> bool:
         return True
     if jax.default_backend() != "cpu":
         return False
-    from sae_jax import native
+    from sae_jax import sparse
 
-    return native.available() or arch.k * SPARSE_AUTO_RATIO <= m
+    return sparse.native_in_use() or arch.k * SPARSE_AUTO_RATIO <= m
 
 
 def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int, convention: str,

@@ -8,9 +8,11 @@ backends `sae_jax.sparse` keeps its XLA formulation.
 
 The library is built with the machine's C++ compiler (`$CXX`, else g++, else c++) against the
 headers jaxlib ships (`jax.ffi.include_dir()`), with `-O3 -march=native`, into a cache folder
-keyed by the source, jax's version, the compiler and the CPU's flags (`$SAE_JAX_NATIVE_CACHE`,
-else `~/.cache/sae_jax/native`). Without a compiler, or with `SAE_JAX_NATIVE=0`, everything runs
-through XLA as before and `status()` says why. `SAE_JAX_NATIVE_THREADS` caps the threads.
+keyed by the source, jax's and jaxlib's versions, the compiler and the CPU's flags
+(`$SAE_JAX_NATIVE_CACHE`, else `~/.cache/sae_jax/native`). Without a compiler, or with
+`SAE_JAX_NATIVE=0`, `sae_jax.sparse` runs XLA's kernels instead and `status()` says why.
+`SAE_JAX_NATIVE_THREADS` caps the threads. Inputs with more than 2^31 - 64 entries (a row of
+top-k, or N x J slots) are refused by the kernels; `sae_jax.sparse` sends such shapes to XLA.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ SOURCE = Path(__file__).with_name("_native") / "sparse_kernels.cc"
 TARGETS = {"sae_topk": "SaeTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": "SaeDots",
            "sae_scatter": "SaeScatter"}
 F32, I32 = jnp.float32, jnp.int32
+MAX_ENTRIES = 2 ** 31 - 64  # the kernels' int32 scratch offsets
 _STATE: dict = {}
 
 
@@ -39,6 +42,15 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+def _jaxlib_version() -> str:
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except (ImportError, AttributeError):
+        return "?"
 
 
 def _cpu_flags() -> str:
@@ -55,9 +67,10 @@ def _build(cxx: str) -> Path:
     processes may both build, one file wins)."""
     include = jax.ffi.include_dir()
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w"]
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), jax.__version__, include, version,
-                                    " ".join(flags), _cpu_flags()]).encode()).hexdigest()[:16]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, errors="replace",
+                             timeout=60).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), jax.__version__, _jaxlib_version(), include,
+                                    version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("SAE_JAX_NATIVE_CACHE") or Path.home() / ".cache" / "sae_jax" / "native")
     lib = root / f"sparse_kernels-{key}.so"
     if lib.exists():
@@ -67,7 +80,7 @@ def _build(cxx: str) -> Path:
     os.close(fd)
     try:
         r = subprocess.run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", tmp],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, errors="replace", timeout=600)
         if r.returncode:
             raise RuntimeError(f"{Path(cxx).name} failed: {r.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, lib)
@@ -91,7 +104,7 @@ def _load() -> str:
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")
-    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to build or load means: use XLA's kernels
         return f"native kernels unavailable: {e}"
     _STATE["lib"] = lib  # keep the library loaded
     return ""

@@ -19,11 +19,15 @@ These equal autodiff of the dense formulation (c scattered into a (B, m) matrix 
 x^ = c unit_rows(D)) to float tolerance (tests/test_sparse.py). A pre-activation that is
 selected but negative gives a zero code and no gradient, as ReLU does.
 
-XLA's CPU gather and scatter run fast only on whole rows, a batch of them at a time: every
-kernel here loops over the k slots (a `fori_loop`) and moves B rows (or B x 8) per trip, so the
-(B, k, d) array of gathered rows never exists. `compute_dtype` casts the encoder GEMM's
-operands (float32 accumulation); the gathers and scatter-adds stay in the parameters' float32
-(bfloat16 tables measured no faster on this CPU: benchmarks/grid_step.py).
+On the CPU, top-k, the gathers and the scatter-adds of the TopK layout run as native kernels
+(`sae_jax.native`, XLA FFI custom calls built on first use; `kernels` switches them off). XLA's
+own kernels remain for other backends, for BatchTopK's COO layout and where the native ones did
+not build: XLA's CPU gather and scatter run fast only on whole rows, a batch of them at a time,
+so each of those loops over the k slots (a `fori_loop`) and moves B rows (or B x 8) per trip,
+and the (B, k, d) array of gathered rows never exists. Under vmap over cells sharing x, the
+encoder's pre-activations come from one GEMM for the whole group. `compute_dtype` casts the
+encoder GEMM's operands (float32 accumulation); the gathers and scatter-adds stay in the
+parameters' float32.
 """
 
 from __future__ import annotations
@@ -85,13 +89,19 @@ def kernels(native_on: bool):
         jax.clear_caches()
 
 
-def _cpu(native_fn, xla_fn):
+def _cpu(native_fn, xla_fn, entries: int = 0):
     """native_fn where the program is lowered for the CPU and the native kernels are available
-    (`NATIVE`, `native.status()`), xla_fn elsewhere (`lax.platform_dependent`: one branch is
-    lowered per platform)."""
-    if not (NATIVE and native.available()):
+    (`native_in_use`), xla_fn elsewhere (`lax.platform_dependent`: one branch is lowered per
+    platform) and for more than `native.MAX_ENTRIES` entries."""
+    if not native_in_use() or entries > native.MAX_ENTRIES:
         return xla_fn
     return lambda *args: jax.lax.platform_dependent(*args, cpu=native_fn, default=xla_fn)
+
+
+def native_in_use() -> bool:
+    """Whether programs traced now use the native CPU kernels (`kernels`, `native.status()`;
+    only where jax's default backend is the CPU: elsewhere the library is not even built)."""
+    return NATIVE and jax.default_backend() == "cpu" and native.available()
 
 
 def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
@@ -101,12 +111,14 @@ def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
         # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it,
         # some consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents
         return tuple(jax.lax.optimization_barrier(jax.lax.top_k(rows.reshape(pre.shape), k)))
-    return _cpu(lambda pre, b: native.topk(pre, k, b), xla)(pre_NxM, b_PxM)
+    return _cpu(lambda pre, b: native.topk(pre, k, b), xla, pre_NxM.shape[-1])(pre_NxM, b_PxM)
 
 
 def top_k_values(pre_NxM: Array, k: int) -> Array:
     """The k largest entries of each row, descending (no gradient: for masks and thresholds)."""
-    pre = jax.lax.stop_gradient(pre_NxM).astype(F32)
+    pre = jax.lax.stop_gradient(pre_NxM)
+    if pre.dtype != F32:  # the native kernel is float32 only
+        return jax.lax.top_k(pre, k)[0]
     return _top_k(pre, jnp.zeros((1, pre.shape[-1]), F32), k)[0]
 
 
@@ -174,7 +186,7 @@ def _unpack(idx, first, second):
 
 def _gather_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array) -> Array:
     """out_n = sum_j w_nj table[src_nj]: (N, D) float32, accumulated in place slot by slot."""
-    return _cpu(native.gather_sum, _xla_gather_sum)(w_NxJ, table_SxD, src_NxJ)
+    return _cpu(native.gather_sum, _xla_gather_sum, w_NxJ.size)(w_NxJ, table_SxD, src_NxJ)
 
 
 def _xla_gather_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array) -> Array:
@@ -214,13 +226,15 @@ def _row_scatter(w_NxJ: Array, rows_NxD: Array, dst_NxJ: Array, n_out: int) -> t
     def xla(w, rows, dst):
         col = jnp.zeros((n_out,), F32).at[dst.reshape(-1)].add(w.reshape(-1).astype(F32), mode=P)
         return _xla_scatter_sum(w, rows, None, dst, n_out), col
-    return _cpu(lambda w, rows, dst: native.scatter(w, rows, dst, n_out), xla)(w_NxJ, rows_NxD, dst_NxJ)
+    return _cpu(lambda w, rows, dst: native.scatter(w, rows, dst, n_out), xla, w_NxJ.size)(
+        w_NxJ, rows_NxD, dst_NxJ)
 
 
 def _dots(a_SxD: Array, a_NxJ: Array | None, b_TxD: Array, b_NxJ: Array | None) -> Array:
     """out_nj = a[a_nj] . b[b_nj] (index None: row n): (N, J) float32."""
     if a_NxJ is None and b_NxJ is not None:
-        return _cpu(native.dots, lambda a, b, i: _xla_dots(a, None, b, i))(a_SxD, b_TxD, b_NxJ)
+        return _cpu(native.dots, lambda a, b, i: _xla_dots(a, None, b, i), b_NxJ.size)(
+            a_SxD, b_TxD, b_NxJ)
     return _xla_dots(a_SxD, a_NxJ, b_TxD, b_NxJ)
 
 

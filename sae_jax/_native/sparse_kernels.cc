@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <string>
 #include <thread>
 #include <vector>
@@ -94,6 +95,27 @@ struct Cells {
 
 int64_t Dim(ffi::Span<const int64_t> d, int from_end) { return d[d.size() - from_end]; }
 
+// Whether an input of dims `in` (`trailing` matrix dims) broadcasts against the output's cells:
+// the same rank, each leading dim 1 or the output's.
+bool Fits(const Cells& cells, ffi::Span<const int64_t> in, int trailing) {
+  if (in.size() != cells.lead.size() + trailing) return false;
+  for (size_t a = 0; a < cells.lead.size(); ++a)
+    if (in[a] != 1 && in[a] != cells.lead[a]) return false;
+  return true;
+}
+
+constexpr int64_t kMaxEntries = (int64_t{1} << 31) - 64;  // int32 offsets in the scratch arrays
+
+// f(), with any C++ exception (no memory, no thread) returned to XLA as an error.
+template <class F>
+ffi::Error Guard(const char* name, F&& f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string(name) + ": " + e.what());
+  }
+}
+
 // ----------------------------------------------------------------------------- top-k
 // An entry as one integer key: larger key = better (the larger value; on equal values, the lower
 // index), so that selection and sorting compare integers. Values map to unsigned integers in
@@ -106,21 +128,29 @@ inline uint64_t Key(float v, int64_t i) {
 }
 inline int32_t KeyIndex(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - (key & 0xFFFFFFFFu)); }
 
-// The r-th largest (0-based) of n floats: a min-heap of the r + 1 largest seen.
-float RankValue(const float* a, int64_t n, int64_t r, std::vector<float>& heap) {
-  heap.assign(a, a + r + 1);
-  std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+// The r-th largest (0-based) of n floats in IEEE total order (a positive NaN is the largest):
+// a min-heap of the r + 1 largest keys seen.
+float RankValue(const float* a, int64_t n, int64_t r, std::vector<uint64_t>& heap) {
+  heap.resize(r + 1);
+  for (int64_t q = 0; q <= r; ++q) heap[q] = Key(a[q], 0);
+  std::make_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
   for (int64_t q = r + 1; q < n; ++q) {
-    if (a[q] > heap.front()) {
-      std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
-      heap.back() = a[q];
-      std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+    const uint64_t key = Key(a[q], 0);
+    if (key > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
+      heap.back() = key;
+      std::push_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
     }
   }
-  return heap.front();
+  uint32_t u = static_cast<uint32_t>(heap.front() >> 32);
+  u ^= (u >> 31) ? 0x80000000u : 0xFFFFFFFFu;  // back from the key's order to float bits
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
 }
 
-// The indices q with x[q] >= t, in increasing order, written to out (room for m + 16); their count.
+// The indices q with x[q] not below t (NaN included), in increasing order, written to out (room
+// for m + 16); their count.
 int64_t Candidates(const float* x, int64_t m, float t, int32_t* out) {
   int64_t c = 0, q = 0;
 #ifdef __AVX512F__
@@ -128,7 +158,7 @@ int64_t Candidates(const float* x, int64_t m, float t, int32_t* out) {
   __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i step = _mm512_set1_epi32(16);
   for (; q + 16 <= m; q += 16) {
-    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + q), tv, _CMP_GE_OQ);
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + q), tv, _CMP_NLT_UQ);
     if (hit) {
       // compress in a register, then a full store (out has 16 spare slots): the memory form
       // of vpcompressd is microcoded and slow on AMD Zen 4
@@ -140,23 +170,25 @@ int64_t Candidates(const float* x, int64_t m, float t, int32_t* out) {
 #endif
   for (; q < m; ++q) {
     out[c] = static_cast<int32_t>(q);
-    c += x[q] >= t;
+    c += !(x[q] < t);
   }
   return c;
 }
 
 // Scratch space of one thread.
 struct TopkScratch {
-  std::vector<float> row, sample, heap;
+  std::vector<float> row, sample;
+  std::vector<uint64_t> heap;
   std::vector<int32_t> cand;
   std::vector<uint64_t> keys;
 };
 
-// The k best of a row (pre + bias): a threshold t, the r-th largest of a strided sample of about 4k entries
-// (r chosen so that about 2k of the row's m entries reach it); every entry >= t as a candidate;
-// an exact selection among the candidates. If fewer than k entries reach t (an unlucky sample,
-// NaN), every entry is a candidate. Exact either way: an entry left out is below t, and at
-// least k entries are not.
+// The k best of a row (pre + bias) in the order of `Key`: a threshold t, the r-th largest of a
+// strided sample of about 4k entries (r chosen so that about 2k of the row's m entries reach
+// it); every entry not below t (NaN included) as a candidate; an exact selection among them.
+// Exact: an entry left out is below t, and the selection goes ahead only when at least k
+// candidates are at or above t in key order; otherwise (an unlucky sample) every entry is a
+// candidate.
 void TopkRow(const float* pre, const float* bias, int64_t m, int64_t k, TopkScratch& s, float* ov,
              int32_t* oi) {
   s.row.resize(m);
@@ -171,8 +203,11 @@ void TopkRow(const float* pre, const float* bias, int64_t m, int64_t k, TopkScra
     for (int64_t q = 0; q < ns; ++q) s.sample[q] = x[q * stride];
     const float t = RankValue(s.sample.data(), ns, std::min<int64_t>(ns - 1, 2 * k * ns / m), s.heap);
     c = Candidates(x, m, t, s.cand.data());
+    const uint64_t tkey = Key(t, 0) & ~uint64_t{0xFFFFFFFFu};
+    int64_t above = 0;
+    for (int64_t q = 0; q < c; ++q) above += Key(x[s.cand[q]], 0) >= tkey;
+    if (above < k) c = m;
   }
-  if (c < k) c = m;
   s.keys.resize(c);
   for (int64_t q = 0; q < c; ++q) {
     const int64_t i = c == m ? q : s.cand[q];
@@ -187,14 +222,16 @@ void TopkRow(const float* pre, const float* bias, int64_t m, int64_t k, TopkScra
   }
 }
 
-ffi::Error TopkImpl(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias,
+ffi::Error TopkBody(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias,
                     ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
   auto pd = pre.dimensions(), bd = bias.dimensions(), vd = vals->dimensions();
   if (pd.size() < 2 || pd.size() != vd.size() || bd.size() != pd.size())
     return ffi::Error::InvalidArgument("sae_topk: ranks");
   const int64_t m = Dim(pd, 1), k = Dim(vd, 1), n = Dim(pd, 2), nb = Dim(bd, 2);
-  if (k < 1 || k > m || Dim(bd, 1) != m) return ffi::Error::InvalidArgument("sae_topk: shapes");
   Cells cells(vd, 2);
+  if (k < 1 || k > m || Dim(bd, 1) != m || nb < 1 || Dim(vd, 2) != n || !Fits(cells, pd, 2) ||
+      !Fits(cells, bd, 2) || m > kMaxEntries)
+    return ffi::Error::InvalidArgument("sae_topk: shapes");
   const float *X = pre.typed_data(), *Bs = bias.typed_data();
   float* ov = vals->typed_data();
   int32_t* oi = idx->typed_data();
@@ -278,8 +315,10 @@ ffi::Error TableKernel(const char* name, ffi::Buffer<ffi::F32> a, ffi::Buffer<ff
   const int64_t n = Dim(id, 2), jn = Dim(id, 1), s = Dim(td, 2), d = Dim(td, 1);
   const bool ok = kDots ? (Dim(ad, 1) == d && Dim(ad, 2) == n && Dim(od, 1) == jn)
                         : (Dim(ad, 1) == jn && Dim(ad, 2) == n && Dim(od, 1) == d);
-  if (!ok || Dim(od, 2) != n) return ffi::Error::InvalidArgument(std::string(name) + ": shapes");
   Cells cells(od, 2);
+  if (!ok || Dim(od, 2) != n || s < 1 || n * jn > kMaxEntries || !Fits(cells, ad, 2) ||
+      !Fits(cells, td, 2) || !Fits(cells, id, 2))
+    return ffi::Error::InvalidArgument(std::string(name) + ": shapes");
   const float *A = a.typed_data(), *T = table.typed_data();
   const int32_t* I = idx.typed_data();
   float* O = out->typed_data();
@@ -310,12 +349,12 @@ ffi::Error TableKernel(const char* name, ffi::Buffer<ffi::F32> a, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> table,
+ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> table,
                          ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
   return TableKernel<false>("sae_gather_sum", w, table, idx, out);
 }
 
-ffi::Error DotsImpl(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> table,
+ffi::Error DotsBody(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> table,
                     ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
   return TableKernel<true>("sae_dots", rows, table, idx, out);
 }
@@ -323,13 +362,14 @@ ffi::Error DotsImpl(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> table,
 // out_l = sum w_nj r_n over entries with i_nj = l, a cell at a time, its latents split over the
 // threads; each thread walks every row block and adds, per latent, that block's entries in
 // (row, slot) order, so the sum's order does not depend on the threads.
-ffi::Error ScatterImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> idx,
+ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> idx,
                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> col) {
   auto wd = w.dimensions(), rd = rows.dimensions(), id = idx.dimensions(), od = out->dimensions();
   const int64_t L = Dim(od, 2), d = Dim(od, 1), n = Dim(wd, 2), jn = Dim(wd, 1);
-  if (Dim(rd, 1) != d || Dim(rd, 2) != n || Dim(id, 2) != n || Dim(id, 1) != jn)
-    return ffi::Error::InvalidArgument("sae_scatter: shapes");
   Cells cells(od, 2);
+  if (Dim(rd, 1) != d || Dim(rd, 2) != n || Dim(id, 2) != n || Dim(id, 1) != jn ||
+      n * jn > kMaxEntries || !Fits(cells, wd, 2) || !Fits(cells, rd, 2) || !Fits(cells, id, 2))
+    return ffi::Error::InvalidArgument("sae_scatter: shapes");
   const float *W = w.typed_data(), *R = rows.typed_data();
   const int32_t* I = idx.typed_data();
   float *O = out->typed_data(), *C = col->typed_data();
@@ -356,6 +396,41 @@ ffi::Error ScatterImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> rows, ffi:
     });
   }
   return ffi::Error::Success();
+}
+
+// The handlers: shape errors and C++ exceptions come back to XLA as errors, never a crash.
+bool Matrices(std::initializer_list<ffi::Span<const int64_t>> dims) {
+  for (auto d : dims)
+    if (d.size() < 2) return false;
+  return true;
+}
+
+using F32Buf = ffi::Buffer<ffi::F32>;
+using S32Buf = ffi::Buffer<ffi::S32>;
+using F32Ret = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error TopkImpl(F32Buf pre, F32Buf bias, F32Ret vals, ffi::ResultBuffer<ffi::S32> idx) {
+  if (!Matrices({pre.dimensions(), bias.dimensions(), vals->dimensions()}))
+    return ffi::Error::InvalidArgument("sae_topk: ranks");
+  return Guard("sae_topk", [&] { return TopkBody(pre, bias, vals, idx); });
+}
+
+ffi::Error GatherSumImpl(F32Buf w, F32Buf table, S32Buf idx, F32Ret out) {
+  if (!Matrices({w.dimensions(), table.dimensions(), idx.dimensions(), out->dimensions()}))
+    return ffi::Error::InvalidArgument("sae_gather_sum: ranks");
+  return Guard("sae_gather_sum", [&] { return GatherSumBody(w, table, idx, out); });
+}
+
+ffi::Error DotsImpl(F32Buf rows, F32Buf table, S32Buf idx, F32Ret out) {
+  if (!Matrices({rows.dimensions(), table.dimensions(), idx.dimensions(), out->dimensions()}))
+    return ffi::Error::InvalidArgument("sae_dots: ranks");
+  return Guard("sae_dots", [&] { return DotsBody(rows, table, idx, out); });
+}
+
+ffi::Error ScatterImpl(F32Buf w, F32Buf rows, S32Buf idx, F32Ret out, F32Ret col) {
+  if (!Matrices({w.dimensions(), rows.dimensions(), idx.dimensions(), out->dimensions()}))
+    return ffi::Error::InvalidArgument("sae_scatter: ranks");
+  return Guard("sae_scatter", [&] { return ScatterBody(w, rows, idx, out, col); });
 }
 
 }  // namespace
