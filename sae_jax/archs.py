@@ -87,8 +87,7 @@ def topk_mask(pre_BxM: Array, k: int) -> Array:
     """True on each row's k largest entries."""
     from sae_jax import sparse
 
-    kth = sparse.top_k_values(pre_BxM, k)[..., -1:]
-    return pre_BxM >= kth
+    return pre_BxM >= sparse.kth_largest(pre_BxM, k)[..., None]
 
 
 def batch_topk_mask(pre_BxM: Array, k: int) -> tuple[Array, Array]:
@@ -96,7 +95,7 @@ def batch_topk_mask(pre_BxM: Array, k: int) -> tuple[Array, Array]:
     from sae_jax import sparse
 
     n = min(k * pre_BxM.shape[0], pre_BxM.size)
-    kth = sparse.top_k_values(pre_BxM.reshape(1, -1), n)[0, -1]
+    kth = sparse.kth_largest(pre_BxM.reshape(1, -1), n)[0]
     return pre_BxM >= kth, kth
 
 

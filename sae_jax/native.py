@@ -128,8 +128,8 @@ def _call(target: str, *outs: jax.ShapeDtypeStruct):
 
 
 def topk(pre_NxM: jax.Array, k: int, bias_PxM: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Per row n the k largest entries of pre_n + bias_{n mod P} (bias (P, M), default 0),
-    descending (ties: lower index first), and their columns."""
+    """Per row n the k largest entries of pre_n + bias_{n mod P} (bias (P, M), default 0), and
+    their columns, in no particular order (ties: the lower index wins, as in lax.top_k)."""
     if bias_PxM is None:
         bias_PxM = jnp.zeros((1, pre_NxM.shape[-1]), F32)
     bias = bias_PxM.astype(F32).reshape((1,) * (pre_NxM.ndim - 2) + bias_PxM.shape[-2:])

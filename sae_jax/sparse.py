@@ -105,7 +105,8 @@ def native_in_use() -> bool:
 
 
 def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
-    """Per row n the k largest of pre_n + b_{n mod P}, descending, and their columns."""
+    """Per row n the k largest of pre_n + b_{n mod P} and their columns (descending from XLA,
+    in no particular order from the native kernel)."""
     def xla(pre, b):
         rows = pre.reshape(-1, b.shape[0], pre.shape[-1]) + b
         # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it,
@@ -114,8 +115,12 @@ def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
     return _cpu(lambda pre, b: native.topk(pre, k, b), xla, pre_NxM.shape[-1])(pre_NxM, b_PxM)
 
 
-def top_k_values(pre_NxM: Array, k: int) -> Array:
-    """The k largest entries of each row, descending (no gradient: for masks and thresholds)."""
+def kth_largest(pre_NxM: Array, k: int) -> Array:
+    """The k-th largest entry of each row, (N,) (no gradient: for masks and thresholds)."""
+    return jnp.min(_top_k_values(pre_NxM, k), axis=-1)
+
+
+def _top_k_values(pre_NxM: Array, k: int) -> Array:
     pre = jax.lax.stop_gradient(pre_NxM)
     if pre.dtype != F32:  # the native kernel is float32 only
         return jax.lax.top_k(pre, k)[0]
@@ -280,8 +285,9 @@ def _encoder_grads(W_enc_MxD: Array, x_BxD: Array, dpre_NxJ: Array, latent_NxJ: 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def topk_codes(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int,
                compute_dtype: str = "float32") -> tuple[Array, Array]:
-    """(c_BxK, i_BxK): per sample the k largest pre = x W_e^T + b_e (descending), c = ReLU of
-    them, i their latents (int32). The VJP scatters k rows per sample into dW_e, db_e."""
+    """(c_BxK, i_BxK): per sample the k largest pre = x W_e^T + b_e (in no particular order on
+    the CPU's native kernels, descending elsewhere), c = ReLU of them, i their latents (int32).
+    The VJP scatters k rows per sample into dW_e, db_e."""
     _check_k(k, W_enc_MxD.shape[0])
     v, i = _pre_top_k(W_enc_MxD, b_enc_M, x_BxD, k, _dtype(compute_dtype))
     return jnp.maximum(v, 0.0), i

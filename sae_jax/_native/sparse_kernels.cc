@@ -8,8 +8,8 @@
 // dimension is 1 where the output's is not is shared by every cell (vmap_method="expand_dims").
 //
 //   sae_topk        pre (.., N, M), bias (.., P, M)     -> v (.., N, K), i (.., N, K)
-//                   per row n the K largest entries of pre_n + bias_{n mod P}, descending;
-//                   ties: the lower index first (lax.top_k's order)
+//                   per row n the K largest entries of pre_n + bias_{n mod P}, in no particular
+//                   order; ties: the lower index wins (lax.top_k's choice); NaN above +inf
 //   sae_gather_sum  w (.., N, J), T (.., S, D), i (.., N, J) -> out (.., N, D)
 //                   out_n = sum_j w_nj T[i_nj]
 //   sae_dots        r (.., N, D), T (.., S, D), i (.., N, J) -> out (.., N, J)
@@ -213,9 +213,8 @@ void TopkRow(const float* pre, const float* bias, int64_t m, int64_t k, TopkScra
     const int64_t i = c == m ? q : s.cand[q];
     s.keys[q] = Key(x[i], i);
   }
-  if (c > k)
+  if (c > k)  // the k best first, in no particular order (sorting them cost a third of the time)
     std::nth_element(s.keys.begin(), s.keys.begin() + (k - 1), s.keys.end(), std::greater<uint64_t>());
-  std::sort(s.keys.begin(), s.keys.begin() + k, std::greater<uint64_t>());  // best first
   for (int64_t q = 0; q < k; ++q) {
     oi[q] = KeyIndex(s.keys[q]);
     ov[q] = x[oi[q]];
