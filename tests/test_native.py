@@ -141,3 +141,11 @@ def test_disabled_by_environment_runs_the_xla_kernels():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(__import__("os").environ, SAE_JAX_NATIVE="0")).stdout
     assert out.strip() == "disabled by SAE_JAX_NATIVE=0 (8, 3)"
+
+
+def test_mismatched_shapes_are_an_error_not_a_crash():
+    """A kernel called with inconsistent shapes reports it through XLA (no out-of-bounds read)."""
+    with pytest.raises(Exception, match="sae_gather_sum: shapes"):
+        jax.block_until_ready(native.gather_sum(jnp.ones((4, 3)), jnp.ones((5, 8)), jnp.zeros((4, 2), jnp.int32)))
+    with pytest.raises(Exception, match="sae_topk: shapes"):  # a bias of the wrong width
+        jax.block_until_ready(native.topk(jnp.ones((4, 16)), 2, jnp.ones((1, 8))))
