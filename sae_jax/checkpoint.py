@@ -29,10 +29,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from sae_jax._fingerprint import fingerprints
+from sae_jax._trees import by_path, concrete_target, first_difference, leaf_records
 from sae_jax.errors import UsageError
 
 PyTree = Any
@@ -49,19 +49,6 @@ class CheckpointError(UsageError):
 
 class _Unusable(Exception):
     """A step that is partial or damaged; an older one may still be good."""
-
-
-def _leaf_records(state: PyTree) -> list[dict[str, Any]]:
-    """Path, shape and JAX dtype of every leaf of ``state`` (concrete or abstract)."""
-    records = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
-            dtype = leaf.dtype
-        else:  # NumPy or Python: the dtype it gets as a JAX array (int64 -> int32)
-            dtype = jax.dtypes.canonicalize_dtype(np.result_type(leaf))
-        path, shape = jax.tree_util.keystr(path), list(np.shape(leaf))
-        records.append({"path": path, "shape": shape, "dtype": str(dtype)})
-    return records
 
 
 # --------------------------------------------------------------------------- Orbax noise
@@ -99,20 +86,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- Checkpointer
-
-
-def _concrete_target(abstract_state: PyTree) -> PyTree:
-    """The restore target: shape, dtype and sharding of every array leaf.
-
-    Leaves without a sharding go to this process's first device, so a checkpoint written
-    on another device (or process) count still restores.
-    """
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or default)
-        if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else x,
-        abstract_state,
-    )
 
 
 class Checkpointer:
@@ -166,7 +139,7 @@ class Checkpointer:
             metadata = json.loads(json.dumps(dict(metadata), allow_nan=False))
         except (TypeError, ValueError) as e:
             raise TypeError(f"checkpoint metadata must be a JSON object: {e}") from e
-        records = _leaf_records(state)
+        records = leaf_records(state)
         for record in records:
             if 0 in record["shape"]:
                 raise ValueError(f"Orbax cannot save the empty array {record['path']}")
@@ -290,28 +263,40 @@ class Checkpointer:
             raise _Unusable(f"manifest is not a format-{_FORMAT} sae_jax manifest")
         return metadata, manifest
 
+    def _restoreby_path(self, abstract_state: PyTree, step: int) -> PyTree:
+        """The step's arrays restored as saved (no target), placed by key path: a checkpoint
+        written before `GroupState.world_index` (None by default) existed."""
+        raw = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return by_path(raw.state, abstract_state)
+
     def _restore_step(self, abstract_state: PyTree, step: int) -> tuple[PyTree, dict, int]:
         metadata, manifest = self._read_json_items(step)
         saved = manifest["leaves"]
-        wanted = _leaf_records(abstract_state)
+        wanted = leaf_records(abstract_state)
         strip = [{k: r.get(k) for k in ("path", "shape", "dtype")} for r in saved]
         if strip != wanted:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not fit the state to "
-                f"restore: {_first_difference(strip, wanted)}"
+                f"restore: {first_difference(strip, wanted)}"
             )
         _install_noise_filter()
         try:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_concrete_target(abstract_state))
+                    state=ocp.args.StandardRestore(concrete_target(abstract_state))
                 ),
             )
         except Exception as e:  # Orbax and tensorstore raise many types for bad files.
             gc.collect()  # report the failed reads' echoes now, to the filter
-            raise _Unusable(f"cannot read its arrays ({_one_line(e)})") from None
-        state = restored.state
+            if "tree structures do not match" not in str(e):
+                raise _Unusable(f"cannot read its arrays ({_one_line(e)})") from None
+            try:  # same leaves, other tree: a field that is None by default was added since
+                state = self._restoreby_path(abstract_state, step)
+            except Exception as e2:
+                raise _Unusable(f"cannot read its arrays ({_one_line(e)}; {_one_line(e2)})") from None
+        else:
+            state = restored.state
         for record, fp in zip(saved, fingerprints(jax.tree.leaves(state))):
             if fp != record.get("fingerprint"):
                 raise _Unusable(f"array {record['path']} does not match its saved checksum")
@@ -324,15 +309,6 @@ def _read_json(path: str, item: str) -> Any:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise _Unusable(f"{item} is unreadable ({_one_line(e)})") from None
-
-
-def _first_difference(saved: list[dict], wanted: list[dict]) -> str:
-    """One line naming the first leaf that differs between checkpoint and target."""
-    for s, w in zip(saved, wanted):
-        if s != w:
-            show = lambda r: f"{r['path']} {r['dtype']}{r['shape']}"  # noqa: E731
-            return f"the checkpoint has {show(s)} where the state has {show(w)}"
-    return f"the checkpoint has {len(saved)} arrays, the state has {len(wanted)}"
 
 
 # --------------------------------------------------------------------------- metadata

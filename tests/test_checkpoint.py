@@ -450,3 +450,30 @@ def test_grid_state_round_trip_through_resume_continues_identically(tmp_path, ti
     ends = [grid.train(s, cfg, 80, world=tiny_world, chunk=30, progress=False) for s in (mid, restored)]
     for a, b in zip(*(jax.tree.leaves(e) for e in ends)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@flax.struct.dataclass
+class _Before:
+    w: jax.Array
+    opt: optax.ScaleByAdamState
+
+
+@flax.struct.dataclass
+class _After:  # a field added since, None by default (as GroupState.world_index was)
+    w: jax.Array
+    opt: optax.ScaleByAdamState
+    index: jax.Array | None = None
+
+
+def test_a_checkpoint_from_before_a_new_none_field_still_restores(tmp_path):
+    """The same leaves under a tree with one more None field: restored by key path, bit for bit
+    (a run checkpointed by an older sae_jax resumes)."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (3, 4))
+    old = (_Before(w, optax.scale_by_adam().init(w)),)
+    with Checkpointer(tmp_path / "ck") as ckpt:
+        ckpt.save(5, old, {"steps": 5})
+        ckpt.wait()
+        got, meta, step = ckpt.restore(jax.eval_shape(lambda: (_After(w, optax.scale_by_adam().init(w)),)))
+    assert step == 5 and meta == {"steps": 5} and type(got[0]) is _After and got[0].index is None
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(old)):
+        np.testing.assert_array_equal(a, b)
