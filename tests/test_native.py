@@ -149,3 +149,15 @@ def test_mismatched_shapes_are_an_error_not_a_crash():
         jax.block_until_ready(native.gather_sum(jnp.ones((4, 3)), jnp.ones((5, 8)), jnp.zeros((4, 2), jnp.int32)))
     with pytest.raises(Exception, match="sae_topk: shapes"):  # a bias of the wrong width
         jax.block_until_ready(native.topk(jnp.ones((4, 16)), 2, jnp.ones((1, 8))))
+
+
+def test_the_cli_says_when_topk_trains_without_the_native_kernels(tmp_path):
+    """A TopK grid on the CPU without the native kernels still trains, and says so in one line."""
+    out = subprocess.run([sys.executable, "-m", "sae_jax.cli", "toy", "--steps", "10", "--no-appendix",
+                          "--arch", "topk", "--k", "4", "--eval-samples", "256", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(__import__("os").environ, SAE_JAX_NATIVE="0"))
+    assert out.returncode == 0, out.stderr[-500:]
+    assert ("sae-jax: TopK trains through XLA's CPU kernels, several times slower: disabled by "
+            "SAE_JAX_NATIVE=0") in out.stderr
+    assert (tmp_path / "results.json").exists()
