@@ -9,7 +9,7 @@ backends `sae_jax.sparse` keeps its XLA formulation.
 The library is built with the machine's C++ compiler (`$CXX`, else g++, else c++) against the
 headers jaxlib ships (`jax.ffi.include_dir()`), with `-O3 -march=native`, into a cache folder
 keyed by the source, jax's and jaxlib's versions, the compiler and the CPU's flags
-(`$SAE_JAX_NATIVE_CACHE`, else `~/.cache/sae_jax/native`). Without a compiler, or with
+(`$SAE_JAX_NATIVE_CACHE`, else `~/.cache/sae_jax/native`, else the temporary folder). Without a compiler, or with
 `SAE_JAX_NATIVE=0`, `sae_jax.sparse` runs XLA's kernels instead and `status()` says why.
 `SAE_JAX_NATIVE_THREADS` caps the threads. Inputs with more than 2^31 - 64 entries (a row of
 top-k, or N x J slots) are refused by the kernels; `sae_jax.sparse` sends such shapes to XLA.
@@ -75,7 +75,14 @@ def _build(cxx: str) -> Path:
     lib = root / f"sparse_kernels-{key}.so"
     if lib.exists():
         return lib
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable home: the temporary folder
+        root = Path(tempfile.gettempdir()) / "sae_jax_native"
+        lib = root / lib.name
+        if lib.exists():
+            return lib
+        root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
     os.close(fd)
     try:
