@@ -203,9 +203,9 @@ SPARSE_AUTO_RATIO = 64  # "auto" with XLA's CPU kernels: sparse where k <= m / 6
 def uses_sparse(arch: Arch, m: int, opts: ArchOptions) -> bool:
     """Whether a topk cell of m latents trains through the sparse decoder (never with AuxK, whose
     dead-latent codes need every pre-activation). "auto", measured with benchmarks/grid_step.py:
-    on the CPU always with the native kernels (8x the dense TopK step at k = m/8, 2 cores), else
-    where k <= m / 64; never on other backends (on an H200 the sparse step through XLA's gathers
-    ran 4-10x slower than the dense one)."""
+    on the CPU always with the native kernels (1.6x the dense TopK step's speed at k = m/8, 2.2x
+    at m/16), else where k <= m / 64; never on other backends (on an H200 the sparse step
+    through XLA's gathers ran 4-10x slower than the dense one)."""
     if arch.name != "topk" or opts.aux_k_coeff or opts.sparse == "off":
         return False
     if opts.sparse == "on":
