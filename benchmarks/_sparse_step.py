@@ -126,8 +126,7 @@ def part_fns(d, m, cells, batch, k, dtype) -> dict:
     group, xs, cfg = setup(d, m, cells, batch, 1)
     x, p, dt = xs[0], group.params, jnp.dtype(dtype)
     cell = lambda f: jax.jit(jax.vmap(f))
-    gemm = jax.jit(lambda w: jnp.einsum("bd,kd->bk", x.astype(dt), w.reshape(-1, d).astype(dt),
-                                        preferred_element_type=F32).reshape(batch, cells, m))
+    gemm = jax.jit(lambda w: sparse._gemm(x, w.reshape(-1, d), dt).reshape(batch, cells, m))
     pre = gemm(p.W_enc_MxD)
     vals, idx = jax.vmap(lambda w, b: sparse._pre_top_k(w, b, x, k, dt))(p.W_enc_MxD, p.b_enc_M)
     vals = jnp.maximum(vals, 0.0)

@@ -132,8 +132,7 @@ def _pre_top_k(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int, dt) -> tu
     Under vmap over cells sharing x, one GEMM for the whole group, (B, C m) = x [W_e,1; ...]^T,
     the layout XLA's CPU GEMM runs fastest (benchmarks/grid_step.py), read in place by top-k."""
     def one(w, b, x):
-        pre = jnp.einsum("bd,md->bm", x.astype(dt), w.astype(dt), preferred_element_type=F32)
-        return _top_k(pre, b[None], k)
+        return _top_k(_gemm(x, w, dt), b[None], k)
     f = jax.custom_batching.custom_vmap(one)
 
     @f.def_vmap
@@ -141,8 +140,7 @@ def _pre_top_k(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int, dt) -> tu
         if in_batched != [True, True, False]:
             return jax.vmap(one, in_axes=[0 if t else None for t in in_batched])(w, b, x), (True, True)
         n, m, d = w.shape
-        pre = jnp.einsum("bd,kd->bk", x.astype(dt), w.reshape(n * m, d).astype(dt),
-                         preferred_element_type=F32).reshape(x.shape[0], n, m)
+        pre = _gemm(x, w.reshape(n * m, d), dt).reshape(x.shape[0], n, m)
         v, i = _top_k(pre, b, k)  # (B, C, k)
         return (v.transpose(1, 0, 2), i.transpose(1, 0, 2)), (True, True)
     return f(W_enc_MxD, b_enc_M, x_BxD)
@@ -258,11 +256,16 @@ def _xla_dots(a_SxD: Array, a_NxJ: Array | None, b_TxD: Array, b_NxJ: Array | No
     return out_TxNxC.transpose(1, 0, 2).reshape(n, -1)[:, :j]
 
 
+def _gemm(x_BxD: Array, w_MxD: Array, dt) -> Array:
+    """x w^T with operands in dt, float32 accumulation: (B, M)."""
+    return jnp.einsum("bd,md->bm", x_BxD.astype(dt), w_MxD.astype(dt), preferred_element_type=F32)
+
+
 def _pre(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, dt) -> Array:
     """x W_e^T + b_e, operands in dt, float32 accumulation: (B, M). Once per cell under vmap:
     the batched dot wrote (B, C, M) and then transposed all of it to (C, B, M) for top_k."""
     def gemm(w, b, x):
-        return jnp.einsum("bd,md->bm", x.astype(dt), w.astype(dt), preferred_element_type=F32) + b
+        return _gemm(x, w, dt) + b
     return _per_cell(gemm)(W_enc_MxD, b_enc_M, x_BxD)
 
 
