@@ -1,11 +1,13 @@
 """The TopK section of benchmarks/grid_step.py: a TopK group step through the sparse decoder
 (sae_jax.sparse) against the dense L1 group step of the same size (sae_jax.fused), side by side
-in one process (interleaved repeats, the minimum of each), and where the TopK step's time goes.
+in one process (interleaved repeats, the minimum of each), and where each step's time goes.
 
 Both steps: C cells of m latents on one shared batch (B, d), loss and gradients, then Adam on
 every parameter (grid.apply_grads, the grid's own optimizer step), T steps in one lax.scan.
 On the CPU the TopK step runs the native kernels of sae_jax.native where they built; "XLA
 kernels" is the same step through XLA's top_k, gathers and scatter-adds (sparse.NATIVE off).
+The breakdown comes from a trace of each whole step (`_trace`): parts timed alone, as this
+section did before, ran up to 1.6x slower than inside the step (a fresh 64 MB output each call).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _trace
 from sae_jax import fused, grid, native, sae, sparse
 
 F32 = jnp.float32
@@ -118,42 +121,22 @@ def _compiled(run, native_on: bool, *args):
         return run.lower(*args).compile()
 
 
-def part_fns(d, m, cells, batch, k, dtype) -> dict:
-    """{name: one call} of each part of the TopK group step, jitted alone: the encoder GEMM (one
-    GEMM for the group, (B, C m)), top_k (the library's: native kernels on the CPU where they
-    built; and XLA's for comparison), the decoder's gather, its VJP (dL/dc: k dot products per
-    sample; dL/dD^: scatter-add), the encoder's VJP (dL/dW_e: scatter-add; dL/db_e), Adam."""
-    group, xs, cfg = setup(d, m, cells, batch, 1)
-    x, p, dt = xs[0], group.params, jnp.dtype(dtype)
-    cell = lambda f: jax.jit(jax.vmap(f))
-    gemm = jax.jit(lambda w: sparse._gemm(x, w.reshape(-1, d), dt).reshape(batch, cells, m))
-    pre = gemm(p.W_enc_MxD)
-    vals, idx = jax.vmap(lambda w, b: sparse._pre_top_k(w, b, x, k, dt))(p.W_enc_MxD, p.b_enc_M)
-    vals = jnp.maximum(vals, 0.0)
-    atoms = jax.vmap(sae.unit_rows)(p.D_MxD)
-    g = jax.random.normal(jax.random.PRNGKey(2), (cells, batch, d)) * 1e-3
-    out = jax.jit(topk_group_grads, static_argnums=(2, 3))(p, x, k, dtype)
-    xla_top_k = jax.jit(lambda a, b: jax.lax.top_k(a + b, k))
-    parts = {
-        "encoder GEMM": (gemm, (p.W_enc_MxD,)),
-        "top_k": (jax.jit(lambda a, b: sparse._top_k(a, b, k)), (pre, p.b_enc_M)),
-        "decoder gather": (cell(sparse.decode), (atoms, vals, idx)),
-        "decoder VJP": (cell(lambda a, v, i, g: sparse._decode_bwd((a, v, i), g)[:2]),
-                        (atoms, vals, idx, g)),
-        "encoder VJP": (cell(lambda w, v, i: sparse._topk_bwd(k, dtype, (w, x, v > 0, i), (v, None))[:2]),
-                        (p.W_enc_MxD, vals, idx)),
-        "Adam": (jax.jit(lambda gr, o: _adam(gr, o, x, cfg, jnp.zeros((), jnp.int32))), (group, out)),
-        "(top_k in XLA)": (xla_top_k, (pre, p.b_enc_M)),
-    }
-    return {name: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for name, (f, a) in parts.items()}
-
-
 def flops(d, m, cells, batch, k) -> dict[str, float]:
-    """FLOPs per step of each matmul-like part (2 per multiply-add)."""
-    sparse_one = 2 * cells * batch * k * d
-    gemm = 2 * cells * batch * m * d
-    return {"(the limit: 2048^3 GEMM)": 2 * 2048 ** 3, "encoder GEMM": gemm, "decoder gather": sparse_one,
-            "decoder VJP": 2 * sparse_one, "encoder VJP": sparse_one, "dense step": 5 * gemm}
+    """FLOPs per step (2 per multiply-add): the dense step's five GEMMs, the TopK step's one."""
+    return {"(the limit: 2048^3 GEMM)": 2 * 2048 ** 3, "dense step": 5 * 2 * cells * batch * m * d,
+            "encoder GEMM": 2 * cells * batch * m * d}
+
+
+def traced_parts(d, m, cells, batch, k, dtype, steps) -> dict[str, dict[str, float]]:
+    """{"dense" | "topk": {kind: seconds per step}} from a trace of each whole step (`_trace`)."""
+    group, xs, cfg = setup(d, m, cells, batch, steps)
+    out = {}
+    for name, grads in (("dense", dense_grads(dtype, cfg)),
+                        ("topk", lambda g, x: topk_group_grads(g.params, x, k, dtype))):
+        run = _scan(grads, cfg).lower(group, xs).compile()
+        jax.block_until_ready(run(group, xs))
+        out[name] = _trace.breakdown(run, (group, xs), steps)
+    return out
 
 
 def section(d, m, cells, batch, ks, steps, repeats) -> dict:
@@ -164,7 +147,6 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
     fns = step_fns(d, m, cells, batch, ks, steps)
     k0 = ks[0]
     for dt in ("float32", "bfloat16"):
-        fns.update({f"{dt} part: {n}": f for n, f in part_fns(d, m, cells, batch, k0, dt).items()})
         a = jax.random.normal(jax.random.PRNGKey(3), (2048, 2048)).astype(dt)
         mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=F32))
         fns[f"{dt} part: (the limit: 2048^3 GEMM)"] = lambda mm=mm, a=a: jax.block_until_ready(mm(a, a))
@@ -192,17 +174,22 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
         print(f"   {name:52s} {r:5.2f}")
     out = dict(cells=cells, m=m, d=d, batch=batch, ks=list(ks), step=times, ratios=ratios, breakdown={})
     for dt in ("float32", "bfloat16"):
-        parts = {n.split(" part: ")[1]: s for n, s in measured.items() if n.startswith(f"{dt} part: ")}
-        step, dense = times[f"topk k={k0} {dt}"], times[f"dense {dt}"]
-        print(f"\n   where the {dt} TopK step (k={k0}) goes, each part alone (ms, GFLOP/s)")
-        for name, s in parts.items():
-            rate = f"{fl[name] / s / 1e9:6.0f}" if name in fl else "     -"
-            print(f"   {name:30s} {s * 1e3:8.1f}  {rate}")
-        total = sum(s for n, s in parts.items() if not n.startswith("("))
-        floor = parts["encoder GEMM"] + parts["Adam"]
-        print(f"   {'sum':30s} {total * 1e3:8.1f}  = {total / step:.2f} x the measured step")
-        print(f"   best possible speed-up with free top_k and sparse kernels: dense / (GEMM + Adam) "
-              f"= {dense / floor:.2f}; with this top_k: {dense / (floor + parts['top_k']):.2f}")
-        out["breakdown"][dt] = dict(parts, sum=total, step=step, bound_free_sparse=dense / floor,
-                                    bound_with_top_k=dense / (floor + parts["top_k"]))
+        limit = measured[f"{dt} part: (the limit: 2048^3 GEMM)"]
+        out["breakdown"][dt] = traced = traced_parts(d, m, cells, batch, k0, dt, steps)
+        dense, topk = traced["dense"], traced["topk"]
+        print(f"\n   where the {dt} steps' time goes, from a trace of each step (ms per step; "
+              f"parts may overlap; the trace slows the step)")
+        print(f"   {'':36s} {'dense':>8s} {'topk k=' + str(k0):>10s}")
+        for kind in sorted(set(dense) | set(topk), key=lambda n: (n == "wall", -topk.get(n, 0.0))):
+            row = lambda t: f"{t[kind] * 1e3:8.1f}" if kind in t else f"{'-':>8s}"
+            print(f"   {kind:36s} {row(dense)} {row(topk):>10s}")
+        rate = fl["encoder GEMM"] / topk.get("GEMM", np.nan) / 1e9
+        print(f"   the TopK step's GEMM runs at {rate:.0f} GFLOP/s; the 2048^3 GEMM at "
+              f"{fl['(the limit: 2048^3 GEMM)'] / limit / 1e9:.0f}")
+        floor = sum(v for n, v in topk.items() if n in ("GEMM", "copy") or n.startswith("XLA"))
+        native_topk = topk.get("top-k (native)", 0.0)
+        print(f"   bound with free top-k and sparse kernels: dense / (GEMM + XLA's other work) = "
+              f"{dense['wall'] / floor:.2f}; with this top-k: {dense['wall'] / (floor + native_topk):.2f}")
+        traced.update(bound_free_sparse=dense["wall"] / floor,
+                      bound_with_top_k=dense["wall"] / (floor + native_topk))
     return out
