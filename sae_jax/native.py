@@ -3,7 +3,8 @@
 `_native/sparse_kernels.cc` holds four kernels (their equations are in that file and in
 `sae_jax.sparse`): per-row top-k, the decoder's row gather-sum, the k dot products of its VJP,
 and a deterministic scatter-add (rows grouped by target with a counting sort, so no two threads
-write one row). They replace XLA:CPU's single-threaded TopK and its slow row gathers; on other
+write one row). The last three read their rows in float32 or in bfloat16 (half the bytes; the
+sums stay float32). They replace XLA:CPU's single-threaded TopK and its slow row gathers; on other
 backends `sae_jax.sparse` keeps its XLA formulation.
 
 The library is built with the machine's C++ compiler (`$CXX`, else g++, else c++) against the
@@ -31,7 +32,8 @@ import jax.numpy as jnp
 
 SOURCE = Path(__file__).with_name("_native") / "sparse_kernels.cc"
 TARGETS = {"sae_topk": "SaeTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": "SaeDots",
-           "sae_scatter": "SaeScatter"}
+           "sae_scatter": "SaeScatter", "sae_gather_sum_bf16": "SaeGatherSumBf16",
+           "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16"}
 F32, I32 = jnp.float32, jnp.int32
 MAX_ENTRIES = 2 ** 31 - 64  # the kernels' int32 scratch offsets
 _STATE: dict = {}
@@ -145,24 +147,36 @@ def topk(pre_NxM: jax.Array, k: int, bias_PxM: jax.Array | None = None) -> tuple
         pre_NxM.astype(F32), bias)
 
 
+def _rows(*arrays: jax.Array) -> tuple[str, list[jax.Array]]:
+    """The kernels' suffix and row operands: bfloat16 rows when every one is bfloat16 (read at
+    half the bytes, widened to float32 in the kernel), else float32."""
+    if all(a.dtype == jnp.bfloat16 for a in arrays):
+        return "_bf16", list(arrays)
+    return "", [a.astype(F32) for a in arrays]
+
+
 def gather_sum(w_NxJ: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array) -> jax.Array:
-    """out_n = sum_j w_nj table[idx_nj]: (N, D) float32."""
+    """out_n = sum_j w_nj table[idx_nj]: (N, D) float32 (table float32 or bfloat16)."""
     shape = w_NxJ.shape[:-1] + table_SxD.shape[-1:]
-    return _call("sae_gather_sum", jax.ShapeDtypeStruct(shape, F32))(
-        w_NxJ.astype(F32), table_SxD.astype(F32), idx_NxJ.astype(I32))
+    suffix, (table,) = _rows(table_SxD)
+    return _call("sae_gather_sum" + suffix, jax.ShapeDtypeStruct(shape, F32))(
+        w_NxJ.astype(F32), table, idx_NxJ.astype(I32))
 
 
 def dots(rows_NxD: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array) -> jax.Array:
-    """out_nj = rows_n . table[idx_nj]: (N, J) float32."""
-    return _call("sae_dots", jax.ShapeDtypeStruct(idx_NxJ.shape, F32))(
-        rows_NxD.astype(F32), table_SxD.astype(F32), idx_NxJ.astype(I32))
+    """out_nj = rows_n . table[idx_nj]: (N, J) float32 (rows and table both bfloat16, or float32)."""
+    suffix, (rows, table) = _rows(rows_NxD, table_SxD)
+    return _call("sae_dots" + suffix, jax.ShapeDtypeStruct(idx_NxJ.shape, F32))(
+        rows, table, idx_NxJ.astype(I32))
 
 
 def scatter(w_NxJ: jax.Array, rows_NxD: jax.Array, idx_NxJ: jax.Array,
             n_out: int) -> tuple[jax.Array, jax.Array]:
     """(out, col): out_l = sum over (n, j) with idx_nj = l of w_nj rows_n, (n_out, D); col_l the
-    same sum of w_nj, (n_out,). Entries outside [0, n_out) are dropped."""
+    same sum of w_nj, (n_out,); float32 (rows float32 or bfloat16). Entries outside [0, n_out)
+    are dropped."""
     lead = w_NxJ.shape[:-2]
-    return _call("sae_scatter", jax.ShapeDtypeStruct(lead + (n_out, rows_NxD.shape[-1]), F32),
+    suffix, (rows,) = _rows(rows_NxD)
+    return _call("sae_scatter" + suffix, jax.ShapeDtypeStruct(lead + (n_out, rows_NxD.shape[-1]), F32),
                  jax.ShapeDtypeStruct(lead + (n_out,), F32))(
-        w_NxJ.astype(F32), rows_NxD.astype(F32), idx_NxJ.astype(I32))
+        w_NxJ.astype(F32), rows, idx_NxJ.astype(I32))

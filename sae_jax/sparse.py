@@ -26,8 +26,9 @@ not build: XLA's CPU gather and scatter run fast only on whole rows, a batch of 
 so each of those loops over the k slots (a `fori_loop`) and moves B rows (or B x 8) per trip,
 and the (B, k, d) array of gathered rows never exists. Under vmap over cells sharing x, the
 encoder's pre-activations come from one GEMM for the whole group. `compute_dtype` casts the
-encoder GEMM's operands (float32 accumulation); the gathers and scatter-adds stay in the
-parameters' float32.
+encoder GEMM's operands (float32 accumulation) and, in the TopK layout, the rows the gathers,
+dot products and scatter-adds read (atoms, dL/dx^, x), as the dense bfloat16 step rounds its
+GEMMs' operands; the codes, the sums and every gradient stay float32.
 """
 
 from __future__ import annotations
@@ -270,12 +271,12 @@ def _pre(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, dt) -> Array:
 
 
 def _encoder_grads(W_enc_MxD: Array, x_BxD: Array, dpre_NxJ: Array, latent_NxJ: Array,
-                   sample_NxJ: Array | None) -> tuple[Array, Array, Array]:
+                   sample_NxJ: Array | None, rows_dtype=F32) -> tuple[Array, Array, Array]:
     """(dW_e, db_e, dx) from dL/dpre at the selected (sample, latent) pairs (sample None: the
-    TopK layout, row n holds sample n's slots)."""
+    TopK layout, row n holds sample n's slots); the TopK layout reads x's rows in rows_dtype."""
     m, batch = W_enc_MxD.shape[0], x_BxD.shape[0]
     if sample_NxJ is None:
-        dW, db = _row_scatter(dpre_NxJ, x_BxD, latent_NxJ, m)
+        dW, db = _row_scatter(dpre_NxJ, x_BxD.astype(rows_dtype), latent_NxJ, m)
         dx = _gather_sum(dpre_NxJ, W_enc_MxD, latent_NxJ)  # dropped by XLA unless x is differentiated
     else:
         dW = _scatter_sum(dpre_NxJ, x_BxD, sample_NxJ, latent_NxJ, m)
@@ -304,27 +305,30 @@ def _topk_fwd(W_enc_MxD, b_enc_M, x_BxD, k, compute_dtype):
 def _topk_bwd(k, compute_dtype, res, cot):
     W, x, active_BxK, i_BxK = res
     dpre = jnp.where(active_BxK, cot[0], 0.0).astype(F32)
-    return _encoder_grads(W, x, dpre, i_BxK, None)
+    return _encoder_grads(W, x, dpre, i_BxK, None, _dtype(compute_dtype))
 
 
 topk_codes.defvjp(_topk_fwd, _topk_bwd)
 
 
-@jax.custom_vjp
-def decode(atoms_MxD: Array, vals_BxK: Array, idx_BxK: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def decode(atoms_MxD: Array, vals_BxK: Array, idx_BxK: Array, compute_dtype: str = "float32") -> Array:
     """x^_b = sum_j c_bj a_{i_bj}, with the sparse VJP of the module docstring; the atoms a are
-    used as given (normalise them first: autodiff carries that VJP)."""
-    return _gather_sum(vals_BxK, atoms_MxD, idx_BxK)
+    used as given (normalise them first: autodiff carries that VJP). In bfloat16 the rows the
+    kernels read (the atoms, and dL/dx^ in the VJP) are rounded to it; the sums stay float32."""
+    return _gather_sum(vals_BxK, atoms_MxD.astype(_dtype(compute_dtype)), idx_BxK)
 
 
-def _decode_fwd(atoms_MxD, vals_BxK, idx_BxK):
-    return decode(atoms_MxD, vals_BxK, idx_BxK), (atoms_MxD, vals_BxK, idx_BxK)
+def _decode_fwd(atoms_MxD, vals_BxK, idx_BxK, compute_dtype):
+    return decode(atoms_MxD, vals_BxK, idx_BxK, compute_dtype), (atoms_MxD, vals_BxK, idx_BxK)
 
 
-def _decode_bwd(res, g_BxD):
+def _decode_bwd(compute_dtype, res, g_BxD):
     atoms, vals, idx = res
-    d_vals = _dots(g_BxD, None, atoms, idx)
-    d_atoms = _scatter_sum(vals, g_BxD, None, idx, atoms.shape[0])
+    dt = _dtype(compute_dtype)
+    g = g_BxD.astype(dt)
+    d_vals = _dots(g, None, atoms.astype(dt), idx)
+    d_atoms = _scatter_sum(vals, g, None, idx, atoms.shape[0])
     return d_atoms.astype(atoms.dtype), d_vals.astype(vals.dtype), None
 
 

@@ -81,6 +81,27 @@ def test_gather_sum_and_dots_equal_their_definitions(shared):
         np.testing.assert_allclose(dots[q], jnp.einsum("nd,njd->nj", r[q], g), rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_rows_give_the_float32_kernels_result_on_the_rounded_rows():
+    """The bfloat16 kernels widen each row element to float32 as they read it: the same sums as
+    the float32 kernels on the rounded rows (d 300: the 256-wide register path and a tail)."""
+    c, n, j, s, d = 2, 48, 9, 70, 300
+    w, r, t = _rand((c, n, j), 3), _rand((c, n, d), 4), _rand((c, s, d), 5)
+    idx = jax.random.randint(KEY, (c, n, j), 0, s)
+    bf = lambda a: a.astype(jnp.bfloat16)
+    up = lambda a: bf(a).astype(jnp.float32)
+    calls = {"gather": (lambda t, i: native.gather_sum(w, t, i), (t,)),
+             "dots": (lambda r, t, i: native.dots(r, t, i), (r, t)),
+             "scatter": (lambda r, i: native.scatter(w, r, i, s), (r,))}
+    for name, (f, rows) in calls.items():
+        got = jax.jit(f)(*[bf(a) for a in rows], idx)
+        want = jax.jit(f)(*[up(a) for a in rows], idx)
+        assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(got)), name
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+    text = jax.jit(calls["dots"][0]).lower(bf(r), bf(t), idx).as_text()
+    assert "sae_dots_bf16" in text
+
+
 def test_scatter_sums_rows_per_target_and_drops_out_of_range():
     c, n, j, L, d = 2, 50, 6, 20, 17
     w, rows = _rand((c, n, j), 6), _rand((n, d), 7)

@@ -34,6 +34,7 @@
 #include <initializer_list>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -287,18 +288,39 @@ struct Blocked {
   const int32_t* Start(int64_t q, int64_t L) const { return start.data() + q * (L + 1); }
 };
 
-// Asks for the n floats at p ahead of their use.
-inline void Prefetch(const float* p, int64_t n) {
-  for (int64_t t = 0; t < n; t += 16) __builtin_prefetch(p + t);
+// Rows come as float32 or as bfloat16 (their bits, uint16_t): a bfloat16 row is widened to float32
+// as it is read, so the sums are float32 either way and the bfloat16 kernels move half the bytes.
+inline float ToF32(float v) { return v; }
+inline float ToF32(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+#ifdef __AVX512F__
+inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 Load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// Asks for the n elements at p ahead of their use.
+template <class T>
+inline void Prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(c + b);
 }
 
-inline void Axpy(float a, const float* x, float* y, int64_t d) {
-  for (int64_t t = 0; t < d; ++t) y[t] += a * x[t];
+template <class T>
+inline void Axpy(float a, const T* x, float* y, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) y[t] += a * ToF32(x[t]);
 }
 
 // y += sum over the listed entries e (in order) of w_e r_{e / jn}: y held in registers, 256 floats
 // at a time, across the entries (the same per-element order as one Axpy per entry).
-inline void AxpyRows(const float* w, const float* rows, const int32_t* es, int64_t ne, int64_t jn,
+template <class T>
+inline void AxpyRows(const float* w, const T* rows, const int32_t* es, int64_t ne, int64_t jn,
                      float* y, int64_t d) {
   if (ne == 0) return;
   int64_t t0 = 0;
@@ -309,9 +331,9 @@ inline void AxpyRows(const float* w, const float* rows, const int32_t* es, int64
     for (int v = 0; v < kV; ++v) acc[v] = _mm512_loadu_ps(y + t0 + v * 16);
     for (int64_t p = 0; p < ne; ++p) {
       const int64_t e = es[p];
-      const float* r = rows + (e / jn) * d + t0;
+      const T* r = rows + (e / jn) * d + t0;
       const __m512 a = _mm512_set1_ps(w[e]);
-      for (int v = 0; v < kV; ++v) acc[v] = _mm512_fmadd_ps(a, _mm512_loadu_ps(r + v * 16), acc[v]);
+      for (int v = 0; v < kV; ++v) acc[v] = _mm512_fmadd_ps(a, Load16(r + v * 16), acc[v]);
     }
     for (int v = 0; v < kV; ++v) _mm512_storeu_ps(y + t0 + v * 16, acc[v]);
   }
@@ -325,13 +347,21 @@ inline void AxpyRows(const float* w, const float* rows, const int32_t* es, int64
 
 // a . b in kLanes partial sums (a fixed order the compiler can keep in vector registers).
 constexpr int64_t kLanes = 16;
-inline float Dot(const float* a, const float* b, int64_t d) {
+template <class T>
+inline float Dot(const T* a, const T* b, int64_t d) {
   float part[kLanes] = {};
   int64_t e = 0;
+#ifdef __AVX512F__
+  if constexpr (!std::is_same_v<T, float>) {  // (float: the compiler's vectorized loop below)
+    __m512 acc = _mm512_setzero_ps();
+    for (; e + kLanes <= d; e += kLanes) acc = _mm512_fmadd_ps(Load16(a + e), Load16(b + e), acc);
+    _mm512_storeu_ps(part, acc);
+  }
+#endif
   for (; e + kLanes <= d; e += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[e + l] * b[e + l];
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += ToF32(a[e + l]) * ToF32(b[e + l]);
   float acc = 0.0f;
-  for (; e < d; ++e) acc += a[e] * b[e];
+  for (; e < d; ++e) acc += ToF32(a[e]) * ToF32(b[e]);
   for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
   return acc;
 }
@@ -342,7 +372,8 @@ inline float Dot(const float* a, const float* b, int64_t d) {
 // out rows added to in the L2 cache) ran 1.6x slower at d 256 and no faster at d 1024 (/tmp A/B
 // of both kernels interleaved in one process, AMD EPYC).
 constexpr int64_t kAhead = 4;
-void GatherRow(const float* w, const int32_t* i, int64_t jn, const float* t, int64_t s, int64_t d,
+template <class T>
+void GatherRow(const float* w, const int32_t* i, int64_t jn, const T* t, int64_t s, int64_t d,
                float* o, std::vector<int64_t>& at) {
   for (int64_t j = 0; j < jn; ++j) at[j] = static_cast<int64_t>(std::min<int32_t>(std::max(i[j], 0), s - 1)) * d;
   int64_t t0 = 0;
@@ -353,9 +384,9 @@ void GatherRow(const float* w, const int32_t* i, int64_t jn, const float* t, int
     for (int v = 0; v < kV; ++v) acc[v] = _mm512_setzero_ps();
     for (int64_t j = 0; j < jn; ++j) {
       if (j + kAhead < jn) Prefetch(t + at[j + kAhead] + t0, kV * 16);
-      const float* src = t + at[j] + t0;
+      const T* src = t + at[j] + t0;
       const __m512 a = _mm512_set1_ps(w[j]);
-      for (int v = 0; v < kV; ++v) acc[v] = _mm512_fmadd_ps(a, _mm512_loadu_ps(src + v * 16), acc[v]);
+      for (int v = 0; v < kV; ++v) acc[v] = _mm512_fmadd_ps(a, Load16(src + v * 16), acc[v]);
     }
     for (int v = 0; v < kV; ++v) _mm512_storeu_ps(o + t0 + v * 16, acc[v]);
   }
@@ -366,15 +397,22 @@ void GatherRow(const float* w, const int32_t* i, int64_t jn, const float* t, int
   }
 }
 
-ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> table,
-                         ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
+template <ffi::DataType R>
+using RowBuf = ffi::Buffer<R>;
+template <ffi::DataType R>
+using Row = typename ffi::internal::DataTypeToNative<R>::type;
+
+template <ffi::DataType R>
+ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
+                         ffi::ResultBuffer<ffi::F32> out) {
   auto ad = w.dimensions(), td = table.dimensions(), id = idx.dimensions(), od = out->dimensions();
   const int64_t n = Dim(id, 2), jn = Dim(id, 1), s = Dim(td, 2), d = Dim(td, 1);
   Cells cells(od, 2);
   if (Dim(ad, 1) != jn || Dim(ad, 2) != n || Dim(od, 1) != d || Dim(od, 2) != n || s < 1 ||
       n * jn > kMaxEntries || !Fits(cells, ad, 2) || !Fits(cells, td, 2) || !Fits(cells, id, 2))
     return ffi::Error::InvalidArgument("sae_gather_sum: shapes");
-  const float *A = w.typed_data(), *T = table.typed_data();
+  const float* A = w.typed_data();
+  const Row<R>* T = table.typed_data();
   const int32_t* I = idx.typed_data();
   float* O = out->typed_data();
   ParallelFor(cells.count * n, 16, [&](int64_t r0, int64_t r1) {
@@ -390,23 +428,24 @@ ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> table,
 
 // out_nj = r_n . T[i_nj], a cell at a time, its row blocks split over the threads, each block's
 // entries by latent (the cell's table read once per block).
-ffi::Error DotsBody(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> table,
-                    ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
+template <ffi::DataType R>
+ffi::Error DotsBody(RowBuf<R> rows, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
+                    ffi::ResultBuffer<ffi::F32> out) {
   auto ad = rows.dimensions(), td = table.dimensions(), id = idx.dimensions(), od = out->dimensions();
   const int64_t n = Dim(id, 2), jn = Dim(id, 1), s = Dim(td, 2), d = Dim(td, 1);
   Cells cells(od, 2);
   if (Dim(ad, 1) != d || Dim(ad, 2) != n || Dim(od, 1) != jn || Dim(od, 2) != n || s < 1 ||
       n * jn > kMaxEntries || !Fits(cells, ad, 2) || !Fits(cells, td, 2) || !Fits(cells, id, 2))
     return ffi::Error::InvalidArgument("sae_dots: shapes");
-  const float *A = rows.typed_data(), *T = table.typed_data();
+  const Row<R>*A = rows.typed_data(), *T = table.typed_data();
   const int32_t* I = idx.typed_data();
   float* O = out->typed_data();
   Blocked blk;
   for (int64_t c = 0; c < cells.count; ++c) {
-    const float* ac = A + cells.Offset(c, ad, 2, n * d);
-    const float* t = T + cells.Offset(c, td, 2, s * d);
+    const Row<R>* ac = A + cells.Offset(c, ad, 2, n * d);
+    const Row<R>* t = T + cells.Offset(c, td, 2, s * d);
     float* oc = O + c * n * jn;
-    blk.Build(I + cells.Offset(c, id, 2, n * jn), n, jn, s, d, /*clip=*/true);
+    blk.Build(I + cells.Offset(c, id, 2, n * jn), n, jn, s, d * sizeof(Row<R>) / 4, /*clip=*/true);
     ParallelFor(blk.blocks, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int32_t* st = blk.Start(q, s);
@@ -425,7 +464,8 @@ ffi::Error DotsBody(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> table,
 // threads; each thread walks every row block and adds, per latent, that block's entries in
 // (row, slot) order, so the sum's order does not depend on the threads. The output row is held in
 // registers across the entries (AxpyRows): 1.4x faster than an Axpy per entry at d 256 and 1024.
-ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> idx,
+template <ffi::DataType R>
+ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi::S32> idx,
                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> col) {
   auto wd = w.dimensions(), rd = rows.dimensions(), id = idx.dimensions(), od = out->dimensions();
   const int64_t L = Dim(od, 2), d = Dim(od, 1), n = Dim(wd, 2), jn = Dim(wd, 1);
@@ -433,15 +473,16 @@ ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> rows, ffi:
   if (Dim(rd, 1) != d || Dim(rd, 2) != n || Dim(id, 2) != n || Dim(id, 1) != jn ||
       n * jn > kMaxEntries || !Fits(cells, wd, 2) || !Fits(cells, rd, 2) || !Fits(cells, id, 2))
     return ffi::Error::InvalidArgument("sae_scatter: shapes");
-  const float *W = w.typed_data(), *R = rows.typed_data();
+  const float* W = w.typed_data();
+  const Row<R>* Rw = rows.typed_data();
   const int32_t* I = idx.typed_data();
   float *O = out->typed_data(), *C = col->typed_data();
   Blocked blk;
   for (int64_t c = 0; c < cells.count; ++c) {
     const float* wc = W + cells.Offset(c, wd, 2, n * jn);
-    const float* rc = R + cells.Offset(c, rd, 2, n * d);
+    const Row<R>* rc = Rw + cells.Offset(c, rd, 2, n * d);
     float *oc = O + c * L * d, *cc = C + c * L;
-    blk.Build(I + cells.Offset(c, id, 2, n * jn), n, jn, L, d, /*clip=*/false);
+    blk.Build(I + cells.Offset(c, id, 2, n * jn), n, jn, L, d * sizeof(Row<R>) / 4, /*clip=*/false);
     ParallelFor(L, 64, [&](int64_t l0, int64_t l1) {
       std::fill(oc + l0 * d, oc + l1 * d, 0.0f);
       std::fill(cc + l0, cc + l1, 0.0f);
@@ -475,22 +516,25 @@ ffi::Error TopkImpl(F32Buf pre, F32Buf bias, F32Ret vals, ffi::ResultBuffer<ffi:
   return Guard("sae_topk", [&] { return TopkBody(pre, bias, vals, idx); });
 }
 
-ffi::Error GatherSumImpl(F32Buf w, F32Buf table, S32Buf idx, F32Ret out) {
+template <ffi::DataType R>
+ffi::Error GatherSumImpl(F32Buf w, RowBuf<R> table, S32Buf idx, F32Ret out) {
   if (!Matrices({w.dimensions(), table.dimensions(), idx.dimensions(), out->dimensions()}))
     return ffi::Error::InvalidArgument("sae_gather_sum: ranks");
-  return Guard("sae_gather_sum", [&] { return GatherSumBody(w, table, idx, out); });
+  return Guard("sae_gather_sum", [&] { return GatherSumBody<R>(w, table, idx, out); });
 }
 
-ffi::Error DotsImpl(F32Buf rows, F32Buf table, S32Buf idx, F32Ret out) {
+template <ffi::DataType R>
+ffi::Error DotsImpl(RowBuf<R> rows, RowBuf<R> table, S32Buf idx, F32Ret out) {
   if (!Matrices({rows.dimensions(), table.dimensions(), idx.dimensions(), out->dimensions()}))
     return ffi::Error::InvalidArgument("sae_dots: ranks");
-  return Guard("sae_dots", [&] { return DotsBody(rows, table, idx, out); });
+  return Guard("sae_dots", [&] { return DotsBody<R>(rows, table, idx, out); });
 }
 
-ffi::Error ScatterImpl(F32Buf w, F32Buf rows, S32Buf idx, F32Ret out, F32Ret col) {
+template <ffi::DataType R>
+ffi::Error ScatterImpl(F32Buf w, RowBuf<R> rows, S32Buf idx, F32Ret out, F32Ret col) {
   if (!Matrices({w.dimensions(), rows.dimensions(), idx.dimensions(), out->dimensions()}))
     return ffi::Error::InvalidArgument("sae_scatter: ranks");
-  return Guard("sae_scatter", [&] { return ScatterBody(w, rows, idx, out, col); });
+  return Guard("sae_scatter", [&] { return ScatterBody<R>(w, rows, idx, out, col); });
 }
 
 }  // namespace
@@ -502,24 +546,46 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopk, TopkImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherSum, GatherSumImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherSum, GatherSumImpl<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeDots, DotsImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeDots, DotsImpl<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeScatter, ScatterImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeScatter, ScatterImpl<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherSumBf16, GatherSumImpl<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeDotsBf16, DotsImpl<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeScatterBf16, ScatterImpl<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
