@@ -55,7 +55,8 @@ def kinds(hlo_text: str) -> dict[str, str]:
             target = re.search(r'custom_call_target="([^"]+)"', line)
             called = re.findall(r"calls=%([\w.-]+)", line)
             if target:
-                out[name] = KERNELS.get(target.group(1), f"custom call {target.group(1)}")
+                t = target.group(1).removesuffix("_bf16")  # the bfloat16-row twins: the same part
+                out[name] = KERNELS.get(t, f"custom call {t}")
             elif op == "dot" or (op == "fusion" and any(has_dot(c) for c in called)):
                 out[name] = "GEMM"
             elif op == "copy":
