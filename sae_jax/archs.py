@@ -75,7 +75,7 @@ class ArchOptions(NamedTuple):
     aux_k: int = 0  # AuxK's k_aux (0: d / 2)
     sparse: str = "auto"  # topk without AuxK: the sparse decoder (sae_jax.sparse): "on", "off", or
     #                       "auto" = on where k <= m / 64 (where it measured faster than dense)
-    compute_dtype: str = "float32"  # the sparse path's encoder GEMM operands
+    compute_dtype: str = "float32"  # the sparse path's encoder GEMM operands and kernel rows
 
 
 def pre_acts(params: sae.SAEParams, x_BxD: Array) -> Array:

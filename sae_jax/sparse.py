@@ -26,9 +26,9 @@ not build: XLA's CPU gather and scatter run fast only on whole rows, a batch of 
 so each of those loops over the k slots (a `fori_loop`) and moves B rows (or B x 8) per trip,
 and the (B, k, d) array of gathered rows never exists. Under vmap over cells sharing x, the
 encoder's pre-activations come from one GEMM for the whole group. `compute_dtype` casts the
-encoder GEMM's operands (float32 accumulation) and, in the TopK layout, the rows the gathers,
-dot products and scatter-adds read (atoms, dL/dx^, x), as the dense bfloat16 step rounds its
-GEMMs' operands; the codes, the sums and every gradient stay float32.
+encoder GEMM's operands (float32 accumulation) and, in the TopK layout, the rows that the
+decoder's gather, its dot products and the scatter-adds read (atoms, dL/dx^, x), as the dense
+bfloat16 step rounds its GEMMs' operands; the codes, the sums and every gradient stay float32.
 """
 
 from __future__ import annotations

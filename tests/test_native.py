@@ -64,9 +64,10 @@ def _gathered(table, idx):
     return jnp.take(table, jnp.clip(idx, 0, table.shape[0] - 1), axis=0)  # (N, J, D)
 
 
+@pytest.mark.parametrize("d", [33, 300], ids=["d 33", "d 300 (register path and a tail)"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-cell table", "shared table"])
-def test_gather_sum_and_dots_equal_their_definitions(shared):
-    c, n, j, s, d = 3, 40, 7, 90, 33
+def test_gather_sum_and_dots_equal_their_definitions(shared, d):
+    c, n, j, s = 3, 40, 7, 90
     w, r = _rand((c, n, j), 3), _rand((c, n, d), 4)
     idx = jax.random.randint(KEY, (c, n, j), -5, s + 5)  # some out of range: clipped
     tables = _rand((c, s, d), 5)
@@ -98,12 +99,13 @@ def test_bfloat16_rows_give_the_float32_kernels_result_on_the_rounded_rows():
         assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(got)), name
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
-    text = jax.jit(calls["dots"][0]).lower(bf(r), bf(t), idx).as_text()
-    assert "sae_dots_bf16" in text
+        text = jax.jit(f).lower(*[bf(a) for a in rows], idx).as_text()
+        assert f"sae_{'gather_sum' if name == 'gather' else name}_bf16" in text, name
 
 
-def test_scatter_sums_rows_per_target_and_drops_out_of_range():
-    c, n, j, L, d = 2, 50, 6, 20, 17
+@pytest.mark.parametrize("d", [17, 300], ids=["d 17", "d 300 (register path and a tail)"])
+def test_scatter_sums_rows_per_target_and_drops_out_of_range(d):
+    c, n, j, L = 2, 50, 6, 20
     w, rows = _rand((c, n, j), 6), _rand((n, d), 7)
     idx = jax.random.randint(KEY, (c, n, j), -3, L + 3)
     out, col = jax.jit(jax.vmap(lambda w, i: native.scatter(w, rows, i, L)))(w, idx)
@@ -119,7 +121,7 @@ def test_scatter_does_not_depend_on_the_thread_count():
     1000 target rows) and row blocks: bit-identical."""
     code = ("import os, sys, numpy as np, jax; from sae_jax import native;"
             "w = jax.random.normal(jax.random.PRNGKey(0), (512, 32));"
-            "r = jax.random.normal(jax.random.PRNGKey(1), (512, 64));"
+            "r = jax.random.normal(jax.random.PRNGKey(1), (512, 300));"
             "i = jax.random.randint(jax.random.PRNGKey(2), (512, 32), 0, 1000);"
             "np.save(sys.argv[1], np.asarray(native.scatter(w, r, i, 1000)[0]))")
     outs = []

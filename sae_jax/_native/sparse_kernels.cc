@@ -11,12 +11,14 @@
 //                   per row n the K largest entries of pre_n + bias_{n mod P}, in no particular
 //                   order; ties: the lower index wins (lax.top_k's choice); NaN above +inf
 //   sae_gather_sum  w (.., N, J), T (.., S, D), i (.., N, J) -> out (.., N, D)
-//                   out_n = sum_j w_nj T[i_nj]
+//                   out_n = sum_j w_nj T[i_nj] (summed in slot order j)
 //   sae_dots        r (.., N, D), T (.., S, D), i (.., N, J) -> out (.., N, J)
 //                   out_nj = r_n . T[i_nj]
 //   sae_scatter     w (.., N, J), r (.., N, D), i (.., N, J) -> out (.., L, D), col (.., L)
 //                   out_l = sum_{(n,j): i_nj = l} w_nj r_n,  col_l = sum_{(n,j): i_nj = l} w_nj
 //                   (entries summed in increasing (n, j): the result does not depend on threads)
+//   sae_gather_sum_bf16, sae_dots_bf16, sae_scatter_bf16: the same with T and r bfloat16, each
+//                   element widened to float32 as it is read (float32 sums and outputs)
 //
 // Indices outside [0, S) (gathers) or [0, L) (scatter) are clipped (gathers) or dropped (scatter).
 
@@ -369,13 +371,13 @@ inline float Dot(const T* a, const T* b, int64_t d) {
 // out_n = sum_j w_nj T[i_nj] in slot order, row by row over the threads: the row is held in
 // registers 256 floats at a time while its J table rows stream in, each asked for kAhead slots
 // ahead of its use. Walking the entries by latent instead (the table read once per row block, the
-// out rows added to in the L2 cache) ran 1.6x slower at d 256 and no faster at d 1024 (/tmp A/B
-// of both kernels interleaved in one process, AMD EPYC).
+// out rows added to in the L2 cache) ran 1.6x slower at d 256 and no faster at d 1024 (both
+// kernels interleaved in one process on the AMD EPYC; the step: benchmarks/grid_step.py).
 constexpr int64_t kAhead = 4;
 template <class T>
 void GatherRow(const float* w, const int32_t* i, int64_t jn, const T* t, int64_t s, int64_t d,
                float* o, std::vector<int64_t>& at) {
-  for (int64_t j = 0; j < jn; ++j) at[j] = static_cast<int64_t>(std::min<int32_t>(std::max(i[j], 0), s - 1)) * d;
+  for (int64_t j = 0; j < jn; ++j) at[j] = std::clamp<int64_t>(i[j], 0, s - 1) * d;
   int64_t t0 = 0;
 #ifdef __AVX512F__
   constexpr int kV = 16;
@@ -400,7 +402,7 @@ void GatherRow(const float* w, const int32_t* i, int64_t jn, const T* t, int64_t
 template <ffi::DataType R>
 using RowBuf = ffi::Buffer<R>;
 template <ffi::DataType R>
-using Row = typename ffi::internal::DataTypeToNative<R>::type;
+using Row = ffi::NativeType<R>;
 
 template <ffi::DataType R>
 ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
