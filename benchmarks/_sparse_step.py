@@ -93,7 +93,16 @@ def carried(run, group, xs):
     def call():
         box[0] = run(box[0], xs)
         jax.block_until_ready(box[0])
+    call.state = lambda: box[0]
     return call
+
+
+def diverged(fns: dict) -> list[str]:
+    """The carried steps whose state is no longer finite (their timings would not be a
+    training step's: a non-finite row makes every latent a top-k candidate)."""
+    finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(t)
+                                                  if jnp.issubdtype(a.dtype, jnp.floating)])))
+    return [n for n, f in fns.items() if hasattr(f, "state") and not bool(finite(f.state()))]
 
 
 def dense_grads(dtype: str, cfg):
@@ -163,6 +172,8 @@ def section(d, m, cells, batch, ks, steps, repeats) -> dict:
         mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=F32))
         fns[f"{dt} part: (the limit: 2048^3 GEMM)"] = lambda mm=mm, a=a: jax.block_until_ready(mm(a, a))
     measured = interleaved(fns, repeats)
+    bad = diverged(fns)
+    print(f"   every timed state still finite: {'yes' if not bad else 'NO: ' + ', '.join(bad)}")
     times = {n: s / steps for n, s in measured.items() if " part: " not in n}
     fl = flops(d, m, cells, batch, k0)
     for name, s in times.items():
