@@ -263,7 +263,7 @@ class Checkpointer:
             raise _Unusable(f"manifest is not a format-{_FORMAT} sae_jax manifest")
         return metadata, manifest
 
-    def _restoreby_path(self, abstract_state: PyTree, step: int) -> PyTree:
+    def _restore_by_path(self, abstract_state: PyTree, step: int) -> PyTree:
         """The step's arrays restored as saved (no target), placed by key path: a checkpoint
         written before `GroupState.world_index` (None by default) existed."""
         raw = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -292,7 +292,7 @@ class Checkpointer:
             if "tree structures do not match" not in str(e):
                 raise _Unusable(f"cannot read its arrays ({_one_line(e)})") from None
             try:  # same leaves, other tree: a field that is None by default was added since
-                state = self._restoreby_path(abstract_state, step)
+                state = self._restore_by_path(abstract_state, step)
             except Exception as e2:
                 raise _Unusable(f"cannot read its arrays ({_one_line(e)}; {_one_line(e2)})") from None
         else:

@@ -548,46 +548,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopk, TopkImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherSum, GatherSumImpl<ffi::F32>,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The three row kernels, once per row type (Name##Suffix: float32 rows, or bfloat16 rows).
+#define SAE_ROW_KERNELS(Suffix, R)                                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherSum##Suffix, GatherSumImpl<ffi::R>,                \
+                                ffi::Ffi::Bind()                                            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::R>>()                             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>());                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeDots##Suffix, DotsImpl<ffi::R>,                          \
+                                ffi::Ffi::Bind()                                            \
+                                    .Arg<ffi::Buffer<ffi::R>>()                             \
+                                    .Arg<ffi::Buffer<ffi::R>>()                             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>());                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeScatter##Suffix, ScatterImpl<ffi::R>,                    \
+                                ffi::Ffi::Bind()                                            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::R>>()                             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>())
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeDots, DotsImpl<ffi::F32>,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeScatter, ScatterImpl<ffi::F32>,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherSumBf16, GatherSumImpl<ffi::BF16>,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeDotsBf16, DotsImpl<ffi::BF16>,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeScatterBf16, ScatterImpl<ffi::BF16>,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+SAE_ROW_KERNELS(, F32);
+SAE_ROW_KERNELS(Bf16, BF16);
