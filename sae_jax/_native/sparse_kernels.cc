@@ -250,10 +250,10 @@ ffi::Error TopkBody(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias,
 }
 
 // ----------------------------------------------------------------------------- gathers, scatter
-// The dot products and the scatter-add walk one cell's (row, slot) entries grouped by blocks of
-// rows, and within a block by latent, in increasing latent order: a block's rows (B_b x D floats,
-// sized to stay in the L2 cache) are read at random while the table or the output streams through
-// once per block in address order. The gather goes row by row instead (see GatherSumBody).
+// The scatter-add walks one cell's (row, slot) entries grouped by blocks of rows, and within a
+// block by latent, in increasing latent order: a block's rows (B_b x D floats, sized to stay in the
+// L2 cache) are read at random while the output streams through once per block in address order.
+// The gather and the dot products go row by row instead (GatherSumBody, DotsBody).
 constexpr int64_t kBlockBytes = 1024 * 1024;
 
 struct Blocked {
@@ -261,8 +261,8 @@ struct Blocked {
   std::vector<int32_t> start;  // (blocks, L + 1): block q's entries for latent l are
   std::vector<int32_t> order;  // order[start[q, l] : start[q, l + 1]], each e = row * J + slot
 
-  // Entries with index outside [0, L) are clipped into it (clip) or left out.
-  void Build(const int32_t* idx, int64_t n, int64_t jn, int64_t L, int64_t d, bool clip) {
+  // Entries with index outside [0, L) are left out.
+  void Build(const int32_t* idx, int64_t n, int64_t jn, int64_t L, int64_t d) {
     // rows that fit kBlockBytes, and at least one block per thread
     const int64_t per_thread = (n + Threads() - 1) / Threads();
     rows_per_block = std::max<int64_t>(
@@ -275,7 +275,6 @@ struct Blocked {
       const int64_t e0 = q * rows_per_block * jn, e1 = std::min(n, (q + 1) * rows_per_block) * jn;
       auto target = [&](int64_t e) -> int64_t {
         const int64_t l = idx[e];
-        if (clip) return l < 0 ? 0 : (l >= L ? L - 1 : l);
         return (l < 0 || l >= L) ? -1 : l;
       };
       for (int64_t e = e0; e < e1; ++e)
@@ -347,27 +346,6 @@ inline void AxpyRows(const float* w, const T* rows, const int32_t* es, int64_t n
     }
 }
 
-// a . b in kLanes partial sums (a fixed order the compiler can keep in vector registers).
-constexpr int64_t kLanes = 16;
-template <class T>
-inline float Dot(const T* a, const T* b, int64_t d) {
-  float part[kLanes] = {};
-  int64_t e = 0;
-#ifdef __AVX512F__
-  if constexpr (!std::is_same_v<T, float>) {  // (float: the compiler's vectorized loop below)
-    __m512 acc = _mm512_setzero_ps();
-    for (; e + kLanes <= d; e += kLanes) acc = _mm512_fmadd_ps(Load16(a + e), Load16(b + e), acc);
-    _mm512_storeu_ps(part, acc);
-  }
-#endif
-  for (; e + kLanes <= d; e += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) part[l] += ToF32(a[e + l]) * ToF32(b[e + l]);
-  float acc = 0.0f;
-  for (; e < d; ++e) acc += ToF32(a[e]) * ToF32(b[e]);
-  for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
-  return acc;
-}
-
 // out_n = sum_j w_nj T[i_nj] in slot order, row by row over the threads: the row is held in
 // registers 256 floats at a time while its J table rows stream in, each asked for kAhead slots
 // ahead of its use. Walking the entries by latent instead (the table read once per row block, the
@@ -428,8 +406,48 @@ ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-// out_nj = r_n . T[i_nj], a cell at a time, its row blocks split over the threads, each block's
-// entries by latent (the cell's table read once per block).
+// out_j = r . T[i_j] for one row's J slots, kJ slots at a time: one accumulator of 16 lanes per
+// slot (lane l sums the elements l mod 16 in order), then the tail, then the lanes in order. The
+// kJ table rows stream in side by side while the next kJ are asked for. Row by row, as the gather:
+// 1.6x faster than walking the entries by latent at d 256 and 1.2x at d 1024 (both kernels
+// interleaved in one process on the AMD EPYC; 8 slots at a time beat 4 and 16 at both).
+template <class T>
+void DotsRow(const T* r, const int32_t* i, int64_t jn, const T* t, int64_t s, int64_t d,
+             float* o) {
+  constexpr int kJ = 8;
+  const int64_t d16 = d - d % 16;
+  for (int64_t j0 = 0; j0 < jn; j0 += kJ) {
+    const int nj = static_cast<int>(std::min<int64_t>(kJ, jn - j0));
+    const T* src[kJ];
+    for (int q = 0; q < nj; ++q) src[q] = t + std::clamp<int64_t>(i[j0 + q], 0, s - 1) * d;
+    for (int q = nj; q < kJ; ++q) src[q] = src[0];
+    for (int q = 0; q < kJ && j0 + kJ + q < jn; ++q)
+      __builtin_prefetch(t + std::clamp<int64_t>(i[j0 + kJ + q], 0, s - 1) * d);
+    float part[kJ][16];
+#ifdef __AVX512F__
+    __m512 acc[kJ];
+    for (int q = 0; q < kJ; ++q) acc[q] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < d16; e += 16) {
+      const __m512 rv = Load16(r + e);
+      for (int q = 0; q < kJ; ++q) acc[q] = _mm512_fmadd_ps(rv, Load16(src[q] + e), acc[q]);
+    }
+    for (int q = 0; q < kJ; ++q) _mm512_storeu_ps(part[q], acc[q]);
+#else
+    for (int q = 0; q < kJ; ++q) {
+      for (int l = 0; l < 16; ++l) part[q][l] = 0.0f;
+      for (int64_t e = 0; e < d16; e += 16)
+        for (int l = 0; l < 16; ++l) part[q][l] += ToF32(r[e + l]) * ToF32(src[q][e + l]);
+    }
+#endif
+    for (int q = 0; q < nj; ++q) {
+      float a = 0.0f;
+      for (int64_t e = d16; e < d; ++e) a += ToF32(r[e]) * ToF32(src[q][e]);
+      for (int l = 0; l < 16; ++l) a += part[q][l];
+      o[j0 + q] = a;
+    }
+  }
+}
+
 template <ffi::DataType R>
 ffi::Error DotsBody(RowBuf<R> rows, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
                     ffi::ResultBuffer<ffi::F32> out) {
@@ -442,23 +460,13 @@ ffi::Error DotsBody(RowBuf<R> rows, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
   const Row<R>*A = rows.typed_data(), *T = table.typed_data();
   const int32_t* I = idx.typed_data();
   float* O = out->typed_data();
-  Blocked blk;
-  for (int64_t c = 0; c < cells.count; ++c) {
-    const Row<R>* ac = A + cells.Offset(c, ad, 2, n * d);
-    const Row<R>* t = T + cells.Offset(c, td, 2, s * d);
-    float* oc = O + c * n * jn;
-    blk.Build(I + cells.Offset(c, id, 2, n * jn), n, jn, s, d * sizeof(Row<R>) / 4, /*clip=*/true);
-    ParallelFor(blk.blocks, 1, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int32_t* st = blk.Start(q, s);
-        for (int64_t l = 0; l < s; ++l)
-          for (int32_t p = st[l]; p < st[l + 1]; ++p) {
-            const int64_t e = blk.order[p];
-            oc[e] = Dot(ac + (e / jn) * d, t + l * d, d);
-          }
-      }
-    });
-  }
+  ParallelFor(cells.count * n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r / n, row = r % n;
+      DotsRow(A + cells.Offset(c, ad, 2, n * d) + row * d, I + cells.Offset(c, id, 2, n * jn) + row * jn,
+              jn, T + cells.Offset(c, td, 2, s * d), s, d, O + r * jn);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -484,7 +492,7 @@ ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi:
     const float* wc = W + cells.Offset(c, wd, 2, n * jn);
     const Row<R>* rc = Rw + cells.Offset(c, rd, 2, n * d);
     float *oc = O + c * L * d, *cc = C + c * L;
-    blk.Build(I + cells.Offset(c, id, 2, n * jn), n, jn, L, d * sizeof(Row<R>) / 4, /*clip=*/false);
+    blk.Build(I + cells.Offset(c, id, 2, n * jn), n, jn, L, d * sizeof(Row<R>) / 4);
     ParallelFor(L, 64, [&](int64_t l0, int64_t l1) {
       std::fill(oc + l0 * d, oc + l1 * d, 0.0f);
       std::fill(cc + l0, cc + l1, 0.0f);
