@@ -48,6 +48,20 @@ def test_topk_ties_keep_the_lower_index_first(m, k):
     _same_selection(native.topk(pre, k), jax.lax.top_k(pre, k))
 
 
+@pytest.mark.parametrize("k", [1, 16, 128])
+def test_topk_is_exact_on_rows_that_defeat_its_sample_and_its_pivots(k):
+    """Rows whose strided sample holds their largest entries (the sampled threshold admits fewer
+    than k: the kernel must fall back to the whole row), and sorted rows (the selection's pivots
+    at the ends)."""
+    m = 4096
+    pre = _rand((6, m), 4)
+    stride = m // (4 * k)
+    pre = pre.at[0, ::stride].add(100.0)  # the sample is the row's top
+    pre = pre.at[1].set(jnp.arange(m, dtype=jnp.float32)).at[2].set(-jnp.arange(m, dtype=jnp.float32))
+    pre = pre.at[3].set(jnp.sort(pre[3])).at[4].set(jnp.sort(pre[4])[::-1])
+    _same_selection(native.topk(pre, k), jax.lax.top_k(pre, k))
+
+
 def test_topk_puts_nan_first_wherever_it_falls():
     """A NaN (a diverging cell) ranks above +inf, as in lax.top_k, also where the sampled
     threshold does not see it."""
