@@ -10,7 +10,8 @@ backends `sae_jax.sparse` keeps its XLA formulation.
 The library is built with the machine's C++ compiler (`$CXX`, else g++, else c++) against the
 headers jaxlib ships (`jax.ffi.include_dir()`), with `-O3 -march=native`, into a cache folder
 keyed by the source, jax's and jaxlib's versions, the compiler and the CPU's flags
-(`$SAE_JAX_NATIVE_CACHE`, else `~/.cache/sae_jax/native`, else the temporary folder). Without a compiler, or with
+(`$SAE_JAX_NATIVE_CACHE`, else `~/.cache/sae_jax/native`, else the temporary folder). A build
+prunes the folder to the `KEEP_BUILDS` most recently used libraries (`prune`). Without a compiler, or with
 `SAE_JAX_NATIVE=0`, `sae_jax.sparse` runs XLA's kernels instead and `status()` says why.
 `SAE_JAX_NATIVE_THREADS` caps the threads. Inputs with more than 2^31 - 64 entries (a row of
 top-k, or N x J slots) are refused by the kernels; `sae_jax.sparse` sends such shapes to XLA.
@@ -25,6 +26,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -36,6 +38,8 @@ TARGETS = {"sae_topk": "SaeTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": 
            "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16"}
 F32, I32 = jnp.float32, jnp.int32
 MAX_ENTRIES = 2 ** 31 - 64  # the kernels' int32 scratch offsets
+KEEP_BUILDS = 8  # the cache keeps this many libraries (one per jax version, CPU, compiler ...)
+STALE_S = 24 * 3600  # and removes no file used within this many seconds
 _STATE: dict = {}
 
 
@@ -76,6 +80,7 @@ def _build(cxx: str) -> Path:
     root = Path(os.environ.get("SAE_JAX_NATIVE_CACHE") or Path.home() / ".cache" / "sae_jax" / "native")
     lib = root / f"sparse_kernels-{key}.so"
     if lib.exists():
+        _touch(lib)
         return lib
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -83,6 +88,7 @@ def _build(cxx: str) -> Path:
         root = Path(tempfile.gettempdir()) / "sae_jax_native"
         lib = root / lib.name
         if lib.exists():
+            _touch(lib)
             return lib
         root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
@@ -96,7 +102,39 @@ def _build(cxx: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    prune(root)
     return lib
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache, which nothing prunes either
+        pass
+
+
+def prune(root: Path, keep: int = KEEP_BUILDS, stale_s: float = STALE_S) -> list[Path]:
+    """Removes from the cache folder the libraries beyond the `keep` most recently used (a cache
+    hit marks its library used) and the temporary files of builds that never finished, where
+    unused for `stale_s` seconds (a library another process may be about to load is kept).
+    Returns what it removed."""
+    now, removed = time.time(), []
+
+    def age(p: Path) -> float:
+        try:
+            return now - p.stat().st_mtime
+        except OSError:
+            return 0.0
+    libs = sorted(root.glob("sparse_kernels-*.so"), key=age)
+    partial = [p for p in root.glob("*.so") if not p.name.startswith("sparse_kernels-")]
+    for p in libs[keep:] + partial:
+        if age(p) > stale_s:
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def _load() -> str:

@@ -198,3 +198,34 @@ def test_the_cli_says_when_topk_trains_without_the_native_kernels(tmp_path):
     assert ("sae-jax: TopK trains through XLA's CPU kernels, several times slower: disabled by "
             "SAE_JAX_NATIVE=0") in out.stderr
     assert (tmp_path / "results.json").exists()
+
+
+def test_a_build_prunes_the_cache_to_the_most_recently_used_libraries(tmp_path):
+    """Old libraries (other jax versions, CPUs) beyond the newest KEEP_BUILDS go, as do builds
+    that never finished; recent files stay, whatever their number (another process may be
+    about to load one)."""
+    import os
+    import time
+
+    now = time.time()
+    libs = []
+    for i in range(native.KEEP_BUILDS + 3):
+        p = tmp_path / f"sparse_kernels-{i:016x}.so"
+        p.write_bytes(b"")
+        os.utime(p, (now - 10 * 86400 - i, now - 10 * 86400 - i))  # i = 0 the most recent
+        libs.append(p)
+    fresh = tmp_path / "sparse_kernels-ffffffffffffffff.so"
+    fresh.write_bytes(b"")
+    partial_old, partial_new = tmp_path / "tmpold.so", tmp_path / "tmpnew.so"
+    for p in (partial_old, partial_new):
+        p.write_bytes(b"")
+    os.utime(partial_old, (now - 2 * 86400, now - 2 * 86400))
+    other = tmp_path / "notes.txt"
+    other.write_text("kept")
+
+    removed = native.prune(tmp_path)
+    left = set(tmp_path.iterdir())
+    # the fresh one counts among the KEEP_BUILDS, so the oldest four old libraries go
+    assert set(removed) == set(libs[native.KEEP_BUILDS - 1:]) | {partial_old}
+    assert left == set(libs[:native.KEEP_BUILDS - 1]) | {fresh, partial_new, other}
+    assert native.prune(tmp_path, keep=0, stale_s=1e9) == []  # nothing stale: nothing goes
