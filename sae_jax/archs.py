@@ -225,11 +225,12 @@ def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int,
 
     m = params.W_enc_MxD.shape[0]
     vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, min(k, m), compute_dtype)
-    x_hat = sparse.decode(sae.unit_rows(params.D_MxD), vals, idx, compute_dtype)
+    sq_B = sparse.decode_sq_err(sae.unit_rows(params.D_MxD), vals, idx, t_BxD, compute_dtype)
     active = vals > 0
     l1 = jnp.mean(jnp.sum(vals, axis=-1)) / (m if convention == "report" else 1)
     fired = jnp.zeros((m,), bool).at[idx.reshape(-1)].max(active.reshape(-1))
-    aux = _aux(t_BxD, x_hat, l1, active, fired)
+    aux = sae.LossAux(jnp.mean(sq_B) / t_BxD.shape[-1], l1,
+                      jnp.mean(jnp.sum(active, axis=-1).astype(jnp.float32)), fired, sq_B)
     return aux.mse, (aux, jnp.zeros((), jnp.float32))
 
 

@@ -1,8 +1,8 @@
 """Native CPU kernels for the TopK sparse decoder: XLA FFI custom calls compiled on first use.
 
-`_native/sparse_kernels.cc` holds four kernels (their equations are in that file and in
+`_native/sparse_kernels.cc` holds five kernels (their equations are in that file and in
 `sae_jax.sparse`): per-row top-k, the decoder's row gather-sum, the k dot products of its VJP,
-and a deterministic scatter-add (rows grouped by target with a counting sort, so no two threads
+the two fused with the error against a target (`decode_err`), and a deterministic scatter-add (rows grouped by target with a counting sort, so no two threads
 write one row). The last three read their rows in float32 or in bfloat16 (half the bytes; the
 sums stay float32). They replace XLA:CPU's single-threaded TopK and its slow row gathers; on other
 backends `sae_jax.sparse` keeps its XLA formulation.
@@ -35,7 +35,8 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).with_name("_native") / "sparse_kernels.cc"
 TARGETS = {"sae_topk": "SaeTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": "SaeDots",
            "sae_scatter": "SaeScatter", "sae_gather_sum_bf16": "SaeGatherSumBf16",
-           "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16"}
+           "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16",
+           "sae_decode_err": "SaeDecodeErr", "sae_decode_err_bf16": "SaeDecodeErrBf16"}
 F32, I32 = jnp.float32, jnp.int32
 MAX_ENTRIES = 2 ** 31 - 64  # the kernels' int32 scratch offsets
 KEEP_BUILDS = 8  # the cache keeps this many libraries (one per jax version, CPU, compiler ...)
@@ -199,6 +200,18 @@ def gather_sum(w_NxJ: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array) -> ja
     suffix, (table,) = _rows(table_SxD)
     return _call("sae_gather_sum" + suffix, jax.ShapeDtypeStruct(shape, F32))(
         w_NxJ.astype(F32), table, idx_NxJ.astype(I32))
+
+
+def decode_err(w_NxJ: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array,
+               target_NxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(e, r, sq): e_n = sum_j w_nj table[idx_nj] - target_n, (N, D); r_nj = e_n . table[idx_nj],
+    (N, J); sq_n = |e_n|^2, (N,). Float32 (table float32 or bfloat16), one pass per row."""
+    suffix, (table,) = _rows(table_SxD)
+    lead = w_NxJ.shape[:-1]
+    e, r, sq = _call("sae_decode_err" + suffix, jax.ShapeDtypeStruct(lead + table_SxD.shape[-1:], F32),
+                     jax.ShapeDtypeStruct(idx_NxJ.shape, F32), jax.ShapeDtypeStruct(lead + (1,), F32))(
+        w_NxJ.astype(F32), table, idx_NxJ.astype(I32), target_NxD.astype(F32))
+    return e, r, sq[..., 0]
 
 
 def dots(rows_NxD: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array) -> jax.Array:

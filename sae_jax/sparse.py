@@ -335,6 +335,42 @@ def _decode_bwd(compute_dtype, res, g_BxD):
 decode.defvjp(_decode_fwd, _decode_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def decode_sq_err(atoms_MxD: Array, vals_BxK: Array, idx_BxK: Array, target_BxD: Array,
+                  compute_dtype: str = "float32") -> Array:
+    """sq_b = |t_b - x^_b|^2, x^_b = sum_j c_bj a_{i_bj} (`decode`): (B,), the per-sample
+    reconstruction error of TopK's loss, with `decode`'s sparse VJP composed with it
+    (dL/dx^_b = 2 g_b e_b for cotangent g, e = x^ - t). Under differentiation on the CPU's native
+    kernels one pass per sample computes x^, e, |e|^2 and the VJP's dot products e_b . a_{i_bj}
+    while the sample's k atoms are still in cache. In bfloat16 the atoms are rounded as in
+    `decode`, e stays float32 in the dot products and is rounded for the scatter-add."""
+    x_hat = decode(atoms_MxD, vals_BxK, idx_BxK, compute_dtype)
+    return jnp.sum(jnp.square(target_BxD - x_hat), axis=-1)
+
+
+def _xla_decode_err(w_NxJ: Array, table_SxD: Array, idx_NxJ: Array, target_NxD: Array):
+    e = _gather_sum(w_NxJ, table_SxD, idx_NxJ) - target_NxD
+    return e, _dots(e, None, table_SxD, idx_NxJ), jnp.sum(jnp.square(e), axis=-1)
+
+
+def _decode_sq_err_fwd(atoms_MxD, vals_BxK, idx_BxK, target_BxD, compute_dtype):
+    atoms = atoms_MxD.astype(_dtype(compute_dtype))
+    e, r, sq = _cpu(native.decode_err, _xla_decode_err, vals_BxK.size)(
+        vals_BxK.astype(F32), atoms, idx_BxK, target_BxD.astype(F32))
+    return sq, (atoms_MxD, vals_BxK, idx_BxK, e, r, jnp.zeros((), target_BxD.dtype))
+
+
+def _decode_sq_err_bwd(compute_dtype, res, g_B):
+    atoms, vals, idx, e, r, target_zero = res
+    s = 2.0 * g_B.astype(F32)[:, None]  # d sq_b / d x^_b = 2 e_b
+    d_atoms = _scatter_sum(vals * s, e.astype(_dtype(compute_dtype)), None, idx, atoms.shape[0])
+    return (d_atoms.astype(atoms.dtype), (s * r).astype(vals.dtype), None,
+            (-s * e).astype(target_zero.dtype))
+
+
+decode_sq_err.defvjp(_decode_sq_err_fwd, _decode_sq_err_bwd)
+
+
 # ----------------------------------------------------------------------------- BatchTopK
 def _coo_rows(a_N: Array, rows: int) -> Array:
     """(rows, J) view of a length-N array, padded with zeros (weight 0, index 0) to rows * J."""

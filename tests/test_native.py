@@ -96,6 +96,29 @@ def test_gather_sum_and_dots_equal_their_definitions(shared, d):
         np.testing.assert_allclose(dots[q], jnp.einsum("nd,njd->nj", r[q], g), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d", [33, 300], ids=["d 33", "d 300 (register path and a tail)"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_err_equals_gather_then_error_then_dots(dtype, d):
+    """The fused kernel: e = gather - t, r = e . T[i], sq = |e|^2, equal to the unfused
+    kernels' (gather_sum, then dots on e) and to their definitions, with a shared target."""
+    c, n, j, s = 3, 40, 7, 90
+    w, t = _rand((c, n, j), 3), _rand((n, d), 4)
+    idx = jax.random.randint(KEY, (c, n, j), -5, s + 5)  # some out of range: clipped
+    tables = _rand((c, s, d), 5).astype(dtype)
+    e, r, sq = jax.jit(jax.vmap(native.decode_err, in_axes=(0, 0, 0, None)))(w, tables, idx, t)
+    assert e.shape == (c, n, d) and r.shape == (c, n, j) and sq.shape == (c, n)
+    assert all(a.dtype == jnp.float32 for a in (e, r, sq))
+    for q in range(c):
+        g = _gathered(tables[q].astype(jnp.float32), idx[q])
+        e_ref = jnp.einsum("nj,njd->nd", w[q], g) - t
+        np.testing.assert_allclose(e[q], native.gather_sum(w[q], tables[q], idx[q]) - t, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(e[q], e_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r[q], jnp.einsum("nd,njd->nj", e_ref, g), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(sq[q], jnp.sum(e_ref ** 2, -1), rtol=1e-5)
+    if dtype == "bfloat16":
+        assert "sae_decode_err_bf16" in jax.jit(native.decode_err).lower(w[0], tables[0], idx[0], t).as_text()
+
+
 def test_bfloat16_rows_give_the_float32_kernels_result_on_the_rounded_rows():
     """The bfloat16 kernels widen each row element to float32 as they read it: the same sums as
     the float32 kernels on the rounded rows (d 300: the 256-wide register path and a tail)."""

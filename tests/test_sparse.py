@@ -176,6 +176,31 @@ def test_bfloat16_decode_reads_rounded_rows_and_keeps_float32_gradients():
     assert float(jnp.max(jnp.abs(out16 - sparse.decode(atoms, vals, idx)))) > 0  # it did round
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_sq_err_equals_the_squared_error_of_decode_with_its_vjp(dtype):
+    """decode_sq_err (one fused pass on the CPU's native kernels) = |t - decode(...)|^2 per
+    sample, with the VJP w.r.t. the atoms, the codes and the target of that composition, under
+    vmap over cells; in bfloat16 within the rounding of dL/dx^ that decode's VJP applies."""
+    p = _params()
+    atoms = jax.vmap(sae.unit_rows)(p.D_MxD)
+    vals, idx = jax.vmap(lambda w, b: sparse.topk_codes(w, b, _x(), K))(p.W_enc_MxD, p.b_enc_M)
+    t = _x(5)
+    g = jax.random.uniform(jax.random.PRNGKey(8), (C, B), minval=0.5, maxval=2.0)
+    fused = lambda a, v, i, t: sparse.decode_sq_err(a, v, i, t, dtype)
+    unfused = lambda a, v, i, t: jnp.sum(jnp.square(t - sparse.decode(a, v, i, dtype)), -1)
+    outs = {}
+    for name, f in (("fused", fused), ("unfused", unfused)):
+        def one(a, v, i, t, g, f=f):
+            out, vjp = jax.vjp(lambda a, v, t: f(a, v, i, t), a, v, t)
+            return out, vjp(g)
+        outs[name] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, 0)))(atoms, vals, idx, t, g)
+    (sq, grads), (sq_ref, grads_ref) = outs["fused"], outs["unfused"]
+    _close(sq, sq_ref, 1e-5)
+    for name, a, b in zip(("atoms", "vals", "target"), grads, grads_ref):
+        assert a.dtype == b.dtype and float(jnp.max(jnp.abs(b))) > 0, name
+        _close(a, b, 1e-4 if dtype == "float32" else 2e-2)
+
+
 @pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
 def test_input_gradient_equals_dense(batch_top):
     p, x = jax.tree.map(lambda a: a[0], _params()), _x()

@@ -17,8 +17,12 @@
 //   sae_scatter     w (.., N, J), r (.., N, D), i (.., N, J) -> out (.., L, D), col (.., L)
 //                   out_l = sum_{(n,j): i_nj = l} w_nj r_n,  col_l = sum_{(n,j): i_nj = l} w_nj
 //                   (entries summed in increasing (n, j): the result does not depend on threads)
-//   sae_gather_sum_bf16, sae_dots_bf16, sae_scatter_bf16: the same with T and r bfloat16, each
-//                   element widened to float32 as it is read (float32 sums and outputs)
+//   sae_decode_err  w (.., N, J), T (.., S, D), i (.., N, J), t (.., N, D)
+//                   -> e (.., N, D), r (.., N, J), sq (.., N, 1)
+//                   e_n = sum_j w_nj T[i_nj] - t_n,  r_nj = e_n . T[i_nj],  sq_n = |e_n|^2
+//   sae_gather_sum_bf16, sae_dots_bf16, sae_scatter_bf16, sae_decode_err_bf16: the same with T
+//                   and r (decode_err: T) bfloat16, each element widened to float32 as it is
+//                   read (float32 sums and outputs)
 //
 // Indices outside [0, S) (gathers) or [0, L) (scatter) are clipped (gathers) or dropped (scatter).
 
@@ -381,6 +385,7 @@ inline void AxpyRows(const float* w, const T* rows, const int32_t* es, int64_t n
 // out rows added to in the L2 cache) ran 1.6x slower at d 256 and no faster at d 1024 (both
 // kernels interleaved in one process on the AMD EPYC; the step: benchmarks/grid_step.py).
 constexpr int64_t kAhead = 4;
+constexpr int64_t kLanes = 16;
 template <class T>
 void GatherRow(const float* w, const int32_t* i, int64_t jn, const T* t, int64_t s, int64_t d,
                float* o, std::vector<int64_t>& at) {
@@ -440,8 +445,8 @@ ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<f
 // kJ table rows stream in side by side while the next kJ are asked for. Row by row, as the gather:
 // 1.6x faster than walking the entries by latent at d 256 and 1.2x at d 1024 (both kernels
 // interleaved in one process on the AMD EPYC; 8 slots at a time beat 4 and 16 at both).
-template <class T>
-void DotsRow(const T* r, const int32_t* i, int64_t jn, const T* t, int64_t s, int64_t d,
+template <class Tr, class T>
+void DotsRow(const Tr* r, const int32_t* i, int64_t jn, const T* t, int64_t s, int64_t d,
              float* o) {
   constexpr int kJ = 8;
   const int64_t d16 = d - d % 16;
@@ -494,6 +499,57 @@ ffi::Error DotsBody(RowBuf<R> rows, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
       const int64_t c = r / n, row = r % n;
       DotsRow(A + cells.Offset(c, ad, 2, n * d) + row * d, I + cells.Offset(c, id, 2, n * jn) + row * jn,
               jn, T + cells.Offset(c, td, 2, s * d), s, d, O + r * jn);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// e_n = sum_j w_nj T[i_nj] - t_n, r_nj = e_n . T[i_nj], sq_n = |e_n|^2: the decoder's forward,
+// its error against the target and the dot products of the error's VJP, row by row in one pass
+// (GatherRow, then DotsRow on the float32 error while the row's J table rows are still in the L2
+// cache: the unfused kernels read them from memory twice).
+template <ffi::DataType R>
+ffi::Error DecodeErrBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
+                         ffi::Buffer<ffi::F32> target, ffi::ResultBuffer<ffi::F32> err,
+                         ffi::ResultBuffer<ffi::F32> dots, ffi::ResultBuffer<ffi::F32> sq) {
+  auto ad = w.dimensions(), td = table.dimensions(), id = idx.dimensions(), gd = target.dimensions(),
+       od = err->dimensions();
+  const int64_t n = Dim(id, 2), jn = Dim(id, 1), s = Dim(td, 2), d = Dim(td, 1);
+  Cells cells(od, 2);
+  if (Dim(ad, 1) != jn || Dim(ad, 2) != n || Dim(od, 1) != d || Dim(od, 2) != n || Dim(gd, 1) != d ||
+      Dim(gd, 2) != n || s < 1 || n * jn > kMaxEntries || !Fits(cells, ad, 2) || !Fits(cells, td, 2) ||
+      !Fits(cells, id, 2) || !Fits(cells, gd, 2))
+    return ffi::Error::InvalidArgument("sae_decode_err: shapes");
+  const float *A = w.typed_data(), *G = target.typed_data();
+  const Row<R>* T = table.typed_data();
+  const int32_t* I = idx.typed_data();
+  float *E = err->typed_data(), *D = dots->typed_data(), *Q = sq->typed_data();
+  ParallelFor(cells.count * n, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> at(jn);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r / n, row = r % n;
+      const int32_t* ir = I + cells.Offset(c, id, 2, n * jn) + row * jn;
+      const Row<R>* tc = T + cells.Offset(c, td, 2, s * d);
+      const float* g = G + cells.Offset(c, gd, 2, n * d) + row * d;
+      float* e = E + r * d;
+      GatherRow(A + cells.Offset(c, ad, 2, n * jn) + row * jn, ir, jn, tc, s, d, e, at);
+      float part[kLanes] = {};  // |e|^2 in kLanes partial sums, then the tail, then the lanes
+      int64_t q = 0;
+      for (; q + kLanes <= d; q += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const float v = e[q + l] - g[q + l];
+          e[q + l] = v;
+          part[l] += v * v;
+        }
+      float acc = 0.0f;
+      for (; q < d; ++q) {
+        const float v = e[q] - g[q];
+        e[q] = v;
+        acc += v * v;
+      }
+      for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
+      Q[r] = acc;
+      DotsRow(e, ir, jn, tc, s, d, D + r * jn);
     }
   });
   return ffi::Error::Success();
@@ -570,6 +626,15 @@ ffi::Error DotsImpl(RowBuf<R> rows, RowBuf<R> table, S32Buf idx, F32Ret out) {
 }
 
 template <ffi::DataType R>
+ffi::Error DecodeErrImpl(F32Buf w, RowBuf<R> table, S32Buf idx, F32Buf target, F32Ret err, F32Ret dots,
+                         F32Ret sq) {
+  if (!Matrices({w.dimensions(), table.dimensions(), idx.dimensions(), target.dimensions(),
+                 err->dimensions(), dots->dimensions(), sq->dimensions()}))
+    return ffi::Error::InvalidArgument("sae_decode_err: ranks");
+  return Guard("sae_decode_err", [&] { return DecodeErrBody<R>(w, table, idx, target, err, dots, sq); });
+}
+
+template <ffi::DataType R>
 ffi::Error ScatterImpl(F32Buf w, RowBuf<R> rows, S32Buf idx, F32Ret out, F32Ret col) {
   if (!Matrices({w.dimensions(), rows.dimensions(), idx.dimensions(), out->dimensions()}))
     return ffi::Error::InvalidArgument("sae_scatter: ranks");
@@ -585,7 +650,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopk, TopkImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
-// The three row kernels, once per row type (Name##Suffix: float32 rows, or bfloat16 rows).
+// The row kernels, once per row type (Name##Suffix: float32 rows, or bfloat16 rows).
 #define SAE_ROW_KERNELS(Suffix, R)                                                          \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherSum##Suffix, GatherSumImpl<ffi::R>,                \
                                 ffi::Ffi::Bind()                                            \
@@ -604,6 +669,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopk, TopkImpl,
                                     .Arg<ffi::Buffer<ffi::F32>>()                           \
                                     .Arg<ffi::Buffer<ffi::R>>()                             \
                                     .Arg<ffi::Buffer<ffi::S32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>());                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeDecodeErr##Suffix, DecodeErrImpl<ffi::R>,                \
+                                ffi::Ffi::Bind()                                            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::R>>()                             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                           \
                                     .Ret<ffi::Buffer<ffi::F32>>()                           \
                                     .Ret<ffi::Buffer<ffi::F32>>())
 
