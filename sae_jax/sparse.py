@@ -15,6 +15,10 @@ and the backward pass, by hand (`jax.custom_vjp`), touches only the selected row
     dL/dpre_bj = dL/dc_bj [v_bj > 0]
     dL/dW_e,l  = sum_{(b,j): i_bj = l} dL/dpre_bj x_b, dL/db_e,l the same sum of dL/dpre_bj.
 
+TopK's loss reads x^ only through the per-sample squared error |t_b - x^_b|^2: `decode_sq_err`
+returns it with the same VJP (g_b = 2 dL/dsq_b (x^_b - t_b)), and on the CPU computes the
+gather, the error and the dot products g_b . a_{i_bj} in one pass per sample.
+
 These equal autodiff of the dense formulation (c scattered into a (B, m) matrix of zeros,
 x^ = c unit_rows(D)) to float tolerance (tests/test_sparse.py). A pre-activation that is
 selected but negative gives a zero code and no gradient, as ReLU does.

@@ -98,9 +98,13 @@ def test_gather_sum_and_dots_equal_their_definitions(shared, d):
 
 @pytest.mark.parametrize("d", [33, 300], ids=["d 33", "d 300 (register path and a tail)"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_err_equals_gather_then_error_then_dots(dtype, d):
+@pytest.mark.parametrize("path", ["by row", "by table row"])
+def test_decode_err_equals_gather_then_error_then_dots(dtype, d, path, monkeypatch):
     """The fused kernel: e = gather - t, r = e . T[i], sq = |e|^2, equal to the unfused
-    kernels' (gather_sum, then dots on e) and to their definitions, with a shared target."""
+    kernels' (gather_sum, then dots on e) and to their definitions, with a shared target; row by
+    row (small tables) and walking the table in blocks of rows (tables over the cache size)."""
+    if path == "by table row":
+        monkeypatch.setenv("SAE_JAX_NATIVE_TABLE_CACHE_BYTES", "1")
     c, n, j, s = 3, 40, 7, 90
     w, t = _rand((c, n, j), 3), _rand((n, d), 4)
     idx = jax.random.randint(KEY, (c, n, j), -5, s + 5)  # some out of range: clipped

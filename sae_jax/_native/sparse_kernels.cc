@@ -294,8 +294,8 @@ struct Blocked {
   std::vector<int32_t> start;  // (blocks, L + 1): block q's entries for latent l are
   std::vector<int32_t> order;  // order[start[q, l] : start[q, l + 1]], each e = row * J + slot
 
-  // Entries with index outside [0, L) are left out.
-  void Build(const int32_t* idx, int64_t n, int64_t jn, int64_t L, int64_t d) {
+  // Entries with index outside [0, L) are left out, or clipped into it (clip: the gathers').
+  void Build(const int32_t* idx, int64_t n, int64_t jn, int64_t L, int64_t d, bool clip = false) {
     // rows that fit kBlockBytes, and at least one block per thread
     const int64_t per_thread = (n + Threads() - 1) / Threads();
     rows_per_block = std::max<int64_t>(
@@ -308,6 +308,7 @@ struct Blocked {
       const int64_t e0 = q * rows_per_block * jn, e1 = std::min(n, (q + 1) * rows_per_block) * jn;
       auto target = [&](int64_t e) -> int64_t {
         const int64_t l = idx[e];
+        if (clip) return std::clamp<int64_t>(l, 0, L - 1);
         return (l < 0 || l >= L) ? -1 : l;
       };
       for (int64_t e = e0; e < e1; ++e)
@@ -508,6 +509,79 @@ ffi::Error DotsBody(RowBuf<R> rows, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
 // its error against the target and the dot products of the error's VJP, row by row in one pass
 // (GatherRow, then DotsRow on the float32 error while the row's J table rows are still in the L2
 // cache: the unfused kernels read them from memory twice).
+// a . b for float a and b of either row type: kLanes partial sums, then the tail, then the lanes.
+template <class T>
+inline float DotF(const float* a, const T* b, int64_t d) {
+  float part[kLanes] = {};
+  int64_t e = 0;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (; e + kLanes <= d; e += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + e), Load16(b + e), acc);
+  _mm512_storeu_ps(part, acc);
+#endif
+  for (; e + kLanes <= d; e += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[e + l] * ToF32(b[e + l]);
+  float s = 0.0f;
+  for (; e < d; ++e) s += a[e] * ToF32(b[e]);
+  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
+// A table of more than TableCacheBytes() (one cell's; $SAE_JAX_NATIVE_TABLE_CACHE_BYTES, else
+// 12 MiB) is read once per block of rows, in address order: each table row (a latent) adds to, and
+// then takes dot products with, the block's L2-resident rows of its entries, instead of k random
+// table rows per sample coming from memory. Both paths interleaved in one process (AMD EPYC, L3
+// 32 MiB): blocked 1.7x slower with a 4 MB table (d 256), 1.07x faster with 16 MB (d 1024,
+// m 4096), even at 32 MB, 1.8x faster with 75 MB (d 768, m 24576, k 768: 401 -> 220 ms).
+inline int64_t TableCacheBytes() {
+  const char* e = std::getenv("SAE_JAX_NATIVE_TABLE_CACHE_BYTES");
+  return e && *e ? std::atoll(e) : (int64_t{12} << 20);
+}
+
+template <class T>
+void DecodeErrBlocked(const float* w, const T* table, const int32_t* idx, const float* g,
+                      int64_t n, int64_t jn, int64_t s, int64_t d, float* e, float* r, float* sq) {
+  Blocked blk;
+  blk.Build(idx, n, jn, s, d, /*clip=*/true);
+  ParallelFor(blk.blocks, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n0 = q * blk.rows_per_block, n1 = std::min(n, n0 + blk.rows_per_block);
+      std::fill(e + n0 * d, e + n1 * d, 0.0f);
+      const int32_t* st = blk.Start(q, s);
+      for (int64_t l = 0; l < s; ++l)
+        for (int32_t p = st[l]; p < st[l + 1]; ++p) {
+          const int64_t en = blk.order[p];
+          Axpy(w[en], table + l * d, e + (en / jn) * d, d);
+        }
+      for (int64_t row = n0; row < n1; ++row) {
+        float* er = e + row * d;
+        const float* gr = g + row * d;
+        float part[kLanes] = {};
+        int64_t t = 0;
+        for (; t + kLanes <= d; t += kLanes)
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const float v = er[t + l] - gr[t + l];
+            er[t + l] = v;
+            part[l] += v * v;
+          }
+        float acc = 0.0f;
+        for (; t < d; ++t) {
+          const float v = er[t] - gr[t];
+          er[t] = v;
+          acc += v * v;
+        }
+        for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
+        sq[row] = acc;
+      }
+      for (int64_t l = 0; l < s; ++l)
+        for (int32_t p = st[l]; p < st[l + 1]; ++p) {
+          const int64_t en = blk.order[p];
+          r[en] = DotF(e + (en / jn) * d, table + l * d, d);
+        }
+    }
+  });
+}
+
 template <ffi::DataType R>
 ffi::Error DecodeErrBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
                          ffi::Buffer<ffi::F32> target, ffi::ResultBuffer<ffi::F32> err,
@@ -524,6 +598,13 @@ ffi::Error DecodeErrBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<f
   const Row<R>* T = table.typed_data();
   const int32_t* I = idx.typed_data();
   float *E = err->typed_data(), *D = dots->typed_data(), *Q = sq->typed_data();
+  if (s * d * static_cast<int64_t>(sizeof(Row<R>)) > TableCacheBytes()) {
+    for (int64_t c = 0; c < cells.count; ++c)
+      DecodeErrBlocked(A + cells.Offset(c, ad, 2, n * jn), T + cells.Offset(c, td, 2, s * d),
+                       I + cells.Offset(c, id, 2, n * jn), G + cells.Offset(c, gd, 2, n * d), n, jn, s,
+                       d, E + c * n * d, D + c * n * jn, Q + c * n);
+    return ffi::Error::Success();
+  }
   ParallelFor(cells.count * n, 16, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> at(jn);
     for (int64_t r = r0; r < r1; ++r) {
