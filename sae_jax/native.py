@@ -2,17 +2,18 @@
 
 `_native/sparse_kernels.cc` holds five kernels (their equations are in that file and in
 `sae_jax.sparse`): per-row top-k, the decoder's row gather-sum, the k dot products of its VJP,
-the two fused with the error against a target (`decode_err`), and a deterministic scatter-add (rows grouped by target with a counting sort, so no two threads
-write one row). The last three read their rows in float32 or in bfloat16 (half the bytes; the
-sums stay float32). They replace XLA:CPU's single-threaded TopK and its slow row gathers; on other
+the two fused with the error against a target (`decode_err`), and a deterministic scatter-add
+(rows grouped by target with a counting sort, so no two threads write one row). All but top-k
+read their rows in float32 or in bfloat16 (half the bytes; the sums stay float32). They replace XLA:CPU's single-threaded TopK and its slow row gathers; on other
 backends `sae_jax.sparse` keeps its XLA formulation.
 
 The library is built with the machine's C++ compiler (`$CXX`, else g++, else c++) against the
 headers jaxlib ships (`jax.ffi.include_dir()`), with `-O3 -march=native`, into a cache folder
 keyed by the source, jax's and jaxlib's versions, the compiler and the CPU's flags
 (`$SAE_JAX_NATIVE_CACHE`, else `~/.cache/sae_jax/native`, else the temporary folder). A build
-prunes the folder to the `KEEP_BUILDS` most recently used libraries (`prune`). Without a compiler, or with
-`SAE_JAX_NATIVE=0`, `sae_jax.sparse` runs XLA's kernels instead and `status()` says why.
+prunes the folder to the `KEEP_BUILDS` most recently used libraries (`prune`). Without a
+compiler, or with `SAE_JAX_NATIVE=0`, `sae_jax.sparse` runs XLA's kernels instead and `status()`
+says why.
 `SAE_JAX_NATIVE_THREADS` caps the threads. Inputs with more than 2^31 - 64 entries (a row of
 top-k, or N x J slots) are refused by the kernels; `sae_jax.sparse` sends such shapes to XLA.
 """

@@ -509,6 +509,26 @@ ffi::Error DotsBody(RowBuf<R> rows, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
 // its error against the target and the dot products of the error's VJP, row by row in one pass
 // (GatherRow, then DotsRow on the float32 error while the row's J table rows are still in the L2
 // cache: the unfused kernels read them from memory twice).
+// e -= g, and |e|^2 after it: kLanes partial sums, then the tail, then the lanes.
+inline float SubtractSquares(float* e, const float* g, int64_t d) {
+  float part[kLanes] = {};
+  int64_t q = 0;
+  for (; q + kLanes <= d; q += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = e[q + l] - g[q + l];
+      e[q + l] = v;
+      part[l] += v * v;
+    }
+  float acc = 0.0f;
+  for (; q < d; ++q) {
+    const float v = e[q] - g[q];
+    e[q] = v;
+    acc += v * v;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
+  return acc;
+}
+
 // a . b for float a and b of either row type: kLanes partial sums, then the tail, then the lanes.
 template <class T>
 inline float DotF(const float* a, const T* b, int64_t d) {
@@ -553,26 +573,7 @@ void DecodeErrBlocked(const float* w, const T* table, const int32_t* idx, const 
           const int64_t en = blk.order[p];
           Axpy(w[en], table + l * d, e + (en / jn) * d, d);
         }
-      for (int64_t row = n0; row < n1; ++row) {
-        float* er = e + row * d;
-        const float* gr = g + row * d;
-        float part[kLanes] = {};
-        int64_t t = 0;
-        for (; t + kLanes <= d; t += kLanes)
-          for (int64_t l = 0; l < kLanes; ++l) {
-            const float v = er[t + l] - gr[t + l];
-            er[t + l] = v;
-            part[l] += v * v;
-          }
-        float acc = 0.0f;
-        for (; t < d; ++t) {
-          const float v = er[t] - gr[t];
-          er[t] = v;
-          acc += v * v;
-        }
-        for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
-        sq[row] = acc;
-      }
+      for (int64_t row = n0; row < n1; ++row) sq[row] = SubtractSquares(e + row * d, g + row * d, d);
       for (int64_t l = 0; l < s; ++l)
         for (int32_t p = st[l]; p < st[l + 1]; ++p) {
           const int64_t en = blk.order[p];
@@ -614,22 +615,7 @@ ffi::Error DecodeErrBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<f
       const float* g = G + cells.Offset(c, gd, 2, n * d) + row * d;
       float* e = E + r * d;
       GatherRow(A + cells.Offset(c, ad, 2, n * jn) + row * jn, ir, jn, tc, s, d, e, at);
-      float part[kLanes] = {};  // |e|^2 in kLanes partial sums, then the tail, then the lanes
-      int64_t q = 0;
-      for (; q + kLanes <= d; q += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const float v = e[q + l] - g[q + l];
-          e[q + l] = v;
-          part[l] += v * v;
-        }
-      float acc = 0.0f;
-      for (; q < d; ++q) {
-        const float v = e[q] - g[q];
-        e[q] = v;
-        acc += v * v;
-      }
-      for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
-      Q[r] = acc;
+      Q[r] = SubtractSquares(e, g, d);
       DotsRow(e, ir, jn, tc, s, d, D + r * jn);
     }
   });
