@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import _trace
-from sae_jax import fused, grid, native, sae, sparse
+from sae_jax import fused, grid, native, sae, sparse, sparse_coo
 
 F32 = jnp.float32
 
@@ -52,8 +52,8 @@ def topk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
 
 def batchtopk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
     """(MSE, aux) of one BatchTopK cell through the sparse kernels (COO codes)."""
-    c = sparse.batchtopk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
-    x_hat = sparse.decode_coo(sae.unit_rows(params.D_MxD), c.vals_N, c.sample_N, c.latent_N,
+    c = sparse_coo.batchtopk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
+    x_hat = sparse_coo.decode_coo(sae.unit_rows(params.D_MxD), c.vals_N, c.sample_N, c.latent_N,
                               x_BxD.shape[0])
     sq = jnp.sum(jnp.square(x_BxD - x_hat), axis=-1)
     mse = jnp.mean(sq) / x_BxD.shape[-1]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import native, sae, sparse
+from sae_jax import native, sae, sparse, sparse_coo
 from sae_jax.errors import UsageError
 
 C, B, D, M, K = 3, 12, 8, 32, 4
@@ -60,8 +60,8 @@ def dense_loss(p, x, k, batch_top):
 
 def sparse_loss(p, x, k, batch_top, dtype="float32"):
     if batch_top:
-        codes = sparse.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
-        x_hat = sparse.decode_coo(sae.unit_rows(p.D_MxD), codes.vals_N, codes.sample_N,
+        codes = sparse_coo.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
+        x_hat = sparse_coo.decode_coo(sae.unit_rows(p.D_MxD), codes.vals_N, codes.sample_N,
                                   codes.latent_N, x.shape[0])
         return _loss(x_hat, jnp.sum(codes.vals_N ** 2), x)
     vals, idx = sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
@@ -137,7 +137,7 @@ def test_tied_latents_select_exactly_k():
 def test_batchtopk_selects_the_batch_top_and_its_threshold():
     p = jax.tree.map(lambda a: a[0], _params())
     x = _x()
-    codes = jax.jit(sparse.batchtopk_codes, static_argnums=3)(p.W_enc_MxD, p.b_enc_M, x, K)
+    codes = jax.jit(sparse_coo.batchtopk_codes, static_argnums=3)(p.W_enc_MxD, p.b_enc_M, x, K)
     c = _dense_codes(p, x, K, True)
     counts = np.bincount(np.asarray(codes.sample_N)[np.asarray(codes.vals_N) > 0], minlength=B)
     np.testing.assert_array_equal(counts, np.count_nonzero(c, axis=1))
@@ -145,7 +145,7 @@ def test_batchtopk_selects_the_batch_top_and_its_threshold():
     _close(codes.vals_N, c[codes.sample_N, codes.latent_N], 1e-6)
     np.testing.assert_allclose(codes.min_active, np.min(c[c > 0]), rtol=1e-6)
     atoms = sae.unit_rows(p.D_MxD)
-    _close(sparse.decode_coo(atoms, codes.vals_N, codes.sample_N, codes.latent_N, B), c @ atoms, 1e-5)
+    _close(sparse_coo.decode_coo(atoms, codes.vals_N, codes.sample_N, codes.latent_N, B), c @ atoms, 1e-5)
 
 
 @pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
@@ -214,4 +214,4 @@ def test_bad_compute_dtype_or_k_is_a_usage_error():
         sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, _x(), K, "float16")
     for bad in (0, M + 1):
         with pytest.raises(UsageError, match=r"`k` must be an integer in \[1, 32\]"):
-            sparse.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, _x(), bad)
+            sparse_coo.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, _x(), bad)

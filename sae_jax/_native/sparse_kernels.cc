@@ -505,10 +505,6 @@ ffi::Error DotsBody(RowBuf<R> rows, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
   return ffi::Error::Success();
 }
 
-// e_n = sum_j w_nj T[i_nj] - t_n, r_nj = e_n . T[i_nj], sq_n = |e_n|^2: the decoder's forward,
-// its error against the target and the dot products of the error's VJP, row by row in one pass
-// (GatherRow, then DotsRow on the float32 error while the row's J table rows are still in the L2
-// cache: the unfused kernels read them from memory twice).
 // e -= g, and |e|^2 after it: kLanes partial sums, then the tail, then the lanes.
 inline float SubtractSquares(float* e, const float* g, int64_t d) {
   float part[kLanes] = {};
@@ -583,6 +579,10 @@ void DecodeErrBlocked(const float* w, const T* table, const int32_t* idx, const 
   });
 }
 
+// e_n = sum_j w_nj T[i_nj] - t_n, r_nj = e_n . T[i_nj], sq_n = |e_n|^2: the decoder's forward,
+// its error against the target and the dot products of the error's VJP, row by row in one pass
+// (GatherRow, then DotsRow on the float32 error while the row's J table rows are still in the L2
+// cache: the unfused kernels read them from memory twice), or by table row for a large table.
 template <ffi::DataType R>
 ffi::Error DecodeErrBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
                          ffi::Buffer<ffi::F32> target, ffi::ResultBuffer<ffi::F32> err,
