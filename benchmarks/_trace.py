@@ -23,7 +23,7 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = .*?\b([a-z][\w-]*)\((.*)$")
 _COMP = re.compile(r"^(?:ENTRY )?%([\w.-]+) .*\{$")
 KERNELS = {"sae_topk": "top-k (native)", "sae_gather_sum": "decoder gather (native)",
            "sae_dots": "decoder VJP: dot products (native)", "sae_scatter": "scatter-adds (native)",
-           "sae_decode_err": "decoder gather + error + VJP dots (native)"}
+           "sae_decode_err": "fused gather, error, dots (native)"}
 
 
 def kinds(hlo_text: str) -> dict[str, str]:
