@@ -256,14 +256,6 @@ def _gemm(x_BxD: Array, w_MxD: Array, dt) -> Array:
     return jnp.einsum("bd,md->bm", x_BxD.astype(dt), w_MxD.astype(dt), preferred_element_type=F32)
 
 
-def _pre(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, dt) -> Array:
-    """x W_e^T + b_e, operands in dt, float32 accumulation: (B, M). Once per cell under vmap:
-    the batched dot wrote (B, C, M) and then transposed all of it to (C, B, M) for top_k."""
-    def gemm(w, b, x):
-        return _gemm(x, w, dt) + b
-    return _per_cell(gemm)(W_enc_MxD, b_enc_M, x_BxD)
-
-
 def _encoder_grads(W_enc_MxD: Array, x_BxD: Array, dpre_NxJ: Array, latent_NxJ: Array,
                    sample_NxJ: Array | None, rows_dtype=F32) -> tuple[Array, Array, Array]:
     """(dW_e, db_e, dx) from dL/dpre at the selected (sample, latent) pairs (sample None: the

@@ -20,7 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sae_jax.sparse import F32, _check_k, _dots, _dtype, _encoder_grads, _pre, _scatter_sum
+from sae_jax.sparse import (F32, _check_k, _dots, _dtype, _encoder_grads, _gemm, _per_cell,
+                            _scatter_sum)
 
 Array = jax.Array
 
@@ -33,6 +34,14 @@ class BatchTopKCodes(NamedTuple):
     latent_N: Array  # int32: which latent
     min_active: Array  # () the smallest selected positive activation (inf if none): what the
     #                    inference threshold is estimated from
+
+
+def _pre(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, dt) -> Array:
+    """x W_e^T + b_e, operands in dt, float32 accumulation: (B, M). Once per cell under vmap:
+    the batched dot wrote (B, C, M) and then transposed all of it to (C, B, M) for top_k."""
+    def gemm(w, b, x):
+        return _gemm(x, w, dt) + b
+    return _per_cell(gemm)(W_enc_MxD, b_enc_M, x_BxD)
 
 
 def _coo_rows(a_N: Array, rows: int) -> Array:
