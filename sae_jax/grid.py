@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from sae_jax import archs, fused, resample, sae, toy
+from sae_jax import adam, archs, fused, resample, sae, toy
 from sae_jax.config import TrainConfig  # noqa: F401  (re-exported: grid.TrainConfig)
 from sae_jax.errors import UsageError
 from sae_jax.spec import CellSpec, GridSpec  # noqa: F401  (re-exported: grid.CellSpec, grid.GridSpec)
@@ -149,10 +149,6 @@ def _schedules(step: Array, cfg: TrainConfig) -> tuple[Array, Array]:
     return lr_mult, l1_mult
 
 
-def _all_finite(tree: Any) -> Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def _sq_norm(tree: Any) -> Array:
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
@@ -186,17 +182,21 @@ def apply_grads(cell: GroupState, grads: sae.SAEParams, total: Array, aux: sae.L
     """Adam on one cell's gradients. A non-finite loss or gradient marks the cell diverged; it
     keeps its last finite state. With resampling on, the batch's worst-reconstructed target goes
     to pool row step mod K."""
-    updates, opt = cfg.adam().update(grads, cell.opt)
-    params = jax.tree.map(lambda p, u: p - cell.lr * lr_mult * u, cell.params, updates)
-    if cfg.full_finite_check:  # every gradient and updated parameter element
-        finite = _all_finite(grads) & _all_finite(params)
+    lr = cell.lr * lr_mult
+    if cfg.full_finite_check:  # every gradient and updated parameter element (two native passes
+        # per parameter on the CPU: sae_jax.adam)
+        params, opt, diverged = adam.step(cell.params, grads, cell.opt, cfg.adam(), lr,
+                                          jnp.isfinite(total), cell.diverged, cfg.b1, cfg.b2, cfg.eps)
     else:  # one fused reduction; the squared norm overflows before Adam's bounded step could
-        finite = jnp.isfinite(_sq_norm(grads))
-    diverged = cell.diverged | ~(jnp.isfinite(total) & finite)
+        updates, opt = cfg.adam().update(grads, cell.opt)
+        params = jax.tree.map(lambda p, u: p - lr * u, cell.params, updates)
+        diverged = cell.diverged | ~(jnp.isfinite(total) & jnp.isfinite(_sq_norm(grads)))
+        keep_old = lambda new, old: jnp.where(diverged, old, new)
+        params, opt = jax.tree.map(keep_old, params, cell.params), jax.tree.map(keep_old, opt, cell.opt)
     keep = lambda new, old: jnp.where(diverged, old, new)
     new = cell.replace(
-        params=jax.tree.map(keep, params, cell.params),
-        opt=jax.tree.map(keep, opt, cell.opt),
+        params=params,
+        opt=opt,
         since_fired=keep(jnp.where(aux.fired_M, 0, cell.since_fired + 1), cell.since_fired),
         diverged=diverged,
     )

@@ -4,8 +4,11 @@
 `sae_jax.sparse`): per-row top-k, the decoder's row gather-sum, the k dot products of its VJP,
 the two fused with the error against a target (`decode_err`), and a deterministic scatter-add
 (rows grouped by target with a counting sort, so no two threads write one row). All but top-k
-read their rows in float32 or in bfloat16 (half the bytes; the sums stay float32). They replace XLA:CPU's single-threaded TopK and its slow row gathers; on other
-backends `sae_jax.sparse` keeps its XLA formulation.
+read their rows in float32 or in bfloat16 (half the bytes; the sums stay float32). They replace
+XLA:CPU's single-threaded TopK and its slow row gathers; on other backends `sae_jax.sparse` keeps
+its XLA formulation. Two more run every grid's optimizer step on the CPU (`sae_jax.adam`): Adam's
+finite check (`adam_check`) and its update written in place (`adam_apply`), two passes over each
+parameter where XLA:CPU makes about twenty.
 
 The library is built with the machine's C++ compiler (`$CXX`, else g++, else c++) against the
 headers jaxlib ships (`jax.ffi.include_dir()`), with `-O3 -march=native`, into a cache folder
@@ -32,12 +35,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = Path(__file__).with_name("_native") / "sparse_kernels.cc"
 TARGETS = {"sae_topk": "SaeTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": "SaeDots",
            "sae_scatter": "SaeScatter", "sae_gather_sum_bf16": "SaeGatherSumBf16",
            "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16",
-           "sae_decode_err": "SaeDecodeErr", "sae_decode_err_bf16": "SaeDecodeErrBf16"}
+           "sae_decode_err": "SaeDecodeErr", "sae_decode_err_bf16": "SaeDecodeErrBf16",
+           "sae_adam_check": "SaeAdamCheck", "sae_adam_apply": "SaeAdamApply"}
 F32, I32 = jnp.float32, jnp.int32
 MAX_ENTRIES = 2 ** 31 - 64  # the kernels' int32 scratch offsets
 KEEP_BUILDS = 8  # the cache keeps this many libraries (one per jax version, CPU, compiler ...)
@@ -232,3 +237,25 @@ def scatter(w_NxJ: jax.Array, rows_NxD: jax.Array, idx_NxJ: jax.Array,
     return _call("sae_scatter" + suffix, jax.ShapeDtypeStruct(lead + (n_out, rows_NxD.shape[-1]), F32),
                  jax.ShapeDtypeStruct(lead + (n_out,), F32))(
         w_NxJ.astype(F32), rows, idx_NxJ.astype(I32))
+
+
+ADAM_COEFS = 9  # (b1, 1 - b1, b2, 1 - b2, 1/(1 - b1^t), 1/(1 - b2^t), eps, eps_root, lr)
+
+
+def adam_check(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, coef: jax.Array) -> jax.Array:
+    """1.0 where every g and every p' of Adam's step (`adam_apply`) is finite, else 0.0: shape (1,).
+    p, g, m, v: one float32 parameter's arrays, any shape; coef (ADAM_COEFS,)."""
+    return _call("sae_adam_check", jax.ShapeDtypeStruct((1,), F32))(p, g, m, v, coef, rank=np.int64(p.ndim))
+
+
+def adam_apply(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, coef: jax.Array,
+               keep: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(p', m', v') = (p - lr u, c1 g + b1 m, c2 g^2 + b2 v), u = (m' r1) / (sqrt(v' r2 + eps_root)
+    + eps) (coef: `ADAM_COEFS`), or (p, m, v) where keep (shape (1,)) is nonzero; written over p, m
+    and v (passed in their own shapes: a reshape would cost XLA a copy of each)."""
+    if not available():
+        raise RuntimeError(f"sae_jax.native: {status()}")
+    out = jax.ShapeDtypeStruct(p.shape, F32)
+    call = jax.ffi.ffi_call("sae_adam_apply", (out, out, out), vmap_method="expand_dims",
+                            input_output_aliases={0: 0, 2: 1, 3: 2})
+    return tuple(call(p, g, m, v, coef, keep, rank=np.int64(p.ndim)))

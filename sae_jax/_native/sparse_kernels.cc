@@ -25,6 +25,17 @@
 //                   read (float32 sums and outputs)
 //
 // Indices outside [0, S) (gathers) or [0, L) (scatter) are clipped (gathers) or dropped (scatter).
+//
+// And Adam's step (optax.scale_by_adam, then p - lr u) with the grid's divergence rule, in two passes
+// over each parameter instead of XLA's many (one fusion per moment, per select, per finite check):
+//   sae_adam_check  p, g, m, v (.., P), coef (.., 9); rank (of P) -> ok (.., 1)
+//                   ok = 1 if every g and every p' = p - lr u is finite, else 0, where
+//                   m' = c1 g + b1 m,  v' = c2 g^2 + b2 v,  u = (m' r1) / (sqrt(v' r2 + eps_root) + eps)
+//                   and coef = (b1, c1, b2, c2, r1, r2, eps, eps_root, lr) (c = 1 - b, r = 1/(1 - b^t))
+//   sae_adam_apply  p, g, m, v (.., P), coef (.., 9), keep (.., 1); rank -> p', m', v' (.., P), in place:
+//                   (p', m', v') as above, or (p, m, v) unchanged where keep != 0
+//                   (rounded as XLA:CPU rounds optax's step: the division by 1 - b^t as a product
+//                   with its reciprocal, c1 g + (b1 m), c2 g^2 + (b2 v) and p - lr u as fmas)
 
 #include <sched.h>
 
@@ -33,6 +44,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -661,6 +673,177 @@ ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
+
+// ----------------------------------------------------------------------------- Adam
+// Each element rounds as XLA:CPU's fusion of optax's step does: the fmas written out, no other
+// contraction (hence the pragma), IEEE sqrt and division.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+struct AdamCoef {
+  float b1, c1, b2, c2, r1, r2, eps, eps_root, lr;
+  explicit AdamCoef(const float* c)
+      : b1(c[0]), c1(c[1]), b2(c[2]), c2(c[3]), r1(c[4]), r2(c[5]), eps(c[6]), eps_root(c[7]), lr(c[8]) {}
+  // (p', m', v') of one element
+  inline void Step(float p, float g, float m, float v, float& po, float& mo, float& vo) const {
+    mo = std::fma(c1, g, b1 * m);
+    vo = std::fma(c2, g * g, b2 * v);
+    float u = (mo * r1) / (std::sqrt(vo * r2 + eps_root) + eps);
+    po = std::fma(-lr, u, p);
+  }
+};
+constexpr int64_t kAdamCoefs = 9;
+
+#ifdef __AVX512F__
+// The same on 16 lanes; lanes outside `mask` read as 0 and are not written.
+struct AdamCoef16 {
+  __m512 b1, c1, b2, c2, r1, r2, eps, eps_root, lr;
+  explicit AdamCoef16(const AdamCoef& k)
+      : b1(_mm512_set1_ps(k.b1)), c1(_mm512_set1_ps(k.c1)), b2(_mm512_set1_ps(k.b2)),
+        c2(_mm512_set1_ps(k.c2)), r1(_mm512_set1_ps(k.r1)), r2(_mm512_set1_ps(k.r2)),
+        eps(_mm512_set1_ps(k.eps)), eps_root(_mm512_set1_ps(k.eps_root)), lr(_mm512_set1_ps(k.lr)) {}
+  inline void Step(__m512 p, __m512 g, __m512 m, __m512 v, __m512& po, __m512& mo, __m512& vo) const {
+    mo = _mm512_fmadd_ps(c1, g, _mm512_mul_ps(b1, m));
+    vo = _mm512_fmadd_ps(c2, _mm512_mul_ps(g, g), _mm512_mul_ps(b2, v));
+    __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vo, r2), eps_root)), eps);
+    po = _mm512_fnmadd_ps(lr, _mm512_div_ps(_mm512_mul_ps(mo, r1), den), p);  // p - lr u, one rounding
+  }
+};
+#endif
+
+// Whether g and p' are finite on [0, n): x - x is 0 for a finite x and NaN otherwise.
+bool AdamFinite(const float* p, const float* g, const float* m, const float* v, int64_t n,
+                const AdamCoef& k) {
+  int64_t i = 0;
+  bool ok = true;
+#ifdef __AVX512F__
+  AdamCoef16 k16(k);
+  __m512 acc = _mm512_setzero_ps();
+  for (; i < n; i += 16) {
+    __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    __m512 gi = _mm512_maskz_loadu_ps(mask, g + i), po, mo, vo;
+    k16.Step(_mm512_maskz_loadu_ps(mask, p + i), gi, _mm512_maskz_loadu_ps(mask, m + i),
+             _mm512_maskz_loadu_ps(mask, v + i), po, mo, vo);
+    acc = _mm512_add_ps(acc, _mm512_add_ps(_mm512_sub_ps(gi, gi), _mm512_sub_ps(po, po)));
+  }
+  ok = _mm512_cmp_ps_mask(acc, _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xFFFF;
+#endif
+  for (; i < n; ++i) {
+    float po, mo, vo;
+    k.Step(p[i], g[i], m[i], v[i], po, mo, vo);
+    ok &= (g[i] - g[i]) == 0.0f && (po - po) == 0.0f;
+  }
+  return ok;
+}
+
+// p', m', v' on [0, n), written to po, mo, vo (which may be p, m, v themselves).
+void AdamStep(const float* p, const float* g, const float* m, const float* v, int64_t n,
+              const AdamCoef& k, float* po, float* mo, float* vo) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  AdamCoef16 k16(k);
+  for (; i < n; i += 16) {
+    __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    __m512 a, b, c;
+    k16.Step(_mm512_maskz_loadu_ps(mask, p + i), _mm512_maskz_loadu_ps(mask, g + i),
+             _mm512_maskz_loadu_ps(mask, m + i), _mm512_maskz_loadu_ps(mask, v + i), a, b, c);
+    _mm512_mask_storeu_ps(po + i, mask, a);
+    _mm512_mask_storeu_ps(mo + i, mask, b);
+    _mm512_mask_storeu_ps(vo + i, mask, c);
+  }
+#endif
+  for (; i < n; ++i) k.Step(p[i], g[i], m[i], v[i], po[i], mo[i], vo[i]);
+}
+
+#pragma GCC pop_options
+
+constexpr int64_t kAdamBlock = int64_t{1} << 14;  // elements per task: 64 KiB of each array
+
+using F32Buf = ffi::Buffer<ffi::F32>;
+using F32Ret = ffi::ResultBuffer<ffi::F32>;
+
+// The cells (the leading dims of `out`, whose last `trailing` dims are not cells) and the element
+// count n of one cell's parameter (its last `rank` dims: the parameter is passed in its own shape,
+// which lets XLA write the step over it in place).
+struct AdamLayout {
+  Cells cells;
+  int64_t rank, n = 1;
+  AdamLayout(ffi::Span<const int64_t> out, int trailing, ffi::Span<const int64_t> param, int64_t rank)
+      : cells(out, trailing), rank(rank) {
+    for (int64_t a = 0; a < rank && a < static_cast<int64_t>(param.size()); ++a) n *= Dim(param, a + 1);
+  }
+};
+
+bool AdamShapes(const AdamLayout& a, std::initializer_list<ffi::Span<const int64_t>> params,
+                ffi::Span<const int64_t> coef, ffi::Span<const int64_t> flag) {
+  for (auto d : params) {
+    if (!Fits(a.cells, d, static_cast<int>(a.rank))) return false;
+    int64_t n = 1;
+    for (int64_t k = 0; k < a.rank; ++k) n *= Dim(d, k + 1);
+    if (n != a.n) return false;
+  }
+  return Fits(a.cells, coef, 1) && Dim(coef, 1) == kAdamCoefs && Fits(a.cells, flag, 1) && Dim(flag, 1) == 1;
+}
+
+ffi::Error AdamCheckBody(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, int64_t rank, F32Ret ok) {
+  if (rank < 0 || static_cast<int64_t>(p.dimensions().size()) < rank || ok->dimensions().size() < 1)
+    return ffi::Error::InvalidArgument("sae_adam_check: ranks");
+  AdamLayout a(ok->dimensions(), 1, p.dimensions(), rank);
+  if (!AdamShapes(a, {p.dimensions(), g.dimensions(), m.dimensions(), v.dimensions()}, coef.dimensions(),
+                  ok->dimensions()))
+    return ffi::Error::InvalidArgument("sae_adam_check: shapes");
+  int64_t blocks = (a.n + kAdamBlock - 1) / kAdamBlock, tasks = a.cells.count * blocks;
+  std::vector<char> bad(static_cast<size_t>(tasks), 0);
+  ParallelFor(tasks, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t c = t / blocks, lo = (t % blocks) * kAdamBlock, len = std::min(kAdamBlock, a.n - lo);
+      auto at = [&](const F32Buf& b) {
+        return b.typed_data() + a.cells.Offset(c, b.dimensions(), static_cast<int>(rank), a.n) + lo;
+      };
+      AdamCoef k(coef.typed_data() + a.cells.Offset(c, coef.dimensions(), 1, kAdamCoefs));
+      bad[t] = !AdamFinite(at(p), at(g), at(m), at(v), len, k);
+    }
+  });
+  for (int64_t c = 0; c < a.cells.count; ++c) {
+    bool any = false;
+    for (int64_t b = 0; b < blocks; ++b) any |= bad[c * blocks + b] != 0;
+    ok->typed_data()[c] = any ? 0.0f : 1.0f;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AdamApplyBody(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, F32Buf keep, int64_t rank,
+                         F32Ret po, F32Ret mo, F32Ret vo) {
+  if (rank < 0 || static_cast<int64_t>(po->dimensions().size()) < rank)
+    return ffi::Error::InvalidArgument("sae_adam_apply: ranks");
+  AdamLayout a(po->dimensions(), static_cast<int>(rank), po->dimensions(), rank);
+  if (!AdamShapes(a, {p.dimensions(), g.dimensions(), m.dimensions(), v.dimensions(), mo->dimensions(),
+                      vo->dimensions()}, coef.dimensions(), keep.dimensions()) ||
+      mo->element_count() != a.cells.count * a.n || vo->element_count() != a.cells.count * a.n)
+    return ffi::Error::InvalidArgument("sae_adam_apply: shapes");
+  int64_t blocks = (a.n + kAdamBlock - 1) / kAdamBlock, tasks = a.cells.count * blocks;
+  ParallelFor(tasks, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t c = t / blocks, lo = (t % blocks) * kAdamBlock, len = std::min(kAdamBlock, a.n - lo);
+      auto at = [&](const F32Buf& b) {
+        return b.typed_data() + a.cells.Offset(c, b.dimensions(), static_cast<int>(rank), a.n) + lo;
+      };
+      float* out_p = po->typed_data() + c * a.n + lo;
+      float* out_m = mo->typed_data() + c * a.n + lo;
+      float* out_v = vo->typed_data() + c * a.n + lo;
+      if (keep.typed_data()[a.cells.Offset(c, keep.dimensions(), 1, 1)] != 0.0f) {
+        // unchanged (a no-op where XLA aliased the outputs to p, m, v)
+        for (auto [src, dst] : {std::pair{at(p), out_p}, std::pair{at(m), out_m}, std::pair{at(v), out_v}})
+          if (src != dst) std::memmove(dst, src, sizeof(float) * len);
+        continue;
+      }
+      AdamCoef k(coef.typed_data() + a.cells.Offset(c, coef.dimensions(), 1, kAdamCoefs));
+      AdamStep(at(p), at(g), at(m), at(v), len, k, out_p, out_m, out_v);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // The handlers: shape errors and C++ exceptions come back to XLA as errors, never a crash.
 bool Matrices(std::initializer_list<ffi::Span<const int64_t>> dims) {
   for (auto d : dims)
@@ -668,9 +851,7 @@ bool Matrices(std::initializer_list<ffi::Span<const int64_t>> dims) {
   return true;
 }
 
-using F32Buf = ffi::Buffer<ffi::F32>;
 using S32Buf = ffi::Buffer<ffi::S32>;
-using F32Ret = ffi::ResultBuffer<ffi::F32>;
 
 ffi::Error TopkImpl(F32Buf pre, F32Buf bias, F32Ret vals, ffi::ResultBuffer<ffi::S32> idx) {
   if (!Matrices({pre.dimensions(), bias.dimensions(), vals->dimensions()}))
@@ -706,6 +887,15 @@ ffi::Error ScatterImpl(F32Buf w, RowBuf<R> rows, S32Buf idx, F32Ret out, F32Ret 
   if (!Matrices({w.dimensions(), rows.dimensions(), idx.dimensions(), out->dimensions()}))
     return ffi::Error::InvalidArgument("sae_scatter: ranks");
   return Guard("sae_scatter", [&] { return ScatterBody<R>(w, rows, idx, out, col); });
+}
+
+ffi::Error AdamCheckImpl(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, int64_t rank, F32Ret ok) {
+  return Guard("sae_adam_check", [&] { return AdamCheckBody(p, g, m, v, coef, rank, ok); });
+}
+
+ffi::Error AdamApplyImpl(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, F32Buf keep, int64_t rank,
+                         F32Ret po, F32Ret mo, F32Ret vo) {
+  return Guard("sae_adam_apply", [&] { return AdamApplyBody(p, g, m, v, coef, keep, rank, po, mo, vo); });
 }
 
 }  // namespace
@@ -750,3 +940,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopk, TopkImpl,
 
 SAE_ROW_KERNELS(, F32);
 SAE_ROW_KERNELS(Bf16, BF16);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeAdamCheck, AdamCheckImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("rank")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeAdamApply, AdamApplyImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("rank")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
