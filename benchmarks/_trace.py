@@ -23,7 +23,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = .*?\b([a-z][\w-]*)\((.*)$")
 _COMP = re.compile(r"^(?:ENTRY )?%([\w.-]+) .*\{$")
 KERNELS = {"sae_topk": "top-k (native)", "sae_gather_sum": "decoder gather (native)",
            "sae_dots": "decoder VJP: dot products (native)", "sae_scatter": "scatter-adds (native)",
-           "sae_decode_err": "fused gather, error, dots (native)"}
+           "sae_decode_err": "fused gather, error, dots (native)",
+           "sae_adam_check": "Adam step (native, both steps)", "sae_adam_apply": "Adam step (native, both steps)"}
 
 
 def kinds(hlo_text: str) -> dict[str, str]:
