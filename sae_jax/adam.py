@@ -37,10 +37,11 @@ def all_finite(tree: Any) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def step(params: Any, grads: Any, opt: Any, adam: optax.GradientTransformation, lr: Array,
-         ok: Array, diverged: Array, b1: float, b2: float, eps: float) -> tuple[Any, Any, Array]:
-    """(params, opt, diverged) after one step of `adam` (optax.scale_by_adam(b1, b2, eps)) at
+def step(params: Any, grads: Any, opt: Any, lr: Array, ok: Array, diverged: Array, b1: float,
+         b2: float, eps: float) -> tuple[Any, Any, Array]:
+    """(params, opt, diverged) after one step of optax.scale_by_adam(b1, b2, eps) (state `opt`) at
     learning rate lr, with the module's divergence rule; ok: whether the loss is finite."""
+    adam = optax.scale_by_adam(b1, b2, eps)
     if not _native_fits(params, opt):
         return _xla(params, grads, opt, adam, lr, ok, diverged)
     return jax.lax.platform_dependent(

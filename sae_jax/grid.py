@@ -185,8 +185,8 @@ def apply_grads(cell: GroupState, grads: sae.SAEParams, total: Array, aux: sae.L
     lr = cell.lr * lr_mult
     if cfg.full_finite_check:  # every gradient and updated parameter element (two native passes
         # per parameter on the CPU: sae_jax.adam)
-        params, opt, diverged = adam.step(cell.params, grads, cell.opt, cfg.adam(), lr,
-                                          jnp.isfinite(total), cell.diverged, cfg.b1, cfg.b2, cfg.eps)
+        params, opt, diverged = adam.step(cell.params, grads, cell.opt, lr, jnp.isfinite(total),
+                                          cell.diverged, cfg.b1, cfg.b2, cfg.eps)
     else:  # one fused reduction; the squared norm overflows before Adam's bounded step could
         updates, opt = cfg.adam().update(grads, cell.opt)
         params = jax.tree.map(lambda p, u: p - lr * u, cell.params, updates)
@@ -229,9 +229,10 @@ def _local_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mul
                   l1_mult: Array, cfg: TrainConfig, step: Array,
                   mesh: jax.sharding.Mesh | None) -> tuple[GroupState, tuple[Array, Array]]:
     """`group_update`, on each device's own cells where the group is sharded over `mesh`'s 'grid'
-    axis and selects by top-k: XLA's partitioner does not split a vmapped top_k over the cell
-    axis (it all-gathers the group's pre-activations), though the cells are independent."""
-    if mesh is None or mesh.size == 1 or not group.arch.uses_k:
+    axis: XLA's partitioner does not split a vmapped top_k over the cell axis (it all-gathers the
+    group's pre-activations), nor the native kernels' custom calls (the optimizer step's on the
+    CPU: `sae_jax.adam`), though the cells are independent."""
+    if mesh is None or mesh.size == 1:
         return group_update(group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
     cells, rep = jax.sharding.PartitionSpec("grid"), jax.sharding.PartitionSpec()
     f = lambda g, x, eps, a, b, t: group_update(g, x, eps, a, b, cfg, t)

@@ -256,6 +256,7 @@ def adam_apply(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, coef: jax
     if not available():
         raise RuntimeError(f"sae_jax.native: {status()}")
     out = jax.ShapeDtypeStruct(p.shape, F32)
-    call = jax.ffi.ffi_call("sae_adam_apply", (out, out, out), vmap_method="expand_dims",
+    # under vmap every operand gets the batch dims (an unbatched p, m or v could not be written in place)
+    call = jax.ffi.ffi_call("sae_adam_apply", (out, out, out), vmap_method="broadcast_all",
                             input_output_aliases={0: 0, 2: 1, 3: 2})
     return tuple(call(p, g, m, v, coef, keep, rank=np.int64(p.ndim)))

@@ -32,7 +32,7 @@ def _state(cells, seed=0, count=4):
 def _step(native_on, params, grads, opt, lr, ok, diverged):
     """One vmapped, jitted step over the cells, through the native kernels or optax."""
     def f(p, g, o, lr, ok, d):
-        return adam.step(p, g, o, TX, lr, ok, d, B1, B2, EPS)
+        return adam.step(p, g, o, lr, ok, d, B1, B2, EPS)
     with sparse.kernels(native_on):
         fn = jax.jit(jax.vmap(f))
         assert ("sae_adam_apply" in fn.lower(params, grads, opt, lr, ok, diverged).as_text()) == native_on
@@ -57,6 +57,28 @@ def test_native_step_is_bit_identical_to_optax_per_cell():
     want = jax.tree.map(lambda p, u: p[0] - lr[0] * u, params, updates)
     for got, w in zip(jax.tree.leaves(native_out[0]), jax.tree.leaves(want)):
         np.testing.assert_allclose(got[0], w, rtol=1e-6, atol=1e-9)
+
+
+def test_large_parameters_split_over_blocks_and_threads_and_a_shared_learning_rate():
+    """17 cells of a parameter larger than two of the kernels' blocks (with a tail), a learning rate
+    and step count shared by every cell (unbatched under vmap), one cell's gradient NaN in its
+    last block: the same as optax, cell by cell."""
+    cells, n = 17, 2 * 16384 + 5
+    ks = jax.random.split(jax.random.PRNGKey(3), 4)
+    p, g, m = (jax.random.normal(k, (cells, n)) for k in ks[:3])
+    v = jnp.abs(jax.random.normal(ks[3], (cells, n))) * 1e-3
+    g = g.at[5, n - 2].set(jnp.nan)
+    opt = optax.ScaleByAdamState(count=jnp.int32(7), mu=m, nu=v)
+
+    def run(on):
+        f = lambda p, g, o: adam.step(p, g, o, jnp.float32(1e-3), jnp.array(True), jnp.array(False), B1, B2, EPS)
+        with sparse.kernels(on):
+            fn = jax.jit(jax.vmap(f, in_axes=(0, 0, optax.ScaleByAdamState(None, 0, 0))))
+            assert ("sae_adam_apply" in fn.lower(p, g, opt).as_text()) == on
+            return jax.tree.map(np.asarray, fn(p, g, opt))
+    native_out, xla_out = run(True), run(False)
+    _assert_identical(native_out, xla_out)
+    assert native_out[2].tolist() == [i == 5 for i in range(cells)]
 
 
 @pytest.mark.parametrize("where", ["grad nan", "grad inf", "update overflows", "loss", "before"])
@@ -116,8 +138,8 @@ def test_other_states_and_dtypes_run_optax():
     params, grads, opt, lr = _state(cells=2)
     to16 = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), t)
     opt16 = opt._replace(mu=to16(opt.mu), nu=to16(opt.nu))
-    f = jax.jit(jax.vmap(lambda p, g, o, lr: adam.step(p, g, o, TX, lr, jnp.array(True), jnp.array(False),
-                                                          B1, B2, EPS)))
+    f = jax.jit(jax.vmap(lambda p, g, o, lr: adam.step(p, g, o, lr, jnp.array(True), jnp.array(False),
+                                                       B1, B2, EPS)))
     assert "sae_adam" not in f.lower(to16(params), to16(grads), opt16, lr).as_text()
 
 

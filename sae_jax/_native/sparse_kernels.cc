@@ -679,6 +679,9 @@ ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi:
 // contraction (hence the pragma), IEEE sqrt and division.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
+#ifdef __clang__
+#pragma clang fp contract(off)
+#endif
 
 struct AdamCoef {
   float b1, c1, b2, c2, r1, r2, eps, eps_root, lr;
@@ -724,7 +727,8 @@ bool AdamFinite(const float* p, const float* g, const float* m, const float* v, 
     __m512 gi = _mm512_maskz_loadu_ps(mask, g + i), po, mo, vo;
     k16.Step(_mm512_maskz_loadu_ps(mask, p + i), gi, _mm512_maskz_loadu_ps(mask, m + i),
              _mm512_maskz_loadu_ps(mask, v + i), po, mo, vo);
-    acc = _mm512_add_ps(acc, _mm512_add_ps(_mm512_sub_ps(gi, gi), _mm512_sub_ps(po, po)));
+    // only the real lanes (with eps = 0 a padding lane's step is 0/0)
+    acc = _mm512_mask_add_ps(acc, mask, acc, _mm512_add_ps(_mm512_sub_ps(gi, gi), _mm512_sub_ps(po, po)));
   }
   ok = _mm512_cmp_ps_mask(acc, _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xFFFF;
 #endif
