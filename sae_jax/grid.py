@@ -191,9 +191,9 @@ def apply_grads(cell: GroupState, grads: sae.SAEParams, total: Array, aux: sae.L
         updates, opt = cfg.adam().update(grads, cell.opt)
         params = jax.tree.map(lambda p, u: p - lr * u, cell.params, updates)
         diverged = cell.diverged | ~(jnp.isfinite(total) & jnp.isfinite(_sq_norm(grads)))
-        keep_old = lambda new, old: jnp.where(diverged, old, new)
-        params, opt = jax.tree.map(keep_old, params, cell.params), jax.tree.map(keep_old, opt, cell.opt)
     keep = lambda new, old: jnp.where(diverged, old, new)
+    if not cfg.full_finite_check:
+        params, opt = jax.tree.map(keep, params, cell.params), jax.tree.map(keep, opt, cell.opt)
     new = cell.replace(
         params=params,
         opt=opt,
