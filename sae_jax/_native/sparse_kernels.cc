@@ -789,6 +789,22 @@ bool AdamShapes(const AdamLayout& a, std::initializer_list<ffi::Span<const int64
   return Fits(a.cells, coef, 1) && Dim(coef, 1) == kAdamCoefs && Fits(a.cells, flag, 1) && Dim(flag, 1) == 1;
 }
 
+// f(c, lo, len, at, k) over every cell c and block [lo, lo + len) of its parameter, on the
+// threads: at(buffer) points at that block of the buffer's cell c, k is the cell's coefficients.
+template <class F>
+void ForAdamBlocks(const AdamLayout& a, const F32Buf& coef, F&& f) {
+  const int64_t blocks = (a.n + kAdamBlock - 1) / kAdamBlock;
+  ParallelFor(a.cells.count * blocks, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t / blocks, lo = (t % blocks) * kAdamBlock, len = std::min(kAdamBlock, a.n - lo);
+      auto at = [&](const F32Buf& b) {
+        return b.typed_data() + a.cells.Offset(c, b.dimensions(), static_cast<int>(a.rank), a.n) + lo;
+      };
+      f(c, lo, len, at, AdamCoef(coef.typed_data() + a.cells.Offset(c, coef.dimensions(), 1, kAdamCoefs)));
+    }
+  });
+}
+
 ffi::Error AdamCheckBody(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, int64_t rank, F32Ret ok) {
   if (rank < 0 || static_cast<int64_t>(p.dimensions().size()) < rank || ok->dimensions().size() < 1)
     return ffi::Error::InvalidArgument("sae_adam_check: ranks");
@@ -796,17 +812,11 @@ ffi::Error AdamCheckBody(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, in
   if (!AdamShapes(a, {p.dimensions(), g.dimensions(), m.dimensions(), v.dimensions()}, coef.dimensions(),
                   ok->dimensions()))
     return ffi::Error::InvalidArgument("sae_adam_check: shapes");
-  int64_t blocks = (a.n + kAdamBlock - 1) / kAdamBlock, tasks = a.cells.count * blocks;
-  std::vector<char> bad(static_cast<size_t>(tasks), 0);
-  ParallelFor(tasks, 8, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t c = t / blocks, lo = (t % blocks) * kAdamBlock, len = std::min(kAdamBlock, a.n - lo);
-      auto at = [&](const F32Buf& b) {
-        return b.typed_data() + a.cells.Offset(c, b.dimensions(), static_cast<int>(rank), a.n) + lo;
-      };
-      AdamCoef k(coef.typed_data() + a.cells.Offset(c, coef.dimensions(), 1, kAdamCoefs));
-      bad[t] = !AdamFinite(at(p), at(g), at(m), at(v), len, k);
-    }
+  // one flag per (cell, block): a cell's blocks may run on different threads
+  const int64_t blocks = (a.n + kAdamBlock - 1) / kAdamBlock;
+  std::vector<char> bad(static_cast<size_t>(a.cells.count * blocks), 0);
+  ForAdamBlocks(a, coef, [&](int64_t c, int64_t lo, int64_t len, auto at, const AdamCoef& k) {
+    bad[c * blocks + lo / kAdamBlock] = !AdamFinite(at(p), at(g), at(m), at(v), len, k);
   });
   for (int64_t c = 0; c < a.cells.count; ++c) {
     bool any = false;
@@ -825,25 +835,17 @@ ffi::Error AdamApplyBody(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, F3
                       vo->dimensions()}, coef.dimensions(), keep.dimensions()) ||
       mo->element_count() != a.cells.count * a.n || vo->element_count() != a.cells.count * a.n)
     return ffi::Error::InvalidArgument("sae_adam_apply: shapes");
-  int64_t blocks = (a.n + kAdamBlock - 1) / kAdamBlock, tasks = a.cells.count * blocks;
-  ParallelFor(tasks, 8, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t c = t / blocks, lo = (t % blocks) * kAdamBlock, len = std::min(kAdamBlock, a.n - lo);
-      auto at = [&](const F32Buf& b) {
-        return b.typed_data() + a.cells.Offset(c, b.dimensions(), static_cast<int>(rank), a.n) + lo;
-      };
-      float* out_p = po->typed_data() + c * a.n + lo;
-      float* out_m = mo->typed_data() + c * a.n + lo;
-      float* out_v = vo->typed_data() + c * a.n + lo;
-      if (keep.typed_data()[a.cells.Offset(c, keep.dimensions(), 1, 1)] != 0.0f) {
-        // unchanged (a no-op where XLA aliased the outputs to p, m, v)
-        for (auto [src, dst] : {std::pair{at(p), out_p}, std::pair{at(m), out_m}, std::pair{at(v), out_v}})
-          if (src != dst) std::memmove(dst, src, sizeof(float) * len);
-        continue;
-      }
-      AdamCoef k(coef.typed_data() + a.cells.Offset(c, coef.dimensions(), 1, kAdamCoefs));
-      AdamStep(at(p), at(g), at(m), at(v), len, k, out_p, out_m, out_v);
+  ForAdamBlocks(a, coef, [&](int64_t c, int64_t lo, int64_t len, auto at, const AdamCoef& k) {
+    float* out_p = po->typed_data() + c * a.n + lo;
+    float* out_m = mo->typed_data() + c * a.n + lo;
+    float* out_v = vo->typed_data() + c * a.n + lo;
+    if (keep.typed_data()[a.cells.Offset(c, keep.dimensions(), 1, 1)] != 0.0f) {
+      // unchanged (a no-op where XLA aliased the outputs to p, m, v)
+      for (auto [src, dst] : {std::pair{at(p), out_p}, std::pair{at(m), out_m}, std::pair{at(v), out_v}})
+        if (src != dst) std::memmove(dst, src, sizeof(float) * len);
+      return;
     }
+    AdamStep(at(p), at(g), at(m), at(v), len, k, out_p, out_m, out_v);
   });
   return ffi::Error::Success();
 }
