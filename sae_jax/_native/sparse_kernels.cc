@@ -39,7 +39,7 @@
 
 #include <sched.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -135,6 +135,130 @@ ffi::Error Guard(const char* name, F&& f) {
   }
 }
 
+// Rows come as float32 or as bfloat16 (their bits, uint16_t): a bfloat16 row is widened to float32
+// as it is read, so the sums are float32 either way and the bfloat16 kernels move half the bytes.
+inline float ToF32(float v) { return v; }
+inline float ToF32(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ----------------------------------------------------------------------------- vectors
+// F16: 16 float lanes, as one AVX-512 register, two AVX2 ones, or an array of 16 (any other CPU),
+// so that each kernel is written once. Every operation is the IEEE one per lane (Fma: a b + c and
+// Fnma: c - a b rounded once), so results do not depend on which of the three runs. kTile: how
+// many F16 accumulators a row tile holds in registers (AVX-512 has 32 of them, AVX2 16 of half the
+// width); kSlots: how many dot products DotsRow accumulates side by side.
+#define SAE_INLINE inline __attribute__((always_inline))
+#if defined(__AVX512F__)
+struct F16 {
+  __m512 v;
+  static SAE_INLINE F16 Zero() { return {_mm512_setzero_ps()}; }
+  static SAE_INLINE F16 Set(float a) { return {_mm512_set1_ps(a)}; }
+  static SAE_INLINE F16 Load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static SAE_INLINE F16 Load(const uint16_t* p) {  // bfloat16 bits, widened
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  SAE_INLINE void Store(float* p) const { _mm512_storeu_ps(p, v); }
+};
+SAE_INLINE F16 Fma(F16 a, F16 b, F16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+SAE_INLINE F16 Fnma(F16 a, F16 b, F16 c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }
+SAE_INLINE F16 operator+(F16 a, F16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+SAE_INLINE F16 operator-(F16 a, F16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+SAE_INLINE F16 operator*(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+SAE_INLINE F16 operator/(F16 a, F16 b) { return {_mm512_div_ps(a.v, b.v)}; }
+SAE_INLINE F16 Sqrt(F16 a) { return {_mm512_sqrt_ps(a.v)}; }
+// bit l: !(x_l < t) (NaN included)
+SAE_INLINE uint32_t NotBelow(F16 x, float t) {
+  return _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(t), _CMP_NLT_UQ);
+}
+constexpr int kTile = 16, kSlots = 8;
+#elif defined(__AVX2__) && defined(__FMA__)
+struct F16 {
+  __m256 lo, hi;
+  static SAE_INLINE F16 Zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static SAE_INLINE F16 Set(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+  static SAE_INLINE F16 Load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static SAE_INLINE F16 Load(const uint16_t* p) {
+    auto widen = [](const uint16_t* q) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    };
+    return {widen(p), widen(p + 8)};
+  }
+  SAE_INLINE void Store(float* p) const {
+    _mm256_storeu_ps(p, lo);
+    _mm256_storeu_ps(p + 8, hi);
+  }
+};
+SAE_INLINE F16 Fma(F16 a, F16 b, F16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+SAE_INLINE F16 Fnma(F16 a, F16 b, F16 c) {
+  return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)};
+}
+SAE_INLINE F16 operator+(F16 a, F16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+SAE_INLINE F16 operator-(F16 a, F16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+SAE_INLINE F16 operator*(F16 a, F16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+SAE_INLINE F16 operator/(F16 a, F16 b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+SAE_INLINE F16 Sqrt(F16 a) { return {_mm256_sqrt_ps(a.lo), _mm256_sqrt_ps(a.hi)}; }
+SAE_INLINE uint32_t NotBelow(F16 x, float t) {
+  const __m256 tv = _mm256_set1_ps(t);
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x.lo, tv, _CMP_NLT_UQ))) |
+         (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x.hi, tv, _CMP_NLT_UQ))) << 8);
+}
+constexpr int kTile = 4, kSlots = 4;
+#else
+struct F16 {
+  float x[16];
+  static SAE_INLINE F16 Zero() { return Set(0.0f); }
+  static SAE_INLINE F16 Set(float a) {
+    F16 r;
+    for (float& v : r.x) v = a;
+    return r;
+  }
+  template <class T>
+  static SAE_INLINE F16 Load(const T* p) {
+    F16 r;
+    for (int l = 0; l < 16; ++l) r.x[l] = ToF32(p[l]);
+    return r;
+  }
+  SAE_INLINE void Store(float* p) const { std::memcpy(p, x, sizeof x); }
+};
+template <class F>
+SAE_INLINE F16 Lanes(F&& f) {
+  F16 r;
+  for (int l = 0; l < 16; ++l) r.x[l] = f(l);
+  return r;
+}
+SAE_INLINE F16 Fma(F16 a, F16 b, F16 c) { return Lanes([&](int l) { return std::fma(a.x[l], b.x[l], c.x[l]); }); }
+SAE_INLINE F16 Fnma(F16 a, F16 b, F16 c) { return Lanes([&](int l) { return std::fma(-a.x[l], b.x[l], c.x[l]); }); }
+SAE_INLINE F16 operator+(F16 a, F16 b) { return Lanes([&](int l) { return a.x[l] + b.x[l]; }); }
+SAE_INLINE F16 operator-(F16 a, F16 b) { return Lanes([&](int l) { return a.x[l] - b.x[l]; }); }
+SAE_INLINE F16 operator*(F16 a, F16 b) { return Lanes([&](int l) { return a.x[l] * b.x[l]; }); }
+SAE_INLINE F16 operator/(F16 a, F16 b) { return Lanes([&](int l) { return a.x[l] / b.x[l]; }); }
+SAE_INLINE F16 Sqrt(F16 a) { return Lanes([&](int l) { return std::sqrt(a.x[l]); }); }
+SAE_INLINE uint32_t NotBelow(F16 x, float t) {
+  uint32_t m = 0;
+  for (int l = 0; l < 16; ++l) m |= static_cast<uint32_t>(!(x.x[l] < t)) << l;
+  return m;
+}
+constexpr int kTile = 4, kSlots = 4;
+#endif
+constexpr int64_t kLanes = 16;
+
+// Whether every lane is 0 (false for NaN).
+SAE_INLINE bool AllZero(F16 a) {
+  float x[kLanes];
+  a.Store(x);
+  bool z = true;
+  for (float v : x) z &= v == 0.0f;
+  return z;
+}
+
 // ----------------------------------------------------------------------------- top-k
 // An entry as one integer key: larger key = better (the larger value; on equal values, the lower
 // index), so that selection and sorting compare integers. Values map to unsigned integers in
@@ -211,6 +335,10 @@ int64_t Candidates(const float* x, int64_t m, float t, int32_t* out) {
     }
     iv = _mm512_add_epi32(iv, step);
   }
+#else
+  for (; q + 16 <= m; q += 16)  // most blocks hold no candidate
+    for (uint32_t hit = NotBelow(F16::Load(x + q), t); hit; hit &= hit - 1)
+      out[c++] = static_cast<int32_t>(q + __builtin_ctz(hit));
 #endif
   for (; q < m; ++q) {
     out[c] = static_cast<int32_t>(q);
@@ -335,22 +463,6 @@ struct Blocked {
   const int32_t* Start(int64_t q, int64_t L) const { return start.data() + q * (L + 1); }
 };
 
-// Rows come as float32 or as bfloat16 (their bits, uint16_t): a bfloat16 row is widened to float32
-// as it is read, so the sums are float32 either way and the bfloat16 kernels move half the bytes.
-inline float ToF32(float v) { return v; }
-inline float ToF32(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-#ifdef __AVX512F__
-inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 Load16(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#endif
 
 // Asks for the n elements at p ahead of their use.
 template <class T>
@@ -364,27 +476,32 @@ inline void Axpy(float a, const T* x, float* y, int64_t d) {
   for (int64_t t = 0; t < d; ++t) y[t] += a * ToF32(x[t]);
 }
 
-// y += sum over the listed entries e (in order) of w_e r_{e / jn}: y held in registers, 256 floats
-// at a time, across the entries (the same per-element order as one Axpy per entry).
+// AxpyRows on [t0, ...) in tiles of NV x 16 floats held in registers; where the tiles stopped.
+template <int NV, class T>
+SAE_INLINE int64_t AxpyRowsTiles(const float* w, const T* rows, const int32_t* es, int64_t ne,
+                                 int64_t jn, float* y, int64_t d, int64_t t0) {
+  for (; t0 + NV * 16 <= d; t0 += NV * 16) {
+    F16 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = F16::Load(y + t0 + v * 16);
+    for (int64_t p = 0; p < ne; ++p) {
+      const int64_t e = es[p];
+      const T* r = rows + (e / jn) * d + t0;
+      const F16 a = F16::Set(w[e]);
+      for (int v = 0; v < NV; ++v) acc[v] = Fma(a, F16::Load(r + v * 16), acc[v]);
+    }
+    for (int v = 0; v < NV; ++v) acc[v].Store(y + t0 + v * 16);
+  }
+  return t0;
+}
+
+// y += sum over the listed entries e (in order) of w_e r_{e / jn}: y held in registers, kTile x 16
+// floats at a time, across the entries (the same per-element order as one Axpy per entry).
 template <class T>
 inline void AxpyRows(const float* w, const T* rows, const int32_t* es, int64_t ne, int64_t jn,
                      float* y, int64_t d) {
   if (ne == 0) return;
-  int64_t t0 = 0;
-#ifdef __AVX512F__
-  constexpr int kV = 16;
-  for (; t0 + kV * 16 <= d; t0 += kV * 16) {
-    __m512 acc[kV];
-    for (int v = 0; v < kV; ++v) acc[v] = _mm512_loadu_ps(y + t0 + v * 16);
-    for (int64_t p = 0; p < ne; ++p) {
-      const int64_t e = es[p];
-      const T* r = rows + (e / jn) * d + t0;
-      const __m512 a = _mm512_set1_ps(w[e]);
-      for (int v = 0; v < kV; ++v) acc[v] = _mm512_fmadd_ps(a, Load16(r + v * 16), acc[v]);
-    }
-    for (int v = 0; v < kV; ++v) _mm512_storeu_ps(y + t0 + v * 16, acc[v]);
-  }
-#endif
+  int64_t t0 = AxpyRowsTiles<kTile>(w, rows, es, ne, jn, y, d, 0);
+  t0 = AxpyRowsTiles<1>(w, rows, es, ne, jn, y, d, t0);
   if (t0 < d)
     for (int64_t p = 0; p < ne; ++p) {
       const int64_t e = es[p];
@@ -393,31 +510,33 @@ inline void AxpyRows(const float* w, const T* rows, const int32_t* es, int64_t n
 }
 
 // out_n = sum_j w_nj T[i_nj] in slot order, row by row over the threads: the row is held in
-// registers 256 floats at a time while its J table rows stream in, each asked for kAhead slots
+// registers kTile x 16 floats at a time while its J table rows stream in, each asked for kAhead slots
 // ahead of its use. Walking the entries by latent instead (the table read once per row block, the
 // out rows added to in the L2 cache) ran 1.6x slower at d 256 and no faster at d 1024 (both
 // kernels interleaved in one process on the AMD EPYC; the step: benchmarks/grid_step.py).
 constexpr int64_t kAhead = 4;
-constexpr int64_t kLanes = 16;
+template <int NV, class T>
+SAE_INLINE int64_t GatherRowTiles(const float* w, int64_t jn, const T* t, int64_t d, float* o,
+                                  const int64_t* at, int64_t t0) {
+  for (; t0 + NV * 16 <= d; t0 += NV * 16) {
+    F16 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = F16::Zero();
+    for (int64_t j = 0; j < jn; ++j) {
+      if (j + kAhead < jn) Prefetch(t + at[j + kAhead] + t0, NV * 16);
+      const T* src = t + at[j] + t0;
+      const F16 a = F16::Set(w[j]);
+      for (int v = 0; v < NV; ++v) acc[v] = Fma(a, F16::Load(src + v * 16), acc[v]);
+    }
+    for (int v = 0; v < NV; ++v) acc[v].Store(o + t0 + v * 16);
+  }
+  return t0;
+}
 template <class T>
 void GatherRow(const float* w, const int32_t* i, int64_t jn, const T* t, int64_t s, int64_t d,
                float* o, std::vector<int64_t>& at) {
   for (int64_t j = 0; j < jn; ++j) at[j] = std::clamp<int64_t>(i[j], 0, s - 1) * d;
-  int64_t t0 = 0;
-#ifdef __AVX512F__
-  constexpr int kV = 16;
-  for (; t0 + kV * 16 <= d; t0 += kV * 16) {
-    __m512 acc[kV];
-    for (int v = 0; v < kV; ++v) acc[v] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < jn; ++j) {
-      if (j + kAhead < jn) Prefetch(t + at[j + kAhead] + t0, kV * 16);
-      const T* src = t + at[j] + t0;
-      const __m512 a = _mm512_set1_ps(w[j]);
-      for (int v = 0; v < kV; ++v) acc[v] = _mm512_fmadd_ps(a, Load16(src + v * 16), acc[v]);
-    }
-    for (int v = 0; v < kV; ++v) _mm512_storeu_ps(o + t0 + v * 16, acc[v]);
-  }
-#endif
+  int64_t t0 = GatherRowTiles<kTile>(w, jn, t, d, o, at.data(), 0);
+  t0 = GatherRowTiles<1>(w, jn, t, d, o, at.data(), t0);
   if (t0 < d) {
     std::fill(o + t0, o + d, 0.0f);
     for (int64_t j = 0; j < jn; ++j) Axpy(w[j], t + at[j] + t0, o + t0, d - t0);
@@ -453,7 +572,7 @@ ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-// out_j = r . T[i_j] for one row's J slots, kJ slots at a time: one accumulator of 16 lanes per
+// out_j = r . T[i_j] for one row's J slots, kJ (kSlots) at a time: one accumulator of 16 lanes per
 // slot (lane l sums the elements l mod 16 in order), then the tail, then the lanes in order. The
 // kJ table rows stream in side by side while the next kJ are asked for. Row by row, as the gather:
 // 1.6x faster than walking the entries by latent at d 256 and 1.2x at d 1024 (both kernels
@@ -461,7 +580,7 @@ ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<f
 template <class Tr, class T>
 void DotsRow(const Tr* r, const int32_t* i, int64_t jn, const T* t, int64_t s, int64_t d,
              float* o) {
-  constexpr int kJ = 8;
+  constexpr int kJ = kSlots;
   const int64_t d16 = d - d % 16;
   for (int64_t j0 = 0; j0 < jn; j0 += kJ) {
     const int nj = static_cast<int>(std::min<int64_t>(kJ, jn - j0));
@@ -471,21 +590,13 @@ void DotsRow(const Tr* r, const int32_t* i, int64_t jn, const T* t, int64_t s, i
     for (int q = 0; q < kJ && j0 + kJ + q < jn; ++q)
       __builtin_prefetch(t + std::clamp<int64_t>(i[j0 + kJ + q], 0, s - 1) * d);
     float part[kJ][16];
-#ifdef __AVX512F__
-    __m512 acc[kJ];
-    for (int q = 0; q < kJ; ++q) acc[q] = _mm512_setzero_ps();
+    F16 acc[kJ];
+    for (int q = 0; q < kJ; ++q) acc[q] = F16::Zero();
     for (int64_t e = 0; e < d16; e += 16) {
-      const __m512 rv = Load16(r + e);
-      for (int q = 0; q < kJ; ++q) acc[q] = _mm512_fmadd_ps(rv, Load16(src[q] + e), acc[q]);
+      const F16 rv = F16::Load(r + e);
+      for (int q = 0; q < kJ; ++q) acc[q] = Fma(rv, F16::Load(src[q] + e), acc[q]);
     }
-    for (int q = 0; q < kJ; ++q) _mm512_storeu_ps(part[q], acc[q]);
-#else
-    for (int q = 0; q < kJ; ++q) {
-      for (int l = 0; l < 16; ++l) part[q][l] = 0.0f;
-      for (int64_t e = 0; e < d16; e += 16)
-        for (int l = 0; l < 16; ++l) part[q][l] += ToF32(r[e + l]) * ToF32(src[q][e + l]);
-    }
-#endif
+    for (int q = 0; q < kJ; ++q) acc[q].Store(part[q]);
     for (int q = 0; q < nj; ++q) {
       float a = 0.0f;
       for (int64_t e = d16; e < d; ++e) a += ToF32(r[e]) * ToF32(src[q][e]);
@@ -540,15 +651,11 @@ inline float SubtractSquares(float* e, const float* g, int64_t d) {
 // a . b for float a and b of either row type: kLanes partial sums, then the tail, then the lanes.
 template <class T>
 inline float DotF(const float* a, const T* b, int64_t d) {
-  float part[kLanes] = {};
+  float part[kLanes];
   int64_t e = 0;
-#ifdef __AVX512F__
-  __m512 acc = _mm512_setzero_ps();
-  for (; e + kLanes <= d; e += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + e), Load16(b + e), acc);
-  _mm512_storeu_ps(part, acc);
-#endif
-  for (; e + kLanes <= d; e += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[e + l] * ToF32(b[e + l]);
+  F16 acc = F16::Zero();
+  for (; e + kLanes <= d; e += kLanes) acc = Fma(F16::Load(a + e), F16::Load(b + e), acc);
+  acc.Store(part);
   float s = 0.0f;
   for (; e < d; ++e) s += a[e] * ToF32(b[e]);
   for (int64_t l = 0; l < kLanes; ++l) s += part[l];
@@ -697,41 +804,33 @@ struct AdamCoef {
 };
 constexpr int64_t kAdamCoefs = 9;
 
-#ifdef __AVX512F__
-// The same on 16 lanes; lanes outside `mask` read as 0 and are not written.
+// The same on 16 lanes.
 struct AdamCoef16 {
-  __m512 b1, c1, b2, c2, r1, r2, eps, eps_root, lr;
+  F16 b1, c1, b2, c2, r1, r2, eps, eps_root, lr;
   explicit AdamCoef16(const AdamCoef& k)
-      : b1(_mm512_set1_ps(k.b1)), c1(_mm512_set1_ps(k.c1)), b2(_mm512_set1_ps(k.b2)),
-        c2(_mm512_set1_ps(k.c2)), r1(_mm512_set1_ps(k.r1)), r2(_mm512_set1_ps(k.r2)),
-        eps(_mm512_set1_ps(k.eps)), eps_root(_mm512_set1_ps(k.eps_root)), lr(_mm512_set1_ps(k.lr)) {}
-  inline void Step(__m512 p, __m512 g, __m512 m, __m512 v, __m512& po, __m512& mo, __m512& vo) const {
-    mo = _mm512_fmadd_ps(c1, g, _mm512_mul_ps(b1, m));
-    vo = _mm512_fmadd_ps(c2, _mm512_mul_ps(g, g), _mm512_mul_ps(b2, v));
-    __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(vo, r2), eps_root)), eps);
-    po = _mm512_fnmadd_ps(lr, _mm512_div_ps(_mm512_mul_ps(mo, r1), den), p);  // p - lr u, one rounding
+      : b1(F16::Set(k.b1)), c1(F16::Set(k.c1)), b2(F16::Set(k.b2)), c2(F16::Set(k.c2)),
+        r1(F16::Set(k.r1)), r2(F16::Set(k.r2)), eps(F16::Set(k.eps)), eps_root(F16::Set(k.eps_root)),
+        lr(F16::Set(k.lr)) {}
+  SAE_INLINE void Step(F16 p, F16 g, F16 m, F16 v, F16& po, F16& mo, F16& vo) const {
+    mo = Fma(c1, g, b1 * m);
+    vo = Fma(c2, g * g, b2 * v);
+    po = Fnma(lr, (mo * r1) / (Sqrt(vo * r2 + eps_root) + eps), p);  // p - lr u, one rounding
   }
 };
-#endif
 
 // Whether g and p' are finite on [0, n): x - x is 0 for a finite x and NaN otherwise.
 bool AdamFinite(const float* p, const float* g, const float* m, const float* v, int64_t n,
                 const AdamCoef& k) {
   int64_t i = 0;
-  bool ok = true;
-#ifdef __AVX512F__
-  AdamCoef16 k16(k);
-  __m512 acc = _mm512_setzero_ps();
-  for (; i < n; i += 16) {
-    __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    __m512 gi = _mm512_maskz_loadu_ps(mask, g + i), po, mo, vo;
-    k16.Step(_mm512_maskz_loadu_ps(mask, p + i), gi, _mm512_maskz_loadu_ps(mask, m + i),
-             _mm512_maskz_loadu_ps(mask, v + i), po, mo, vo);
-    // only the real lanes (with eps = 0 a padding lane's step is 0/0)
-    acc = _mm512_mask_add_ps(acc, mask, acc, _mm512_add_ps(_mm512_sub_ps(gi, gi), _mm512_sub_ps(po, po)));
+  const AdamCoef16 k16(k);
+  F16 acc = F16::Zero();
+  for (; i + kLanes <= n; i += kLanes) {
+    const F16 gi = F16::Load(g + i);
+    F16 po, mo, vo;
+    k16.Step(F16::Load(p + i), gi, F16::Load(m + i), F16::Load(v + i), po, mo, vo);
+    acc = acc + ((gi - gi) + (po - po));
   }
-  ok = _mm512_cmp_ps_mask(acc, _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xFFFF;
-#endif
+  bool ok = AllZero(acc);
   for (; i < n; ++i) {
     float po, mo, vo;
     k.Step(p[i], g[i], m[i], v[i], po, mo, vo);
@@ -744,18 +843,14 @@ bool AdamFinite(const float* p, const float* g, const float* m, const float* v, 
 void AdamStep(const float* p, const float* g, const float* m, const float* v, int64_t n,
               const AdamCoef& k, float* po, float* mo, float* vo) {
   int64_t i = 0;
-#ifdef __AVX512F__
-  AdamCoef16 k16(k);
-  for (; i < n; i += 16) {
-    __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    __m512 a, b, c;
-    k16.Step(_mm512_maskz_loadu_ps(mask, p + i), _mm512_maskz_loadu_ps(mask, g + i),
-             _mm512_maskz_loadu_ps(mask, m + i), _mm512_maskz_loadu_ps(mask, v + i), a, b, c);
-    _mm512_mask_storeu_ps(po + i, mask, a);
-    _mm512_mask_storeu_ps(mo + i, mask, b);
-    _mm512_mask_storeu_ps(vo + i, mask, c);
+  const AdamCoef16 k16(k);
+  for (; i + kLanes <= n; i += kLanes) {
+    F16 a, b, c;
+    k16.Step(F16::Load(p + i), F16::Load(g + i), F16::Load(m + i), F16::Load(v + i), a, b, c);
+    a.Store(po + i);
+    b.Store(mo + i);
+    c.Store(vo + i);
   }
-#endif
   for (; i < n; ++i) k.Step(p[i], g[i], m[i], v[i], po[i], mo[i], vo[i]);
 }
 
