@@ -287,9 +287,13 @@ int64_t Partition(uint64_t* a, int64_t n, uint64_t p, uint64_t* tmp) {
     l += 8 - c;
   }
 #endif
-  for (; q < n; ++q) {
+  for (; q < n; ++q) {  // both stores, no branch (which the data would mispredict half the time)
     const uint64_t v = a[q];
-    if (v > p) a[g++] = v; else tmp[l++] = v;
+    const int64_t gt = v > p;
+    a[g] = v;  // g <= q: a slot already read
+    tmp[l] = v;
+    g += gt;
+    l += 1 - gt;
   }
   std::memcpy(a + g, tmp, l * sizeof(uint64_t));
   return g;
