@@ -42,7 +42,7 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
 def topk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
     """(MSE, aux) of one TopK cell through the sparse kernels."""
     vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
-    sq = sparse.decode_sq_err(sae.unit_rows(params.D_MxD), vals, idx, x_BxD, dtype)
+    sq = sparse.decode_sq_err(sparse.unit_rows(params.D_MxD), vals, idx, x_BxD, dtype)
     mse = jnp.mean(sq) / x_BxD.shape[-1]
     active = jax.lax.stop_gradient(vals) > 0
     fired = jnp.zeros(params.b_enc_M.shape, bool).at[idx].max(active)
@@ -212,9 +212,9 @@ def section(d, m, cells, batch, ks, steps, repeats, reference: bool = True) -> d
         rate = fl["encoder GEMM"] / topk.get("GEMM", np.nan) / 1e9
         print(f"   the TopK step's GEMM runs at {rate:.0f} GFLOP/s; the 2048^3 GEMM at "
               f"{fl['(the limit: 2048^3 GEMM)'] / limit / 1e9:.0f}")
-        floor = sum(v for n, v in topk.items() if n in ("GEMM", "copy") or n.startswith(("XLA", "Adam")))
+        floor = sum(v for n, v in topk.items() if n in ("GEMM", "copy") or n.startswith(("XLA", "Adam", "unit-norm")))
         native_topk = topk.get("top-k (native)", 0.0)
-        print(f"   bound with free top-k and sparse kernels: dense / (GEMM + Adam + XLA's other work) = "
+        print(f"   bound with free top-k and sparse kernels: dense / (GEMM + Adam + unit norm + XLA's other work) = "
               f"{step_d / floor:.2f}; with this top-k: {step_d / (floor + native_topk):.2f}")
         traced.update(bound_free_sparse=step_d / floor, bound_with_top_k=step_d / (floor + native_topk))
     return out

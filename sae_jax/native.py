@@ -6,12 +6,15 @@ the two fused with the error against a target (`decode_err`), and a deterministi
 (rows grouped by target with a counting sort, so no two threads write one row). All but top-k
 read their rows in float32 or in bfloat16 (half the bytes; the sums stay float32). They replace
 XLA:CPU's single-threaded TopK and its slow row gathers; on other backends `sae_jax.sparse` keeps
-its XLA formulation. Two more run every grid's optimizer step on the CPU (`sae_jax.adam`): Adam's
-finite check (`adam_check`) and its update written in place (`adam_apply`), two passes over each
+its XLA formulation. Two more normalise the decoder's atoms for it and carry that VJP
+(`unit_rows`, `unit_rows_vjp`: one pass per row where XLA:CPU makes six). Two run every grid's
+optimizer step on the CPU (`sae_jax.adam`): Adam's finite check (`adam_check`) and its update
+written in place (`adam_apply`), two passes over each
 parameter where XLA:CPU makes about twenty.
 
 The library is built with the machine's C++ compiler (`$CXX`, else g++, else c++) against the
-headers jaxlib ships (`jax.ffi.include_dir()`), with `-O3 -march=native`, into a cache folder
+headers jaxlib ships (`jax.ffi.include_dir()`), with `-O3 -march=native` (`$SAE_JAX_NATIVE_ARCH`
+in place of native: e.g. x86-64-v3 for a library shared by a cluster's CPUs), into a cache folder
 keyed by the source, jax's and jaxlib's versions, the compiler and the CPU's flags
 (`$SAE_JAX_NATIVE_CACHE`, else `~/.cache/sae_jax/native`, else the temporary folder). A build
 prunes the folder to the `KEEP_BUILDS` most recently used libraries (`prune`). Without a
@@ -42,6 +45,7 @@ TARGETS = {"sae_topk": "SaeTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": 
            "sae_scatter": "SaeScatter", "sae_gather_sum_bf16": "SaeGatherSumBf16",
            "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16",
            "sae_decode_err": "SaeDecodeErr", "sae_decode_err_bf16": "SaeDecodeErrBf16",
+           "sae_unit_rows": "SaeUnitRows", "sae_unit_rows_vjp": "SaeUnitRowsVjp",
            "sae_adam_check": "SaeAdamCheck", "sae_adam_apply": "SaeAdamApply"}
 F32, I32 = jnp.float32, jnp.int32
 MAX_ENTRIES = 2 ** 31 - 64  # the kernels' int32 scratch offsets
@@ -79,7 +83,8 @@ def _build(cxx: str) -> Path:
     """The compiled library, from the cache or freshly built (atomic rename: concurrent
     processes may both build, one file wins)."""
     include = jax.ffi.include_dir()
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w"]
+    arch = os.environ.get("SAE_JAX_NATIVE_ARCH") or "native"
+    flags = ["-O3", f"-march={arch}", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, errors="replace",
                              timeout=60).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), jax.__version__, _jaxlib_version(), include,
@@ -174,11 +179,11 @@ def available() -> bool:
     return status() == ""
 
 
-def _call(target: str, *outs: jax.ShapeDtypeStruct):
+def _call(target: str, *outs: jax.ShapeDtypeStruct, vmap_method: str = "expand_dims"):
     if not available():
         raise RuntimeError(f"sae_jax.native: {status()}")
-    call = jax.ffi.ffi_call(target, outs if len(outs) > 1 else outs[0], vmap_method="expand_dims")
-    return (lambda *args: tuple(call(*args))) if len(outs) > 1 else call
+    call = jax.ffi.ffi_call(target, outs if len(outs) > 1 else outs[0], vmap_method=vmap_method)
+    return (lambda *args, **attrs: tuple(call(*args, **attrs))) if len(outs) > 1 else call
 
 
 def topk(pre_NxM: jax.Array, k: int, bias_PxM: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -237,6 +242,21 @@ def scatter(w_NxJ: jax.Array, rows_NxD: jax.Array, idx_NxJ: jax.Array,
     return _call("sae_scatter" + suffix, jax.ShapeDtypeStruct(lead + (n_out, rows_NxD.shape[-1]), F32),
                  jax.ShapeDtypeStruct(lead + (n_out,), F32))(
         w_NxJ.astype(F32), rows, idx_NxJ.astype(I32))
+
+
+def unit_rows(w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """(a, n): per row of w (.., D), n = s ||w / s|| + eps with s = max |w_i| (1 where 0), and
+    a = w / n; n has shape (.., 1). Float32, one pass per row."""
+    return _call("sae_unit_rows", jax.ShapeDtypeStruct(w.shape, F32),
+                 jax.ShapeDtypeStruct(w.shape[:-1] + (1,), F32), vmap_method="broadcast_all")(
+        w.astype(F32), eps=np.float32(eps))
+
+
+def unit_rows_vjp(w: jax.Array, n: jax.Array, g: jax.Array, eps: float) -> jax.Array:
+    """dL/dw = g / n - (g . w) / (n^2 (n - eps)) w per row (0 for the second term where n = eps):
+    the VJP of `unit_rows`' a for cotangent g, with its n."""
+    return _call("sae_unit_rows_vjp", jax.ShapeDtypeStruct(w.shape, F32), vmap_method="broadcast_all")(
+        w.astype(F32), n.astype(F32), g.astype(F32), eps=np.float32(eps))
 
 
 ADAM_COEFS = 9  # (b1, 1 - b1, b2, 1 - b2, 1/(1 - b1^t), 1/(1 - b2^t), eps, eps_root, lr)

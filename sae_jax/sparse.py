@@ -271,6 +271,47 @@ def _encoder_grads(W_enc_MxD: Array, x_BxD: Array, dpre_NxJ: Array, latent_NxJ: 
     return dW.astype(W_enc_MxD.dtype), db.astype(W_enc_MxD.dtype), dx.astype(x_BxD.dtype)
 
 
+# ----------------------------------------------------------------------------- unit-norm atoms
+UNIT_EPS = 1e-8  # sae.unit_rows' eps
+
+
+@jax.custom_vjp
+def unit_rows(D_MxD: Array) -> Array:
+    """sae.unit_rows (a = D / n, n = s ||D / s|| + eps per row, s = max |D_i|) with its VJP by
+    hand, dL/dD = g / n - (g . D) / (n^2 (n - eps)) D for cotangent g (autodiff's, but 0 instead
+    of NaN for the second term of a zero row): on the CPU's native kernels one pass per row each
+    way, where XLA:CPU makes six over the dictionary (about 9 of the default TopK step's 115 ms)."""
+    return _unit_rows_fwd(D_MxD)[0]
+
+
+def _xla_unit_rows(w: Array) -> tuple[Array, Array]:
+    s = jnp.max(jnp.abs(w), axis=-1, keepdims=True)
+    s = jnp.where(s > 0, s, 1.0)
+    n = s * jnp.linalg.norm(w / s, axis=-1, keepdims=True) + UNIT_EPS
+    return w / n, n
+
+
+def _xla_unit_rows_vjp(w: Array, n: Array, g: Array) -> Array:
+    norm = n - UNIT_EPS
+    c = jnp.where(norm > 0, jnp.sum(g * w, axis=-1, keepdims=True) / (n * n) / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return g / n - c * w
+
+
+def _unit_rows_fwd(D_MxD):
+    w = D_MxD.astype(F32)
+    a, n = _cpu(lambda w: native.unit_rows(w, UNIT_EPS), _xla_unit_rows)(w)
+    return a.astype(D_MxD.dtype), (w, n)
+
+
+def _unit_rows_bwd(res, g):
+    w, n = res
+    dw = _cpu(lambda w, n, g: native.unit_rows_vjp(w, n, g, UNIT_EPS), _xla_unit_rows_vjp)(w, n, g.astype(F32))
+    return (dw.astype(g.dtype),)
+
+
+unit_rows.defvjp(_unit_rows_fwd, _unit_rows_bwd)
+
+
 # ----------------------------------------------------------------------------- TopK
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def topk_codes(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int,

@@ -3,6 +3,8 @@ shared and per-cell operands; top-k keeps lax.top_k's order and tie rule; bad in
 clipped (gathers) or dropped (scatter); a TopK grid trains to the same state through either
 kernel set; without a compiler everything falls back to XLA with the reason in `status()`."""
 
+import importlib.util
+import pathlib
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import grid, native, sparse
+from sae_jax import grid, native, sae, sparse
 
 KEY = jax.random.PRNGKey(0)
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels (CI runs on the CPU)")
@@ -256,3 +258,48 @@ def test_a_build_prunes_the_cache_to_the_most_recently_used_libraries(tmp_path):
     assert set(removed) == set(libs[native.KEEP_BUILDS - 1:]) | {partial_old}
     assert left == set(libs[:native.KEEP_BUILDS - 1]) | {fresh, partial_new, other}
     assert native.prune(tmp_path, keep=0, stale_s=1e9) == []  # nothing stale: nothing goes
+
+
+def test_unit_rows_equal_sae_unit_rows_and_its_gradient_on_either_kernel_set():
+    """sparse.unit_rows (native on the CPU, one pass each way) equals sae.unit_rows and autodiff's
+    gradient of it to float tolerance, under vmap, with a row of 1e30s (the norm does not
+    overflow); a zero row gets 0 atoms and the finite gradient g / eps (autodiff: NaN)."""
+    w = _rand((3, 50, 37), 0) * 3
+    w = w.at[0, 5].set(0.0).at[1, 7].multiply(1e30)
+    g = _rand(w.shape, 1)
+    ref_a = jax.vmap(sae.unit_rows)(w)
+    ref_g = jax.grad(lambda w: jnp.sum(sae.unit_rows(w) * g))(w)
+    finite = np.isfinite(np.asarray(ref_g))
+    assert (~finite).sum() == 37  # the zero row's
+    for native_on in (True, False):
+        with sparse.kernels(native_on):
+            a = jax.jit(jax.vmap(sparse.unit_rows))(w)
+            dw = jax.jit(jax.grad(lambda w: jnp.sum(sparse.unit_rows(w) * g)))(w)
+        np.testing.assert_allclose(a, ref_a, atol=2e-7)
+        rows = finite.all(axis=-1)  # every row but the zero one
+        scale = np.max(np.abs(np.asarray(ref_g)[rows]), axis=-1, keepdims=True)
+        np.testing.assert_allclose(np.asarray(dw)[rows] / scale, np.asarray(ref_g)[rows] / scale, atol=1e-6)
+        np.testing.assert_array_equal(a[0, 5], 0.0)
+        np.testing.assert_allclose(dw[0, 5], g[0, 5] / sparse.UNIT_EPS, rtol=1e-6)
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="an x86-64 baseline build")
+def test_a_build_without_vector_extensions_gives_this_builds_results(tmp_path):
+    """The kernels built for baseline x86-64 (no AVX: the portable 16-lane arrays) give this
+    machine's build's results: Adam's step bit for bit, the rest to float32 rounding."""
+    import os
+
+    script = pathlib.Path(__file__).parent / "scripts" / "native_outputs.py"
+    env = dict(os.environ, SAE_JAX_NATIVE_ARCH="x86-64", SAE_JAX_NATIVE_CACHE=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, str(script), str(tmp_path / "base.npz")], check=True, env=env, timeout=600)
+    base = np.load(tmp_path / "base.npz")
+    spec = importlib.util.spec_from_file_location("native_outputs", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    here = mod.outputs()
+    assert set(here) == set(base.files)
+    for name, val in here.items():
+        if name.startswith(("adam", "topk")):
+            np.testing.assert_array_equal(base[name], val, err_msg=name)
+        else:
+            np.testing.assert_allclose(base[name], val, rtol=1e-5, atol=1e-5, err_msg=name)

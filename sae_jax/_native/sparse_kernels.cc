@@ -26,6 +26,12 @@
 //
 // Indices outside [0, S) (gathers) or [0, L) (scatter) are clipped (gathers) or dropped (scatter).
 //
+// The decoder's unit-norm atoms (sae.unit_rows) and their VJP, one pass over each row:
+//   sae_unit_rows      w (.., D); eps -> a (.., D), n (.., 1)
+//                      s = max_i |w_i| (1 where it is 0), n = s sqrt(sum_i (w_i / s)^2) + eps, a = w / n
+//   sae_unit_rows_vjp  w (.., D), n (.., 1), g (.., D); eps -> dw (.., D)
+//                      dw = g / n - (g . w) / (n^2 (n - eps)) w   (the second term 0 where n = eps)
+//
 // And Adam's step (optax.scale_by_adam, then p - lr u) with the grid's divergence rule, in two passes
 // over each parameter instead of XLA's many (one fusion per moment, per select, per finite check):
 //   sae_adam_check  p, g, m, v (.., P), coef (.., 9); rank (of P) -> ok (.., 1)
@@ -171,6 +177,8 @@ SAE_INLINE F16 operator-(F16 a, F16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
 SAE_INLINE F16 operator*(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
 SAE_INLINE F16 operator/(F16 a, F16 b) { return {_mm512_div_ps(a.v, b.v)}; }
 SAE_INLINE F16 Sqrt(F16 a) { return {_mm512_sqrt_ps(a.v)}; }
+SAE_INLINE F16 Max(F16 a, F16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+SAE_INLINE F16 Abs(F16 a) { return {_mm512_abs_ps(a.v)}; }
 // bit l: !(x_l < t) (NaN included)
 SAE_INLINE uint32_t NotBelow(F16 x, float t) {
   return _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(t), _CMP_NLT_UQ);
@@ -205,6 +213,11 @@ SAE_INLINE F16 operator-(F16 a, F16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm2
 SAE_INLINE F16 operator*(F16 a, F16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
 SAE_INLINE F16 operator/(F16 a, F16 b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
 SAE_INLINE F16 Sqrt(F16 a) { return {_mm256_sqrt_ps(a.lo), _mm256_sqrt_ps(a.hi)}; }
+SAE_INLINE F16 Max(F16 a, F16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+SAE_INLINE F16 Abs(F16 a) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  return {_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi)};
+}
 SAE_INLINE uint32_t NotBelow(F16 x, float t) {
   const __m256 tv = _mm256_set1_ps(t);
   return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x.lo, tv, _CMP_NLT_UQ))) |
@@ -241,6 +254,8 @@ SAE_INLINE F16 operator-(F16 a, F16 b) { return Lanes([&](int l) { return a.x[l]
 SAE_INLINE F16 operator*(F16 a, F16 b) { return Lanes([&](int l) { return a.x[l] * b.x[l]; }); }
 SAE_INLINE F16 operator/(F16 a, F16 b) { return Lanes([&](int l) { return a.x[l] / b.x[l]; }); }
 SAE_INLINE F16 Sqrt(F16 a) { return Lanes([&](int l) { return std::sqrt(a.x[l]); }); }
+SAE_INLINE F16 Max(F16 a, F16 b) { return Lanes([&](int l) { return a.x[l] > b.x[l] ? a.x[l] : b.x[l]; }); }
+SAE_INLINE F16 Abs(F16 a) { return Lanes([&](int l) { return std::fabs(a.x[l]); }); }
 SAE_INLINE uint32_t NotBelow(F16 x, float t) {
   uint32_t m = 0;
   for (int l = 0; l < 16; ++l) m |= static_cast<uint32_t>(!(x.x[l] < t)) << l;
@@ -249,6 +264,20 @@ SAE_INLINE uint32_t NotBelow(F16 x, float t) {
 constexpr int kTile = 4, kSlots = 4;
 #endif
 constexpr int64_t kLanes = 16;
+
+// The lanes' sum, in lane order, after `tail`; the lanes' maximum.
+SAE_INLINE float SumLanes(F16 a, float tail) {
+  float x[16];
+  a.Store(x);
+  for (float v : x) tail += v;
+  return tail;
+}
+SAE_INLINE float MaxLanes(F16 a, float tail) {
+  float x[16];
+  a.Store(x);
+  for (float v : x) tail = v > tail ? v : tail;
+  return tail;
+}
 
 // Whether every lane is 0 (false for NaN).
 SAE_INLINE bool AllZero(F16 a) {
@@ -785,6 +814,94 @@ ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi:
 }
 
 
+using F32Buf = ffi::Buffer<ffi::F32>;
+using F32Ret = ffi::ResultBuffer<ffi::F32>;
+
+// ----------------------------------------------------------------------------- unit rows
+// n of one row (see the top of the file): its largest |w_i| and sum of (w_i / s)^2, in F16 lanes
+// then the tail; division by s keeps a huge row's squares finite.
+float RowNorm(const float* w, int64_t d, float eps) {
+  int64_t i = 0;
+  F16 mx = F16::Zero();
+  for (; i + kLanes <= d; i += kLanes) mx = Max(mx, Abs(F16::Load(w + i)));
+  float s = 0.0f;
+  for (int64_t t = i; t < d; ++t) s = std::fabs(w[t]) > s ? std::fabs(w[t]) : s;
+  s = MaxLanes(mx, s);
+  if (!(s > 0.0f)) s = 1.0f;
+  const F16 sv = F16::Set(s);
+  F16 acc = F16::Zero();
+  for (i = 0; i + kLanes <= d; i += kLanes) {
+    const F16 q = F16::Load(w + i) / sv;
+    acc = Fma(q, q, acc);
+  }
+  float tail = 0.0f;
+  for (; i < d; ++i) tail += (w[i] / s) * (w[i] / s);
+  return s * std::sqrt(SumLanes(acc, tail)) + eps;
+}
+
+// A (.., D) array as `rows` rows of d; Same: whether an operand of dims `dims` has as many rows of
+// `width`.
+struct RowLayout {
+  int64_t rows = 0, d = 0;
+  bool Same(ffi::Span<const int64_t> dims, int64_t width) const {
+    if (dims.size() == 0 || Dim(dims, 1) != width) return false;
+    int64_t r = 1;
+    for (size_t a = 0; a + 1 < dims.size(); ++a) r *= dims[a];
+    return r == rows;
+  }
+};
+
+ffi::Error UnitRowsBody(F32Buf w, float eps, F32Ret a, F32Ret n) {
+  auto wd = w.dimensions();
+  if (wd.size() == 0) return ffi::Error::InvalidArgument("sae_unit_rows: ranks");
+  RowLayout r{static_cast<int64_t>(w.element_count()) / std::max<int64_t>(1, Dim(wd, 1)), Dim(wd, 1)};
+  if (r.d < 1 || !r.Same(a->dimensions(), r.d) || !r.Same(n->dimensions(), 1))
+    return ffi::Error::InvalidArgument("sae_unit_rows: shapes");
+  const float* W = w.typed_data();
+  float *A = a->typed_data(), *N = n->typed_data();
+  ParallelFor(r.rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const float* x = W + row * r.d;
+      const float nv = RowNorm(x, r.d, eps);
+      N[row] = nv;
+      const F16 nn = F16::Set(nv);
+      int64_t i = 0;
+      for (; i + kLanes <= r.d; i += kLanes) (F16::Load(x + i) / nn).Store(A + row * r.d + i);
+      for (; i < r.d; ++i) A[row * r.d + i] = x[i] / nv;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error UnitRowsVjpBody(F32Buf w, F32Buf n, F32Buf g, float eps, F32Ret dw) {
+  auto wd = w.dimensions();
+  if (wd.size() == 0) return ffi::Error::InvalidArgument("sae_unit_rows_vjp: ranks");
+  RowLayout r{static_cast<int64_t>(w.element_count()) / std::max<int64_t>(1, Dim(wd, 1)), Dim(wd, 1)};
+  if (r.d < 1 || !r.Same(n.dimensions(), 1) || !r.Same(g.dimensions(), r.d) || !r.Same(dw->dimensions(), r.d))
+    return ffi::Error::InvalidArgument("sae_unit_rows_vjp: shapes");
+  const float *W = w.typed_data(), *Nn = n.typed_data(), *G = g.typed_data();
+  float* O = dw->typed_data();
+  ParallelFor(r.rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const float *x = W + row * r.d, *gr = G + row * r.d;
+      float* o = O + row * r.d;
+      const float nv = Nn[row];
+      int64_t i = 0;
+      F16 acc = F16::Zero();
+      for (; i + kLanes <= r.d; i += kLanes) acc = Fma(F16::Load(gr + i), F16::Load(x + i), acc);
+      float tail = 0.0f;
+      for (int64_t t = i; t < r.d; ++t) tail += gr[t] * x[t];
+      const float norm = nv - eps, dot = SumLanes(acc, tail);
+      const float c = norm > 0.0f ? dot / (nv * nv) / norm : 0.0f;
+      const F16 cv = F16::Set(c), nn = F16::Set(nv);
+      for (i = 0; i + kLanes <= r.d; i += kLanes)
+        Fnma(cv, F16::Load(x + i), F16::Load(gr + i) / nn).Store(o + i);
+      for (; i < r.d; ++i) o[i] = gr[i] / nv - c * x[i];
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // ----------------------------------------------------------------------------- Adam
 // Each element rounds as XLA:CPU's fusion of optax's step does: the fmas written out, no other
 // contraction (hence the pragma), IEEE sqrt and division.
@@ -862,8 +979,6 @@ void AdamStep(const float* p, const float* g, const float* m, const float* v, in
 
 constexpr int64_t kAdamBlock = int64_t{1} << 14;  // elements per task: 64 KiB of each array
 
-using F32Buf = ffi::Buffer<ffi::F32>;
-using F32Ret = ffi::ResultBuffer<ffi::F32>;
 
 // The cells (the leading dims of `out`, whose last `trailing` dims are not cells) and the element
 // count n of one cell's parameter (its last `rank` dims: the parameter is passed in its own shape,
@@ -994,6 +1109,14 @@ ffi::Error ScatterImpl(F32Buf w, RowBuf<R> rows, S32Buf idx, F32Ret out, F32Ret 
   return Guard("sae_scatter", [&] { return ScatterBody<R>(w, rows, idx, out, col); });
 }
 
+ffi::Error UnitRowsImpl(F32Buf w, float eps, F32Ret a, F32Ret n) {
+  return Guard("sae_unit_rows", [&] { return UnitRowsBody(w, eps, a, n); });
+}
+
+ffi::Error UnitRowsVjpImpl(F32Buf w, F32Buf n, F32Buf g, float eps, F32Ret dw) {
+  return Guard("sae_unit_rows_vjp", [&] { return UnitRowsVjpBody(w, n, g, eps, dw); });
+}
+
 ffi::Error AdamCheckImpl(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, int64_t rank, F32Ret ok) {
   return Guard("sae_adam_check", [&] { return AdamCheckBody(p, g, m, v, coef, rank, ok); });
 }
@@ -1067,4 +1190,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeAdamApply, AdamApplyImpl,
                                   .Attr<int64_t>("rank")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeUnitRows, UnitRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeUnitRowsVjp, UnitRowsVjpImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,38 @@
+"""Every native kernel on fixed inputs, its outputs saved to the .npz file named by argv[1]: run
+under different builds of the library ($SAE_JAX_NATIVE_ARCH) by tests/test_native.py."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax import native
+
+
+def outputs() -> dict[str, np.ndarray]:
+    assert native.available(), native.status()
+    r = lambda shape, seed: jax.random.normal(jax.random.PRNGKey(seed), shape)
+    n, m, d, k = 48, 300, 40, 7  # widths off the 16-lane vectors: every tail runs
+    pre, bias, table, x = r((2, n, m), 0), r((1, m), 1), r((2, m, d), 2), r((2, n, d), 3)
+    v, i = native.topk(pre, k, bias)
+    order = jnp.argsort(i, axis=-1)  # the kernel's order is unspecified: compare sorted
+    out = {"topk_v": jnp.take_along_axis(v, order, -1), "topk_i": jnp.take_along_axis(i, order, -1)}
+    w = jnp.maximum(v, 0.0)
+    out["gather_sum"] = native.gather_sum(w, table, i)
+    out["dots"] = native.dots(x, table, i)
+    out["decode_err"] = jnp.concatenate([a.reshape(2, -1) for a in native.decode_err(w, table, i, x)], -1)
+    out["scatter"], out["scatter_col"] = native.scatter(w, x, i, m)
+    out["scatter_bf16"] = native.scatter(w, x.astype(jnp.bfloat16), i, m)[0]
+    a, nrm = native.unit_rows(table * 1e20, 1e-8)
+    out["unit_rows"], out["unit_rows_n"] = a, nrm / 1e20
+    out["unit_rows_vjp"] = native.unit_rows_vjp(table, native.unit_rows(table, 1e-8)[1], x[:, :1] + table, 1e-8)
+    p, g, mu, nu = r((1000,), 4), r((1000,), 5), r((1000,), 6) * 0.1, jnp.abs(r((1000,), 7)) * 0.01
+    coef = jnp.array([0.9, 0.1, 0.999, 0.001, 1 / (1 - 0.9 ** 3), 1 / (1 - 0.999 ** 3), 1e-8, 0.0, 1e-3], jnp.float32)
+    out["adam_check"] = native.adam_check(p, g, mu, nu, coef)
+    out["adam_apply"] = jnp.stack(native.adam_apply(p, g, mu, nu, coef, jnp.zeros((1,), jnp.float32)))
+    return {name: np.asarray(val, np.float32) for name, val in out.items()}
+
+
+if __name__ == "__main__":
+    np.savez(sys.argv[1], **outputs())
