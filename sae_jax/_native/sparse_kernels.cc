@@ -183,6 +183,17 @@ SAE_INLINE F16 Abs(F16 a) { return {_mm512_abs_ps(a.v)}; }
 SAE_INLINE uint32_t NotBelow(F16 x, float t) {
   return _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(t), _CMP_NLT_UQ);
 }
+// The sum of 8 lanes: (l, l + 4) pairs, then (l, l + 2), then (0, 1).
+SAE_INLINE float Sum8(__m256 h) {
+  const __m128 x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps(y, y, 1)));
+}
+// The sum of the 16 lanes as a tree: (l, l + 8) pairs first, then as Sum8.
+SAE_INLINE float HSum(F16 a) {
+  return Sum8(_mm256_add_ps(_mm512_castps512_ps256(a.v),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1))));
+}
 constexpr int kTile = 16, kSlots = 8;
 #elif defined(__AVX2__) && defined(__FMA__)
 struct F16 {
@@ -223,6 +234,12 @@ SAE_INLINE uint32_t NotBelow(F16 x, float t) {
   return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x.lo, tv, _CMP_NLT_UQ))) |
          (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x.hi, tv, _CMP_NLT_UQ))) << 8);
 }
+SAE_INLINE float Sum8(__m256 h) {
+  const __m128 x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps(y, y, 1)));
+}
+SAE_INLINE float HSum(F16 a) { return Sum8(_mm256_add_ps(a.lo, a.hi)); }
 constexpr int kTile = 4, kSlots = 4;
 #else
 struct F16 {
@@ -261,17 +278,19 @@ SAE_INLINE uint32_t NotBelow(F16 x, float t) {
   for (int l = 0; l < 16; ++l) m |= static_cast<uint32_t>(!(x.x[l] < t)) << l;
   return m;
 }
+SAE_INLINE float HSum(F16 a) {
+  float x[16];
+  a.Store(x);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) x[l] += x[l + w];
+  return x[0];
+}
 constexpr int kTile = 4, kSlots = 4;
 #endif
 constexpr int64_t kLanes = 16;
 
-// The lanes' sum, in lane order, after `tail`; the lanes' maximum.
-SAE_INLINE float SumLanes(F16 a, float tail) {
-  float x[16];
-  a.Store(x);
-  for (float v : x) tail += v;
-  return tail;
-}
+// `tail` plus the lanes' sum (HSum: the same tree on every CPU); the lanes' maximum.
+SAE_INLINE float SumLanes(F16 a, float tail) { return tail + HSum(a); }
 SAE_INLINE float MaxLanes(F16 a, float tail) {
   float x[16];
   a.Store(x);
@@ -613,7 +632,7 @@ ffi::Error GatherSumBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<f
 }
 
 // out_j = r . T[i_j] for one row's J slots, kJ (kSlots) at a time: one accumulator of 16 lanes per
-// slot (lane l sums the elements l mod 16 in order), then the tail, then the lanes in order. The
+// slot (lane l sums the elements l mod 16 in order), then the tail plus the lanes (SumLanes). The
 // kJ table rows stream in side by side while the next kJ are asked for. Row by row, as the gather:
 // 1.6x faster than walking the entries by latent at d 256 and 1.2x at d 1024 (both kernels
 // interleaved in one process on the AMD EPYC; 8 slots at a time beat 4 and 16 at both).
@@ -629,19 +648,16 @@ void DotsRow(const Tr* r, const int32_t* i, int64_t jn, const T* t, int64_t s, i
     for (int q = nj; q < kJ; ++q) src[q] = src[0];
     for (int q = 0; q < kJ && j0 + kJ + q < jn; ++q)
       __builtin_prefetch(t + std::clamp<int64_t>(i[j0 + kJ + q], 0, s - 1) * d);
-    float part[kJ][16];
     F16 acc[kJ];
     for (int q = 0; q < kJ; ++q) acc[q] = F16::Zero();
     for (int64_t e = 0; e < d16; e += 16) {
       const F16 rv = F16::Load(r + e);
       for (int q = 0; q < kJ; ++q) acc[q] = Fma(rv, F16::Load(src[q] + e), acc[q]);
     }
-    for (int q = 0; q < kJ; ++q) acc[q].Store(part[q]);
     for (int q = 0; q < nj; ++q) {
       float a = 0.0f;
       for (int64_t e = d16; e < d; ++e) a += ToF32(r[e]) * ToF32(src[q][e]);
-      for (int l = 0; l < 16; ++l) a += part[q][l];
-      o[j0 + q] = a;
+      o[j0 + q] = SumLanes(acc[q], a);
     }
   }
 }
@@ -668,38 +684,33 @@ ffi::Error DotsBody(RowBuf<R> rows, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
   return ffi::Error::Success();
 }
 
-// e -= g, and |e|^2 after it: kLanes partial sums, then the tail, then the lanes.
+// e -= g, and |e|^2 after it: kLanes partial sums, then the tail, then the lanes (SumLanes).
 inline float SubtractSquares(float* e, const float* g, int64_t d) {
-  float part[kLanes] = {};
+  F16 part = F16::Zero();
   int64_t q = 0;
-  for (; q + kLanes <= d; q += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float v = e[q + l] - g[q + l];
-      e[q + l] = v;
-      part[l] += v * v;
-    }
+  for (; q + kLanes <= d; q += kLanes) {
+    const F16 v = F16::Load(e + q) - F16::Load(g + q);
+    v.Store(e + q);
+    part = Fma(v, v, part);
+  }
   float acc = 0.0f;
   for (; q < d; ++q) {
     const float v = e[q] - g[q];
     e[q] = v;
     acc += v * v;
   }
-  for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
-  return acc;
+  return SumLanes(part, acc);
 }
 
-// a . b for float a and b of either row type: kLanes partial sums, then the tail, then the lanes.
+// a . b for float a and b of either row type: kLanes partial sums, then the tail plus the lanes.
 template <class T>
 inline float DotF(const float* a, const T* b, int64_t d) {
-  float part[kLanes];
   int64_t e = 0;
   F16 acc = F16::Zero();
   for (; e + kLanes <= d; e += kLanes) acc = Fma(F16::Load(a + e), F16::Load(b + e), acc);
-  acc.Store(part);
   float s = 0.0f;
   for (; e < d; ++e) s += a[e] * ToF32(b[e]);
-  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
-  return s;
+  return SumLanes(acc, s);
 }
 
 // A table of more than TableCacheBytes() (one cell's; $SAE_JAX_NATIVE_TABLE_CACHE_BYTES, else
