@@ -319,6 +319,29 @@ inline uint64_t Key(float v, int64_t i) {
 }
 inline int32_t KeyIndex(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - (key & 0xFFFFFFFFu)); }
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+// AVX2 has no compress: a vpermd by a table row moves the lanes a mask selects to the front, in
+// order. perm32[m]: the 32-bit lanes set in the 8-bit mask m; perm64[m]: the 64-bit lanes set in
+// the 4-bit mask m (as pairs of 32-bit lanes).
+struct CompressTables {
+  alignas(32) int32_t perm32[256][8] = {};
+  alignas(32) int32_t perm64[16][8] = {};
+  CompressTables() {
+    for (int m = 0; m < 256; ++m)
+      for (int l = 0, c = 0; l < 8; ++l)
+        if (m >> l & 1) perm32[m][c++] = l;
+    for (int m = 0; m < 16; ++m)
+      for (int l = 0, c = 0; l < 4; ++l)
+        if (m >> l & 1) {
+          perm64[m][c++] = 2 * l;
+          perm64[m][c++] = 2 * l + 1;
+        }
+  }
+};
+const CompressTables kCompress;
+inline __m256i Perm(const int32_t* row) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(row)); }
+#endif
+
 // Moves a's n keys greater than p to its front, the rest (p among them) after them, and returns
 // how many are greater. tmp: room for n + 8 keys.
 int64_t Partition(uint64_t* a, int64_t n, uint64_t p, uint64_t* tmp) {
@@ -333,6 +356,19 @@ int64_t Partition(uint64_t* a, int64_t n, uint64_t p, uint64_t* tmp) {
     const int c = __builtin_popcount(gt);
     g += c;
     l += 8 - c;
+  }
+#elif defined(__AVX2__)
+  const __m256i sign = _mm256_set1_epi64x(INT64_MIN);  // unsigned order as signed, sign flipped
+  const __m256i pv = _mm256_xor_si256(_mm256_set1_epi64x(static_cast<long long>(p)), sign);
+  for (; q + 4 <= n; q += 4) {  // the same with 4 keys and a table's permutation
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + q));
+    const int gt = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_xor_si256(v, sign), pv)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + g), _mm256_permutevar8x32_epi32(v, Perm(kCompress.perm64[gt])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tmp + l),
+                        _mm256_permutevar8x32_epi32(v, Perm(kCompress.perm64[~gt & 15])));
+    const int c = __builtin_popcount(gt);
+    g += c;
+    l += 4 - c;
   }
 #endif
   for (; q < n; ++q) {  // both stores, no branch (which the data would mispredict half the time)
@@ -386,6 +422,17 @@ int64_t Candidates(const float* x, int64_t m, float t, int32_t* out) {
       c += __builtin_popcount(hit);
     }
     iv = _mm512_add_epi32(iv, step);
+  }
+#elif defined(__AVX2__)
+  const __m256 tv = _mm256_set1_ps(t);
+  __m256i iv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step = _mm256_set1_epi32(8);
+  for (; q + 8 <= m; q += 8) {  // every block stored, no branch: 1 in 16 entries is a candidate
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + q), tv, _CMP_NLT_UQ));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c),
+                        _mm256_permutevar8x32_epi32(iv, Perm(kCompress.perm32[hit])));
+    c += __builtin_popcount(hit);
+    iv = _mm256_add_epi32(iv, step);
   }
 #else
   for (; q + 16 <= m; q += 16)  // most blocks hold no candidate
