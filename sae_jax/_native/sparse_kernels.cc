@@ -532,21 +532,26 @@ struct Blocked {
   int64_t rows_per_block = 0, blocks = 0;
   std::vector<int32_t> start;  // (blocks, L + 1): block q's entries for latent l are
   std::vector<int32_t> order;  // order[start[q, l] : start[q, l + 1]], each e = row * J + slot
+  std::vector<int32_t> row;    // built with weights w: e's row (e / J) and w_e, in `order`'s order,
+  std::vector<float> weight;   // so that the sums read both in sequence (no division, no gather)
 
-  // Sizes the blocks of n rows of jn entries: rows that fit kBlockBytes, and at least one block
-  // per thread.
-  void Plan(int64_t n, int64_t jn, int64_t L, int64_t d) {
+  // Sizes the blocks of n rows of jn entries (rows that fit kBlockBytes, and at least one block
+  // per thread) and the arrays, `row` and `weight` too where BuildBlock will be given weights.
+  void Plan(int64_t n, int64_t jn, int64_t L, int64_t d, bool weights = false) {
     const int64_t per_thread = (n + Threads() - 1) / Threads();
     rows_per_block = std::max<int64_t>(
         8, std::min<int64_t>(per_thread, kBlockBytes / (4 * std::max<int64_t>(d, 1))));
     blocks = (n + rows_per_block - 1) / rows_per_block;
     start.assign(blocks * (L + 1), 0);
     order.resize(n * jn);
+    row.resize(weights ? n * jn : 0);
+    weight.resize(weights ? n * jn : 0);
   }
   // Block q's part of `start` and `order` (blocks are independent: threads may build them side
   // by side). Entries with index outside [0, L) are left out, or clipped into it (clip: the
   // gathers').
-  void BuildBlock(const int32_t* idx, int64_t q, int64_t n, int64_t jn, int64_t L, bool clip) {
+  void BuildBlock(const int32_t* idx, int64_t q, int64_t n, int64_t jn, int64_t L, bool clip,
+                  const float* w = nullptr) {
     int32_t* st = start.data() + q * (L + 1);
     const int64_t e0 = q * rows_per_block * jn, e1 = std::min(n, (q + 1) * rows_per_block) * jn;
     auto target = [&](int64_t e) -> int64_t {
@@ -559,8 +564,19 @@ struct Blocked {
     st[0] = static_cast<int32_t>(e0);
     for (int64_t l = 0; l < L; ++l) st[l + 1] += st[l];
     std::vector<int32_t> fill(st, st + L);
-    for (int64_t e = e0; e < e1; ++e)
-      if (int64_t l = target(e); l >= 0) order[fill[l]++] = static_cast<int32_t>(e);
+    if (w == nullptr) {
+      for (int64_t e = e0; e < e1; ++e)
+        if (int64_t l = target(e); l >= 0) order[fill[l]++] = static_cast<int32_t>(e);
+      return;
+    }
+    for (int64_t r = e0 / jn, e = e0; e < e1; ++r)
+      for (int64_t j = 0; j < jn; ++j, ++e)
+        if (int64_t l = target(e); l >= 0) {
+          const int32_t p = fill[l]++;
+          order[p] = static_cast<int32_t>(e);
+          row[p] = static_cast<int32_t>(r);
+          weight[p] = w[e];
+        }
   }
   void Build(const int32_t* idx, int64_t n, int64_t jn, int64_t L, int64_t d, bool clip = false) {
     Plan(n, jn, L, d);
@@ -584,15 +600,14 @@ inline void Axpy(float a, const T* x, float* y, int64_t d) {
 
 // AxpyRows on [t0, ...) in tiles of NV x 16 floats held in registers; where the tiles stopped.
 template <int NV, class T>
-SAE_INLINE int64_t AxpyRowsTiles(const float* w, const T* rows, const int32_t* es, int64_t ne,
-                                 int64_t jn, float* y, int64_t d, int64_t t0) {
+SAE_INLINE int64_t AxpyRowsTiles(const float* w, const T* rows, const int32_t* rs, int64_t ne,
+                                 float* y, int64_t d, int64_t t0) {
   for (; t0 + NV * 16 <= d; t0 += NV * 16) {
     F16 acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = F16::Load(y + t0 + v * 16);
     for (int64_t p = 0; p < ne; ++p) {
-      const int64_t e = es[p];
-      const T* r = rows + (e / jn) * d + t0;
-      const F16 a = F16::Set(w[e]);
+      const T* r = rows + rs[p] * d + t0;
+      const F16 a = F16::Set(w[p]);
       for (int v = 0; v < NV; ++v) acc[v] = Fma(a, F16::Load(r + v * 16), acc[v]);
     }
     for (int v = 0; v < NV; ++v) acc[v].Store(y + t0 + v * 16);
@@ -600,19 +615,15 @@ SAE_INLINE int64_t AxpyRowsTiles(const float* w, const T* rows, const int32_t* e
   return t0;
 }
 
-// y += sum over the listed entries e (in order) of w_e r_{e / jn}: y held in registers, kTile x 16
-// floats at a time, across the entries (the same per-element order as one Axpy per entry).
+// y += sum_p w_p r_{rs_p} over p < ne (in order): y held in registers, kTile x 16 floats at a
+// time, across the entries (the same per-element order as one Axpy per entry).
 template <class T>
-inline void AxpyRows(const float* w, const T* rows, const int32_t* es, int64_t ne, int64_t jn,
-                     float* y, int64_t d) {
+inline void AxpyRows(const float* w, const T* rows, const int32_t* rs, int64_t ne, float* y, int64_t d) {
   if (ne == 0) return;
-  int64_t t0 = AxpyRowsTiles<kTile>(w, rows, es, ne, jn, y, d, 0);
-  t0 = AxpyRowsTiles<1>(w, rows, es, ne, jn, y, d, t0);
+  int64_t t0 = AxpyRowsTiles<kTile>(w, rows, rs, ne, y, d, 0);
+  t0 = AxpyRowsTiles<1>(w, rows, rs, ne, y, d, t0);
   if (t0 < d)
-    for (int64_t p = 0; p < ne; ++p) {
-      const int64_t e = es[p];
-      Axpy(w[e], rows + (e / jn) * d + t0, y + t0, d - t0);
-    }
+    for (int64_t p = 0; p < ne; ++p) Axpy(w[p], rows + rs[p] * d + t0, y + t0, d - t0);
 }
 
 // out_n = sum_j w_nj T[i_nj] in slot order, row by row over the threads: the row is held in
@@ -861,14 +872,14 @@ ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi:
   float *O = out->typed_data(), *C = col->typed_data();
   // every cell's blocks built side by side, then every (cell, latent) range summed side by side
   std::vector<Blocked> blk(cells.count);
-  for (auto& b : blk) b.Plan(n, jn, L, d * sizeof(Row<R>) / 4);
+  for (auto& b : blk) b.Plan(n, jn, L, d * sizeof(Row<R>) / 4, /*weights=*/true);
   const int64_t nb = blk.empty() ? 0 : blk[0].blocks;
   ParallelFor(cells.count * nb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      blk[t / nb].BuildBlock(I + cells.Offset(t / nb, id, 2, n * jn), t % nb, n, jn, L, false);
+      blk[t / nb].BuildBlock(I + cells.Offset(t / nb, id, 2, n * jn), t % nb, n, jn, L, false,
+                             W + cells.Offset(t / nb, wd, 2, n * jn));
   });
   for (int64_t c = 0; c < cells.count; ++c) {
-    const float* wc = W + cells.Offset(c, wd, 2, n * jn);
     const Row<R>* rc = Rw + cells.Offset(c, rd, 2, n * d);
     float *oc = O + c * L * d, *cc = C + c * L;
     const Blocked& bc = blk[c];
@@ -878,8 +889,8 @@ ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi:
       for (int64_t q = 0; q < nb; ++q) {
         const int32_t* st = bc.Start(q, L);
         for (int64_t l = l0; l < l1; ++l) {
-          for (int32_t p = st[l]; p < st[l + 1]; ++p) cc[l] += wc[bc.order[p]];
-          AxpyRows(wc, rc, bc.order.data() + st[l], st[l + 1] - st[l], jn, oc + l * d, d);
+          for (int32_t p = st[l]; p < st[l + 1]; ++p) cc[l] += bc.weight[p];
+          AxpyRows(bc.weight.data() + st[l], rc, bc.row.data() + st[l], st[l + 1] - st[l], oc + l * d, d);
         }
       }
     });
