@@ -24,6 +24,8 @@ _COMP = re.compile(r"^(?:ENTRY )?%([\w.-]+) .*\{$")
 KERNELS = {"sae_topk": "top-k (native)", "sae_gather_sum": "decoder gather (native)",
            "sae_dots": "decoder VJP: dot products (native)", "sae_scatter": "scatter-adds (native)",
            "sae_decode_err": "fused gather, error, dots (native)",
+           "sae_decode_err_scaled": "fused gather, error, dots (native)",
+           "sae_scatter_unit": "scatter-adds (native)", "sae_row_norms": "unit-norm atoms and VJP (native)",
            "sae_unit_rows": "unit-norm atoms and VJP (native)",
            "sae_unit_rows_vjp": "unit-norm atoms and VJP (native)",
            "sae_adam_check": "Adam step (native, both steps)", "sae_adam_apply": "Adam step (native, both steps)"}

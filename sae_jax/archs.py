@@ -225,7 +225,7 @@ def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int,
 
     m = params.W_enc_MxD.shape[0]
     vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, min(k, m), compute_dtype)
-    sq_B = sparse.decode_sq_err(sparse.unit_rows(params.D_MxD), vals, idx, t_BxD, compute_dtype)
+    sq_B = sparse.decode_sq_err_unit(params.D_MxD, vals, idx, t_BxD, compute_dtype)
     active = vals > 0
     l1 = jnp.mean(jnp.sum(vals, axis=-1)) / (m if convention == "report" else 1)
     fired = jnp.zeros((m,), bool).at[idx.reshape(-1)].max(active.reshape(-1))

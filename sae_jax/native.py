@@ -45,7 +45,9 @@ TARGETS = {"sae_topk": "SaeTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": 
            "sae_scatter": "SaeScatter", "sae_gather_sum_bf16": "SaeGatherSumBf16",
            "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16",
            "sae_decode_err": "SaeDecodeErr", "sae_decode_err_bf16": "SaeDecodeErrBf16",
-           "sae_unit_rows": "SaeUnitRows", "sae_unit_rows_vjp": "SaeUnitRowsVjp",
+           "sae_decode_err_scaled": "SaeDecodeErrScaled", "sae_decode_err_scaled_bf16": "SaeDecodeErrScaledBf16",
+           "sae_scatter_unit": "SaeScatterUnit", "sae_scatter_unit_bf16": "SaeScatterUnitBf16",
+           "sae_unit_rows": "SaeUnitRows", "sae_unit_rows_vjp": "SaeUnitRowsVjp", "sae_row_norms": "SaeRowNorms",
            "sae_adam_check": "SaeAdamCheck", "sae_adam_apply": "SaeAdamApply"}
 F32, I32 = jnp.float32, jnp.int32
 MAX_ENTRIES = 2 ** 31 - 64  # the kernels' int32 scratch offsets
@@ -213,15 +215,20 @@ def gather_sum(w_NxJ: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array) -> ja
         w_NxJ.astype(F32), table, idx_NxJ.astype(I32))
 
 
-def decode_err(w_NxJ: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array,
-               target_NxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(e, r, sq): e_n = sum_j w_nj table[idx_nj] - target_n, (N, D); r_nj = e_n . table[idx_nj],
-    (N, J); sq_n = |e_n|^2, (N,). Float32 (table float32 or bfloat16), one pass per row."""
+def decode_err(w_NxJ: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array, target_NxD: jax.Array,
+               scale_S: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(e, r, sq): e_n = sum_j w_nj a[idx_nj] - target_n, (N, D); r_nj = e_n . a[idx_nj], (N, J);
+    sq_n = |e_n|^2, (N,), with atoms a = table (a_s = scale_s table_s given scale (S,)). Float32
+    (table float32 or bfloat16), one pass per row."""
     suffix, (table,) = _rows(table_SxD)
     lead = w_NxJ.shape[:-1]
-    e, r, sq = _call("sae_decode_err" + suffix, jax.ShapeDtypeStruct(lead + table_SxD.shape[-1:], F32),
-                     jax.ShapeDtypeStruct(idx_NxJ.shape, F32), jax.ShapeDtypeStruct(lead + (1,), F32))(
-        w_NxJ.astype(F32), table, idx_NxJ.astype(I32), target_NxD.astype(F32))
+    outs = (jax.ShapeDtypeStruct(lead + table_SxD.shape[-1:], F32), jax.ShapeDtypeStruct(idx_NxJ.shape, F32),
+            jax.ShapeDtypeStruct(lead + (1,), F32))
+    args = (w_NxJ.astype(F32), table, idx_NxJ.astype(I32), target_NxD.astype(F32))
+    if scale_S is None:
+        e, r, sq = _call("sae_decode_err" + suffix, *outs)(*args)
+    else:
+        e, r, sq = _call("sae_decode_err_scaled" + suffix, *outs)(*args, scale_S.astype(F32))
     return e, r, sq[..., 0]
 
 
@@ -232,16 +239,21 @@ def dots(rows_NxD: jax.Array, table_SxD: jax.Array, idx_NxJ: jax.Array) -> jax.A
         rows, table, idx_NxJ.astype(I32))
 
 
-def scatter(w_NxJ: jax.Array, rows_NxD: jax.Array, idx_NxJ: jax.Array,
-            n_out: int) -> tuple[jax.Array, jax.Array]:
+def scatter(w_NxJ: jax.Array, rows_NxD: jax.Array, idx_NxJ: jax.Array, n_out: int,
+            unit: tuple[jax.Array, jax.Array, float] | None = None) -> tuple[jax.Array, jax.Array]:
     """(out, col): out_l = sum over (n, j) with idx_nj = l of w_nj rows_n, (n_out, D); col_l the
     same sum of w_nj, (n_out,); float32 (rows float32 or bfloat16). Entries outside [0, n_out)
-    are dropped."""
+    are dropped. unit = (D, n, eps) (D (n_out, D) and its `unit_rows` norms n (n_out, 1)): each
+    out_l becomes `unit_rows_vjp`'s dL/dD_l for cotangent out_l, in the same pass."""
     lead = w_NxJ.shape[:-2]
     suffix, (rows,) = _rows(rows_NxD)
-    return _call("sae_scatter" + suffix, jax.ShapeDtypeStruct(lead + (n_out, rows_NxD.shape[-1]), F32),
-                 jax.ShapeDtypeStruct(lead + (n_out,), F32))(
-        w_NxJ.astype(F32), rows, idx_NxJ.astype(I32))
+    outs = (jax.ShapeDtypeStruct(lead + (n_out, rows_NxD.shape[-1]), F32), jax.ShapeDtypeStruct(lead + (n_out,), F32))
+    args = (w_NxJ.astype(F32), rows, idx_NxJ.astype(I32))
+    if unit is None:
+        return _call("sae_scatter" + suffix, *outs)(*args)
+    atoms, norms, eps = unit
+    return _call("sae_scatter_unit" + suffix, *outs)(*args, atoms.astype(F32), norms.astype(F32),
+                                                      eps=np.float32(eps))
 
 
 def unit_rows(w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -249,6 +261,12 @@ def unit_rows(w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     a = w / n; n has shape (.., 1). Float32, one pass per row."""
     return _call("sae_unit_rows", jax.ShapeDtypeStruct(w.shape, F32),
                  jax.ShapeDtypeStruct(w.shape[:-1] + (1,), F32), vmap_method="broadcast_all")(
+        w.astype(F32), eps=np.float32(eps))
+
+
+def row_norms(w: jax.Array, eps: float) -> jax.Array:
+    """`unit_rows`' n alone, (.., 1)."""
+    return _call("sae_row_norms", jax.ShapeDtypeStruct(w.shape[:-1] + (1,), F32), vmap_method="broadcast_all")(
         w.astype(F32), eps=np.float32(eps))
 
 

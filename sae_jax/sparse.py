@@ -396,3 +396,42 @@ def _decode_sq_err_bwd(compute_dtype, res, g_B):
 
 
 decode_sq_err.defvjp(_decode_sq_err_fwd, _decode_sq_err_bwd)
+
+
+def decode_sq_err_unit(D_MxD: Array, vals_BxK: Array, idx_BxK: Array, target_BxD: Array,
+                       compute_dtype: str = "float32") -> Array:
+    """decode_sq_err(unit_rows(D), ...): TopK's per-sample error with unit-norm atoms. On the CPU's
+    native kernels the atoms are never written out: the forward pass scales each atom's code by
+    1/n (n = `unit_rows`' norm, one pass over D for the norms), x^_b = sum_j (c_bj / n_i) D_i, and
+    the scatter-add of the VJP turns each dL/da_l into dL/dD_l (the unit-norm VJP) as it finishes
+    it. The same values as the composition, to float rounding."""
+    _check_k(vals_BxK.shape[-1], D_MxD.shape[0])
+    if not native_in_use() or vals_BxK.size > native.MAX_ENTRIES:
+        return decode_sq_err(unit_rows(D_MxD), vals_BxK, idx_BxK, target_BxD, compute_dtype)
+    return jax.lax.platform_dependent(
+        D_MxD, vals_BxK, idx_BxK, target_BxD,
+        cpu=lambda *a: _sq_err_unit(*a, compute_dtype),
+        default=lambda D, v, i, t: decode_sq_err(unit_rows(D), v, i, t, compute_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sq_err_unit(D_MxD, vals_BxK, idx_BxK, target_BxD, compute_dtype):
+    return _sq_err_unit_fwd(D_MxD, vals_BxK, idx_BxK, target_BxD, compute_dtype)[0]
+
+
+def _sq_err_unit_fwd(D_MxD, vals_BxK, idx_BxK, target_BxD, compute_dtype):
+    w = D_MxD.astype(F32)
+    n = native.row_norms(w, UNIT_EPS)  # (M, 1)
+    e, r, sq = native.decode_err(vals_BxK.astype(F32), w.astype(_dtype(compute_dtype)), idx_BxK,
+                                 target_BxD.astype(F32), 1.0 / n[:, 0])
+    return sq, (w, n, vals_BxK, idx_BxK, e, r, jnp.zeros((), D_MxD.dtype), jnp.zeros((), target_BxD.dtype))
+
+
+def _sq_err_unit_bwd(compute_dtype, res, g_B):
+    w, n, vals, idx, e, r, d_zero, target_zero = res
+    s = 2.0 * g_B.astype(F32)[:, None]  # d sq_b / d x^_b = 2 e_b
+    d_D = native.scatter(vals * s, e.astype(_dtype(compute_dtype)), idx, w.shape[0], unit=(w, n, UNIT_EPS))[0]
+    return (d_D.astype(d_zero.dtype), (s * r).astype(vals.dtype), None, (-s * e).astype(target_zero.dtype))
+
+
+_sq_err_unit.defvjp(_sq_err_unit_fwd, _sq_err_unit_bwd)

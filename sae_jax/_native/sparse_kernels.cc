@@ -20,15 +20,20 @@
 //   sae_decode_err  w (.., N, J), T (.., S, D), i (.., N, J), t (.., N, D)
 //                   -> e (.., N, D), r (.., N, J), sq (.., N, 1)
 //                   e_n = sum_j w_nj T[i_nj] - t_n,  r_nj = e_n . T[i_nj],  sq_n = |e_n|^2
-//   sae_gather_sum_bf16, sae_dots_bf16, sae_scatter_bf16, sae_decode_err_bf16: the same with T
-//                   and r (decode_err: T) bfloat16, each element widened to float32 as it is
-//                   read (float32 sums and outputs)
+//   sae_decode_err_scaled  the same with scale (.., S): the atoms are the rows scale_s T[s]
+//                   (e_n = sum_j w_nj scale_{i_nj} T[i_nj] - t_n, r_nj = scale_{i_nj} e_n . T[i_nj])
+//   sae_scatter_unit  w, r, i as sae_scatter, D (.., L, D), n (.., L, 1); eps -> out, col: out_l
+//                   as sae_scatter's, then sae_unit_rows_vjp's dL/dD_l for cotangent out_l
+//   sae_gather_sum_bf16, sae_dots_bf16, sae_scatter_bf16, sae_decode_err_bf16 and the bf16 twins
+//                   of the last two: the same with T and r (decode_err: T) bfloat16, each element
+//                   widened to float32 as it is read (float32 sums and outputs)
 //
 // Indices outside [0, S) (gathers) or [0, L) (scatter) are clipped (gathers) or dropped (scatter).
 //
 // The decoder's unit-norm atoms (sae.unit_rows) and their VJP, one pass over each row:
 //   sae_unit_rows      w (.., D); eps -> a (.., D), n (.., 1)
 //                      s = max_i |w_i| (1 where it is 0), n = s sqrt(sum_i (w_i / s)^2) + eps, a = w / n
+//   sae_row_norms      w (.., D); eps -> n (.., 1), sae_unit_rows' n alone
 //   sae_unit_rows_vjp  w (.., D), n (.., 1), g (.., D); eps -> dw (.., D)
 //                      dw = g / n - (g . w) / (n^2 (n - eps)) w   (the second term 0 where n = eps)
 //
@@ -521,6 +526,42 @@ ffi::Error TopkBody(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias,
   return ffi::Error::Success();
 }
 
+// ----------------------------------------------------------------------------- unit rows
+// n of one row (see the top of the file): its largest |w_i| and sum of (w_i / s)^2, in F16 lanes
+// then the tail; division by s keeps a huge row's squares finite.
+float RowNorm(const float* w, int64_t d, float eps) {
+  int64_t i = 0;
+  F16 mx = F16::Zero();
+  for (; i + kLanes <= d; i += kLanes) mx = Max(mx, Abs(F16::Load(w + i)));
+  float s = 0.0f;
+  for (int64_t t = i; t < d; ++t) s = std::fabs(w[t]) > s ? std::fabs(w[t]) : s;
+  s = MaxLanes(mx, s);
+  if (!(s > 0.0f)) s = 1.0f;
+  const F16 sv = F16::Set(s);
+  F16 acc = F16::Zero();
+  for (i = 0; i + kLanes <= d; i += kLanes) {
+    const F16 q = F16::Load(w + i) / sv;
+    acc = Fma(q, q, acc);
+  }
+  float tail = 0.0f;
+  for (; i < d; ++i) tail += (w[i] / s) * (w[i] / s);
+  return s * std::sqrt(SumLanes(acc, tail)) + eps;
+}
+
+// dw = g / n - (g . w) / (n^2 (n - eps)) w for one row (o may be g itself).
+inline void UnitVjpRow(const float* x, float nv, const float* g, float* o, int64_t d, float eps) {
+  int64_t i = 0;
+  F16 acc = F16::Zero();
+  for (; i + kLanes <= d; i += kLanes) acc = Fma(F16::Load(g + i), F16::Load(x + i), acc);
+  float tail = 0.0f;
+  for (int64_t t = i; t < d; ++t) tail += g[t] * x[t];
+  const float norm = nv - eps, dot = SumLanes(acc, tail);
+  const float c = norm > 0.0f ? dot / (nv * nv) / norm : 0.0f;
+  const F16 cv = F16::Set(c), nn = F16::Set(nv);
+  for (i = 0; i + kLanes <= d; i += kLanes) Fnma(cv, F16::Load(x + i), F16::Load(g + i) / nn).Store(o + i);
+  for (; i < d; ++i) o[i] = g[i] / nv - c * x[i];
+}
+
 // ----------------------------------------------------------------------------- gathers, scatter
 // The scatter-add walks one cell's (row, slot) entries grouped by blocks of rows, and within a
 // block by latent, in increasing latent order: a block's rows (B_b x D floats, sized to stay in the
@@ -811,27 +852,59 @@ void DecodeErrBlocked(const float* w, const T* table, const int32_t* idx, const 
 // its error against the target and the dot products of the error's VJP, row by row in one pass
 // (GatherRow, then DotsRow on the float32 error while the row's J table rows are still in the L2
 // cache: the unfused kernels read them from memory twice), or by table row for a large table.
+// scale (sae_decode_err_scaled): the table's rows times scale_s, the atoms of the sums and of the
+// dot products (c_j a_{i_j} = (c_j scale_{i_j}) T[i_j], e . a_{i_j} = scale_{i_j} (e . T[i_j])):
+// the weights are scaled before the pass and the dot products after it.
 template <ffi::DataType R>
 ffi::Error DecodeErrBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<ffi::S32> idx,
-                         ffi::Buffer<ffi::F32> target, ffi::ResultBuffer<ffi::F32> err,
-                         ffi::ResultBuffer<ffi::F32> dots, ffi::ResultBuffer<ffi::F32> sq) {
+                         ffi::Buffer<ffi::F32> target, const ffi::Buffer<ffi::F32>* scale,
+                         ffi::ResultBuffer<ffi::F32> err, ffi::ResultBuffer<ffi::F32> dots,
+                         ffi::ResultBuffer<ffi::F32> sq) {
   auto ad = w.dimensions(), td = table.dimensions(), id = idx.dimensions(), gd = target.dimensions(),
        od = err->dimensions();
   const int64_t n = Dim(id, 2), jn = Dim(id, 1), s = Dim(td, 2), d = Dim(td, 1);
   Cells cells(od, 2);
   if (Dim(ad, 1) != jn || Dim(ad, 2) != n || Dim(od, 1) != d || Dim(od, 2) != n || Dim(gd, 1) != d ||
       Dim(gd, 2) != n || s < 1 || n * jn > kMaxEntries || !Fits(cells, ad, 2) || !Fits(cells, td, 2) ||
-      !Fits(cells, id, 2) || !Fits(cells, gd, 2))
+      !Fits(cells, id, 2) || !Fits(cells, gd, 2) ||
+      (scale && (!Fits(cells, scale->dimensions(), 1) || Dim(scale->dimensions(), 1) != s)))
     return ffi::Error::InvalidArgument("sae_decode_err: shapes");
-  const float *A = w.typed_data(), *G = target.typed_data();
   const Row<R>* T = table.typed_data();
   const int32_t* I = idx.typed_data();
+  const float *A = w.typed_data(), *G = target.typed_data();
+  std::vector<float> scaled;
+  auto scale_of = [&](int64_t c, const int32_t* ir, int64_t j) {
+    return scale->typed_data()[cells.Offset(c, scale->dimensions(), 1, s) + std::clamp<int64_t>(ir[j], 0, s - 1)];
+  };
+  if (scale) {  // the weights times their atoms' scales, laid out as the output's cells
+    scaled.resize(cells.count * n * jn);
+    ParallelFor(cells.count * n, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r / n, row = r % n;
+        const int32_t* ir = I + cells.Offset(c, id, 2, n * jn) + row * jn;
+        const float* wr = A + cells.Offset(c, ad, 2, n * jn) + row * jn;
+        for (int64_t j = 0; j < jn; ++j) scaled[r * jn + j] = wr[j] * scale_of(c, ir, j);
+      }
+    });
+    A = scaled.data();
+    ad = od;  // now one matrix per cell (Offset reads only the leading dims)
+  }
   float *E = err->typed_data(), *D = dots->typed_data(), *Q = sq->typed_data();
+  auto unscale = [&] {  // the dot products times their atoms' scales
+    if (!scale) return;
+    ParallelFor(cells.count * n, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int32_t* ir = I + cells.Offset(r / n, id, 2, n * jn) + (r % n) * jn;
+        for (int64_t j = 0; j < jn; ++j) D[r * jn + j] *= scale_of(r / n, ir, j);
+      }
+    });
+  };
   if (s * d * static_cast<int64_t>(sizeof(Row<R>)) > TableCacheBytes()) {
     for (int64_t c = 0; c < cells.count; ++c)
       DecodeErrBlocked(A + cells.Offset(c, ad, 2, n * jn), T + cells.Offset(c, td, 2, s * d),
                        I + cells.Offset(c, id, 2, n * jn), G + cells.Offset(c, gd, 2, n * d), n, jn, s,
                        d, E + c * n * d, D + c * n * jn, Q + c * n);
+    unscale();
     return ffi::Error::Success();
   }
   ParallelFor(cells.count * n, 16, [&](int64_t r0, int64_t r1) {
@@ -847,6 +920,7 @@ ffi::Error DecodeErrBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<f
       DotsRow(e, ir, jn, tc, s, d, D + r * jn);
     }
   });
+  unscale();
   return ffi::Error::Success();
 }
 
@@ -857,14 +931,27 @@ ffi::Error DecodeErrBody(ffi::Buffer<ffi::F32> w, RowBuf<R> table, ffi::Buffer<f
 // every row block and adds, per latent, that block's entries in (row, slot) order, so the sum's
 // order does not depend on the threads. The output row is held in
 // registers across the entries (AxpyRows): 1.4x faster than an Axpy per entry at d 256 and 1024.
+// unit (sae_scatter_unit): the atoms' table D (.., L, d) and norms n (.., L, 1) of
+// sae_unit_rows: each output row, once summed, becomes that VJP's dL/dD_l = UnitVjpRow(D_l, n_l,
+// out_l) while it is still in cache (no pass of its own over the dictionary).
+struct UnitArgs {
+  const ffi::Buffer<ffi::F32>* atoms;
+  const ffi::Buffer<ffi::F32>* norms;
+  float eps;
+};
+
 template <ffi::DataType R>
 ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi::S32> idx,
-                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> col) {
+                       const UnitArgs* unit, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> col) {
   auto wd = w.dimensions(), rd = rows.dimensions(), id = idx.dimensions(), od = out->dimensions();
   const int64_t L = Dim(od, 2), d = Dim(od, 1), n = Dim(wd, 2), jn = Dim(wd, 1);
   Cells cells(od, 2);
   if (Dim(rd, 1) != d || Dim(rd, 2) != n || Dim(id, 2) != n || Dim(id, 1) != jn ||
-      n * jn > kMaxEntries || !Fits(cells, wd, 2) || !Fits(cells, rd, 2) || !Fits(cells, id, 2))
+      n * jn > kMaxEntries || !Fits(cells, wd, 2) || !Fits(cells, rd, 2) || !Fits(cells, id, 2) ||
+      (unit && (!Fits(cells, unit->atoms->dimensions(), 2) || Dim(unit->atoms->dimensions(), 1) != d ||
+                Dim(unit->atoms->dimensions(), 2) != L || !Fits(cells, unit->norms->dimensions(), 2) ||
+                Dim(unit->norms->dimensions(), 1) != 1 || Dim(unit->norms->dimensions(), 2) != L)))
     return ffi::Error::InvalidArgument("sae_scatter: shapes");
   const float* W = w.typed_data();
   const Row<R>* Rw = rows.typed_data();
@@ -893,6 +980,10 @@ ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi:
           AxpyRows(bc.weight.data() + st[l], rc, bc.row.data() + st[l], st[l + 1] - st[l], oc + l * d, d);
         }
       }
+      if (!unit) return;
+      const float* dc = unit->atoms->typed_data() + cells.Offset(c, unit->atoms->dimensions(), 2, L * d);
+      const float* nc = unit->norms->typed_data() + cells.Offset(c, unit->norms->dimensions(), 2, L);
+      for (int64_t l = l0; l < l1; ++l) UnitVjpRow(dc + l * d, nc[l], oc + l * d, oc + l * d, d, unit->eps);
     });
   }
   return ffi::Error::Success();
@@ -902,28 +993,7 @@ ffi::Error ScatterBody(ffi::Buffer<ffi::F32> w, RowBuf<R> rows, ffi::Buffer<ffi:
 using F32Buf = ffi::Buffer<ffi::F32>;
 using F32Ret = ffi::ResultBuffer<ffi::F32>;
 
-// ----------------------------------------------------------------------------- unit rows
-// n of one row (see the top of the file): its largest |w_i| and sum of (w_i / s)^2, in F16 lanes
-// then the tail; division by s keeps a huge row's squares finite.
-float RowNorm(const float* w, int64_t d, float eps) {
-  int64_t i = 0;
-  F16 mx = F16::Zero();
-  for (; i + kLanes <= d; i += kLanes) mx = Max(mx, Abs(F16::Load(w + i)));
-  float s = 0.0f;
-  for (int64_t t = i; t < d; ++t) s = std::fabs(w[t]) > s ? std::fabs(w[t]) : s;
-  s = MaxLanes(mx, s);
-  if (!(s > 0.0f)) s = 1.0f;
-  const F16 sv = F16::Set(s);
-  F16 acc = F16::Zero();
-  for (i = 0; i + kLanes <= d; i += kLanes) {
-    const F16 q = F16::Load(w + i) / sv;
-    acc = Fma(q, q, acc);
-  }
-  float tail = 0.0f;
-  for (; i < d; ++i) tail += (w[i] / s) * (w[i] / s);
-  return s * std::sqrt(SumLanes(acc, tail)) + eps;
-}
-
+// ----------------------------------------------------------------------------- unit rows: kernels
 // A (.., D) array as `rows` rows of d; Same: whether an operand of dims `dims` has as many rows of
 // `width`.
 struct RowLayout {
@@ -958,6 +1028,17 @@ ffi::Error UnitRowsBody(F32Buf w, float eps, F32Ret a, F32Ret n) {
   return ffi::Error::Success();
 }
 
+ffi::Error RowNormsBody(F32Buf w, float eps, F32Ret n) {
+  auto wd = w.dimensions();
+  if (wd.size() == 0) return ffi::Error::InvalidArgument("sae_row_norms: ranks");
+  RowLayout r{static_cast<int64_t>(w.element_count()) / std::max<int64_t>(1, Dim(wd, 1)), Dim(wd, 1)};
+  if (r.d < 1 || !r.Same(n->dimensions(), 1)) return ffi::Error::InvalidArgument("sae_row_norms: shapes");
+  ParallelFor(r.rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) n->typed_data()[row] = RowNorm(w.typed_data() + row * r.d, r.d, eps);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error UnitRowsVjpBody(F32Buf w, F32Buf n, F32Buf g, float eps, F32Ret dw) {
   auto wd = w.dimensions();
   if (wd.size() == 0) return ffi::Error::InvalidArgument("sae_unit_rows_vjp: ranks");
@@ -968,20 +1049,7 @@ ffi::Error UnitRowsVjpBody(F32Buf w, F32Buf n, F32Buf g, float eps, F32Ret dw) {
   float* O = dw->typed_data();
   ParallelFor(r.rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
-      const float *x = W + row * r.d, *gr = G + row * r.d;
-      float* o = O + row * r.d;
-      const float nv = Nn[row];
-      int64_t i = 0;
-      F16 acc = F16::Zero();
-      for (; i + kLanes <= r.d; i += kLanes) acc = Fma(F16::Load(gr + i), F16::Load(x + i), acc);
-      float tail = 0.0f;
-      for (int64_t t = i; t < r.d; ++t) tail += gr[t] * x[t];
-      const float norm = nv - eps, dot = SumLanes(acc, tail);
-      const float c = norm > 0.0f ? dot / (nv * nv) / norm : 0.0f;
-      const F16 cv = F16::Set(c), nn = F16::Set(nv);
-      for (i = 0; i + kLanes <= r.d; i += kLanes)
-        Fnma(cv, F16::Load(x + i), F16::Load(gr + i) / nn).Store(o + i);
-      for (; i < r.d; ++i) o[i] = gr[i] / nv - c * x[i];
+      UnitVjpRow(W + row * r.d, Nn[row], G + row * r.d, O + row * r.d, r.d, eps);
     }
   });
   return ffi::Error::Success();
@@ -1184,18 +1252,41 @@ ffi::Error DecodeErrImpl(F32Buf w, RowBuf<R> table, S32Buf idx, F32Buf target, F
   if (!Matrices({w.dimensions(), table.dimensions(), idx.dimensions(), target.dimensions(),
                  err->dimensions(), dots->dimensions(), sq->dimensions()}))
     return ffi::Error::InvalidArgument("sae_decode_err: ranks");
-  return Guard("sae_decode_err", [&] { return DecodeErrBody<R>(w, table, idx, target, err, dots, sq); });
+  return Guard("sae_decode_err", [&] { return DecodeErrBody<R>(w, table, idx, target, nullptr, err, dots, sq); });
+}
+
+template <ffi::DataType R>
+ffi::Error DecodeErrScaledImpl(F32Buf w, RowBuf<R> table, S32Buf idx, F32Buf target, F32Buf scale,
+                               F32Ret err, F32Ret dots, F32Ret sq) {
+  if (!Matrices({w.dimensions(), table.dimensions(), idx.dimensions(), target.dimensions(),
+                 err->dimensions(), dots->dimensions(), sq->dimensions()}) || scale.dimensions().size() < 1)
+    return ffi::Error::InvalidArgument("sae_decode_err: ranks");
+  return Guard("sae_decode_err", [&] { return DecodeErrBody<R>(w, table, idx, target, &scale, err, dots, sq); });
 }
 
 template <ffi::DataType R>
 ffi::Error ScatterImpl(F32Buf w, RowBuf<R> rows, S32Buf idx, F32Ret out, F32Ret col) {
   if (!Matrices({w.dimensions(), rows.dimensions(), idx.dimensions(), out->dimensions()}))
     return ffi::Error::InvalidArgument("sae_scatter: ranks");
-  return Guard("sae_scatter", [&] { return ScatterBody<R>(w, rows, idx, out, col); });
+  return Guard("sae_scatter", [&] { return ScatterBody<R>(w, rows, idx, nullptr, out, col); });
+}
+
+template <ffi::DataType R>
+ffi::Error ScatterUnitImpl(F32Buf w, RowBuf<R> rows, S32Buf idx, F32Buf atoms, F32Buf norms, float eps,
+                           F32Ret out, F32Ret col) {
+  if (!Matrices({w.dimensions(), rows.dimensions(), idx.dimensions(), out->dimensions(), atoms.dimensions(),
+                 norms.dimensions()}))
+    return ffi::Error::InvalidArgument("sae_scatter: ranks");
+  const UnitArgs unit{&atoms, &norms, eps};
+  return Guard("sae_scatter", [&] { return ScatterBody<R>(w, rows, idx, &unit, out, col); });
 }
 
 ffi::Error UnitRowsImpl(F32Buf w, float eps, F32Ret a, F32Ret n) {
   return Guard("sae_unit_rows", [&] { return UnitRowsBody(w, eps, a, n); });
+}
+
+ffi::Error RowNormsImpl(F32Buf w, float eps, F32Ret n) {
+  return Guard("sae_row_norms", [&] { return RowNormsBody(w, eps, n); });
 }
 
 ffi::Error UnitRowsVjpImpl(F32Buf w, F32Buf n, F32Buf g, float eps, F32Ret dw) {
@@ -1249,6 +1340,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopk, TopkImpl,
                                     .Arg<ffi::Buffer<ffi::F32>>()                           \
                                     .Ret<ffi::Buffer<ffi::F32>>()                           \
                                     .Ret<ffi::Buffer<ffi::F32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>());                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeDecodeErrScaled##Suffix, DecodeErrScaledImpl<ffi::R>,    \
+                                ffi::Ffi::Bind()                                            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::R>>()                             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                           \
+                                    .Ret<ffi::Buffer<ffi::F32>>());                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeScatterUnit##Suffix, ScatterUnitImpl<ffi::R>,            \
+                                ffi::Ffi::Bind()                                            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::R>>()                             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Attr<float>("eps")                                     \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                           \
                                     .Ret<ffi::Buffer<ffi::F32>>())
 
 SAE_ROW_KERNELS(, F32);
@@ -1288,6 +1399,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeUnitRowsVjp, UnitRowsVjpImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeRowNorms, RowNormsImpl,
+                              ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::F32>>());

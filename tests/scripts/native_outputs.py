@@ -24,6 +24,10 @@ def outputs() -> dict[str, np.ndarray]:
     out["decode_err"] = jnp.concatenate([a.reshape(2, -1) for a in native.decode_err(w, table, i, x)], -1)
     out["scatter"], out["scatter_col"] = native.scatter(w, x, i, m)
     out["scatter_bf16"] = native.scatter(w, x.astype(jnp.bfloat16), i, m)[0]
+    scale = 1.0 / native.row_norms(table, 1e-8)[..., 0]
+    out["decode_err_scaled"] = jnp.concatenate(
+        [a.reshape(2, -1) for a in native.decode_err(w, table, i, x, scale)], -1)
+    out["scatter_unit"] = native.scatter(w, x, i, m, unit=(table, native.row_norms(table, 1e-8), 1e-8))[0]
     a, nrm = native.unit_rows(table * 1e20, 1e-8)
     out["unit_rows"], out["unit_rows_n"] = a, nrm / 1e20
     out["unit_rows_vjp"] = native.unit_rows_vjp(table, native.unit_rows(table, 1e-8)[1], x[:, :1] + table, 1e-8)
