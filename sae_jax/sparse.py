@@ -18,7 +18,10 @@ and the backward pass, by hand (`jax.custom_vjp`), touches only the selected row
 
 TopK's loss reads x^ only through the per-sample squared error |t_b - x^_b|^2: `decode_sq_err`
 returns it with the same VJP (g_b = 2 dL/dsq_b (x^_b - t_b)), and on the CPU computes the
-gather, the error and the dot products g_b . a_{i_bj} in one pass per sample.
+gather, the error and the dot products g_b . a_{i_bj} in one pass per sample. With the atoms the
+unit rows of D, a_l = D_l / n_l, `decode_sq_err_unit` never writes them out there: the codes are
+scaled, c_bj / n_{i_bj}, and the scatter-add of dL/da_l applies the unit-norm VJP
+(dL/dD_l = dL/da_l / n_l - (dL/da_l . D_l) D_l / (n_l^2 |D_l|)) to each row it finishes.
 
 These equal autodiff of the dense formulation (c scattered into a (B, m) matrix of zeros,
 x^ = c unit_rows(D)) to float tolerance (tests/test_sparse.py). A pre-activation that is
