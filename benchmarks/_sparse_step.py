@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import _trace
-from sae_jax import fused, grid, native, sae, sparse, sparse_coo
+from sae_jax import fused, grid, native, sae, sparse, sparse_coo, sparse_unit
 
 F32 = jnp.float32
 
@@ -42,7 +42,7 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
 def topk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
     """(MSE, aux) of one TopK cell through the sparse kernels."""
     vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
-    sq = sparse.decode_sq_err_unit(params.D_MxD, vals, idx, x_BxD, dtype)
+    sq = sparse_unit.decode_sq_err_unit(params.D_MxD, vals, idx, x_BxD, dtype)
     mse = jnp.mean(sq) / x_BxD.shape[-1]
     active = jax.lax.stop_gradient(vals) > 0
     fired = jnp.zeros(params.b_enc_M.shape, bool).at[idx].max(active)

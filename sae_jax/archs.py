@@ -221,11 +221,11 @@ def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int,
                       compute_dtype: str) -> tuple[Array, tuple[sae.LossAux, Array]]:
     """TopK's loss through the sparse decoder: k of m atoms gathered per sample, gradients by
     scatter-adds (`sae_jax.sparse`); the same values as the dense formulation."""
-    from sae_jax import sparse
+    from sae_jax import sparse, sparse_unit
 
     m = params.W_enc_MxD.shape[0]
     vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, min(k, m), compute_dtype)
-    sq_B = sparse.decode_sq_err_unit(params.D_MxD, vals, idx, t_BxD, compute_dtype)
+    sq_B = sparse_unit.decode_sq_err_unit(params.D_MxD, vals, idx, t_BxD, compute_dtype)
     active = vals > 0
     l1 = jnp.mean(jnp.sum(vals, axis=-1)) / (m if convention == "report" else 1)
     fired = jnp.zeros((m,), bool).at[idx.reshape(-1)].max(active.reshape(-1))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sae_jax import sae, sparse
+from sae_jax import sae, sparse_unit
 
 Array = jax.Array
 F32 = jnp.float32
@@ -98,7 +98,7 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     c_sum_CxM = jnp.sum(c_CxMxB, axis=2)
     l1_C = jnp.sum(c_sum_CxM, axis=1) * l1_scale
     n_active_CxM = jnp.sum(active_lo.astype(F32), axis=2)  # only for L0: unused in the grid step
-    atoms, unit_vjp = jax.vjp(sparse.unit_rows, d_CxMxD)  # native on the CPU: one pass each way
+    atoms, unit_vjp = jax.vjp(sparse_unit.unit_rows, d_CxMxD)  # native on the CPU: one pass each way
     atoms_lo = atoms.astype(dt)
     xhat_CxDxB = _mm(MATMULS["decoder forward"], swap(atoms_lo), c_lo, dt)
     r_CxDxB = xhat_CxDxB - t_DxB

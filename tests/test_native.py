@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import grid, native, sae, sparse
+from sae_jax import grid, native, sae, sparse, sparse_unit
 
 KEY = jax.random.PRNGKey(0)
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels (CI runs on the CPU)")
@@ -261,7 +261,7 @@ def test_a_build_prunes_the_cache_to_the_most_recently_used_libraries(tmp_path):
 
 
 def test_unit_rows_equal_sae_unit_rows_and_its_gradient_on_either_kernel_set():
-    """sparse.unit_rows (native on the CPU, one pass each way) equals sae.unit_rows and autodiff's
+    """sparse_unit.unit_rows (native on the CPU, one pass each way) equals sae.unit_rows and autodiff's
     gradient of it to float tolerance, under vmap, with a row of 1e30s (the norm does not
     overflow); a zero row gets 0 atoms and the finite gradient g / eps (autodiff: NaN)."""
     w = _rand((3, 50, 37), 0) * 3
@@ -273,14 +273,14 @@ def test_unit_rows_equal_sae_unit_rows_and_its_gradient_on_either_kernel_set():
     assert (~finite).sum() == 37  # the zero row's
     for native_on in (True, False):
         with sparse.kernels(native_on):
-            a = jax.jit(jax.vmap(sparse.unit_rows))(w)
-            dw = jax.jit(jax.grad(lambda w: jnp.sum(sparse.unit_rows(w) * g)))(w)
+            a = jax.jit(jax.vmap(sparse_unit.unit_rows))(w)
+            dw = jax.jit(jax.grad(lambda w: jnp.sum(sparse_unit.unit_rows(w) * g)))(w)
         np.testing.assert_allclose(a, ref_a, atol=2e-7)
         rows = finite.all(axis=-1)  # every row but the zero one
         scale = np.max(np.abs(np.asarray(ref_g)[rows]), axis=-1, keepdims=True)
         np.testing.assert_allclose(np.asarray(dw)[rows] / scale, np.asarray(ref_g)[rows] / scale, atol=1e-6)
         np.testing.assert_array_equal(a[0, 5], 0.0)
-        np.testing.assert_allclose(dw[0, 5], g[0, 5] / sparse.UNIT_EPS, rtol=1e-6)
+        np.testing.assert_allclose(dw[0, 5], g[0, 5] / sparse_unit.UNIT_EPS, rtol=1e-6)
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="an x86-64 baseline build")

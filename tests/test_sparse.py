@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import native, sae, sparse, sparse_coo
+from sae_jax import native, sae, sparse, sparse_coo, sparse_unit
 from sae_jax.errors import UsageError
 
 C, B, D, M, K = 3, 12, 8, 32, 4
@@ -228,8 +228,8 @@ def test_decode_sq_err_unit_equals_decode_sq_err_of_the_unit_rows(dtype):
     t = _x(5)
     g = jax.random.uniform(jax.random.PRNGKey(8), (C, B), minval=0.5, maxval=2.0)
     outs = {}
-    for name, f in (("unit", lambda d, v, i, t: sparse.decode_sq_err_unit(d, v, i, t, dtype)),
-                    ("composed", lambda d, v, i, t: sparse.decode_sq_err(sparse.unit_rows(d), v, i, t, dtype))):
+    for name, f in (("unit", lambda d, v, i, t: sparse_unit.decode_sq_err_unit(d, v, i, t, dtype)),
+                    ("composed", lambda d, v, i, t: sparse.decode_sq_err(sparse_unit.unit_rows(d), v, i, t, dtype))):
         def one(d, v, i, t, g, f=f):
             out, vjp = jax.vjp(lambda d, v, t: f(d, v, i, t), d, v, t)
             return out, vjp(g)
