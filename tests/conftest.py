@@ -25,3 +25,15 @@ def tiny_world() -> toy.ToyWorld:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+# The suite runs on two pytest-xdist workers, a file per worker at a time (pyproject.toml:
+# -n 2 --dist loadfile). The files that take longest (`pytest --durations`, on 2 cores) start
+# first, so that the two workers finish together instead of one waiting on a long file at the end.
+LONGEST_FIRST = ("test_reproduction.py", "test_sharding.py", "test_distributed.py", "test_run.py",
+                 "test_archs.py", "test_cli.py", "test_native.py", "test_fast_recipe.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected

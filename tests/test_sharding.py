@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # one subprocess compiles and trains the grid on 1, 2 and 8 devices
+
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "sharded_grid.py"
 
 
@@ -20,18 +22,17 @@ def findings():
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_1_2_4_8_devices_give_the_same_dictionaries(findings):
+def test_1_2_8_devices_give_the_same_dictionaries(findings):
     ref = findings["params"]["1"]
-    for n in ("2", "4", "8"):
+    for n in ("2", "8"):
         for i, (a, b) in enumerate(zip(findings["params"][n], ref)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=f"{n} devices, cell {i}")
 
 
 def test_padding_never_shows_in_results(findings):
-    assert findings["padded_cells"] == {"1": [3, 3, 1, 1, 1, 1], "2": [4, 4, 2, 2, 2, 2], "4": [4] * 6,
-                                        "8": [8] * 6}
+    assert findings["padded_cells"] == {"1": [3, 3, 1, 1, 1, 1], "2": [4, 4, 2, 2, 2, 2], "8": [8] * 6}
     ref = findings["cells"]["1"]
-    for n in ("2", "4", "8"):
+    for n in ("2", "8"):
         cells = findings["cells"][n]
         assert [c["index"] for c in cells] == list(range(10))
         for a, b in zip(ref, cells):
