@@ -121,8 +121,12 @@ def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
         l1 = next(m["l1"] for m in voting if m["ratio"] == ratio)
         how = "alpha from " + next(m["method"] for m in voting if m["ratio"] == ratio)
     agree = [m["method"] for m in voting if m["ratio"] == ratio]
-    disagree = [m["method"] for m in methods if m["method"] not in agree]
+    disagree = [m["method"] for m in methods if m["method"] not in agree]  # elsewhere, or silent
+    other = [m["method"] for m in voting if m["ratio"] != ratio]
+    silent = [m["method"] for m in methods if m["ratio"] is None]
     summary = (f"ratio {ratio:g} ({', '.join(agree)}), {how}"
-               + (f"; {', '.join(disagree)} suggest other ratios" if disagree else "; all methods agree"))
+               + (f"; {', '.join(other)} suggest other ratios" if other else "")
+               + (f"; {', '.join(silent)} name no ratio" if silent else "")
+               + ("" if disagree else "; all methods agree"))
     return {"methods": methods, "ratio": float(ratio), "l1": float(l1), "agree": agree,
             "disagree": disagree, "summary": summary}

@@ -135,6 +135,8 @@ def test_missing_methods_do_not_vote():
     assert (out["ratio"], out["l1"]) == (0.5, 0.1)
     assert out["agree"] == ["mmcs_with_larger"]
     assert out["disagree"] == ["dead_latents", "ssll"]
+    # the summary says they were silent, not that they named another ratio
+    assert "dead_latents, ssll name no ratio" in out["summary"] and "other ratios" not in out["summary"]
 
 
 def test_zero_alpha_is_kept_when_it_is_the_only_choice():
