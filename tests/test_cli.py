@@ -52,8 +52,7 @@ def same_run(a: str, b: str) -> None:
 
 def test_toy_writes_every_output(tmp_path):
     out = tmp_path / "run"
-    r = sae_jax(*TINY, "--steps", "300", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert cli.main([*TINY, "--steps", "300", "--out", str(out)]) == 0
     res, arrays = load(out)
     cells = res["cells"]
     assert len(cells) == 4 and res["config"]["world"]["d"] == 16
@@ -72,14 +71,14 @@ def test_toy_writes_every_output(tmp_path):
     assert "fig03_mmcs_heatmap.png" in report and "ground-truth optimum" in report
 
 
-def test_toy_grid_of_architectures_reports_each_one(tmp_path):
+def test_toy_grid_of_architectures_reports_each_one(tmp_path, capsys):
     """--arch/--k/--l0: one run holds relu_l1, topk and jumprelu cells; results.json says which
     architecture and sparsity setting each cell has, and each architecture gets its own
     suggestion, figures and row in REPORT.md."""
     out = tmp_path / "run"
-    r = sae_jax(*TINY, "--arch", "relu_l1,topk,jumprelu", "--k", "2,3", "--l0", "0.1,0.3",
-                "--steps", "100", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert cli.main([*TINY, "--arch", "relu_l1,topk,jumprelu", "--k", "2,3", "--l0", "0.1,0.3",
+                     "--steps", "100", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
     res, arrays = load(out)
     cells = res["cells"]
     assert [(c["arch"], c["k"], c["l0_coeff"], c["l1"]) for c in cells if c["ratio"] == 1] == [
@@ -96,7 +95,7 @@ def test_toy_grid_of_architectures_reports_each_one(tmp_path):
         assert (out / "figures" / f"{sub}fig03_mmcs_heatmap.png").stat().st_size > 1000
     report = (out / "REPORT.md").read_text()
     assert "Architectures side by side" in report and "| topk |" in report and "| jumprelu |" in report
-    assert "topk: best MMCS" in r.stdout and "jumprelu: best MMCS" in r.stdout
+    assert "topk: best MMCS" in stdout and "jumprelu: best MMCS" in stdout
 
 
 def test_world_axis_with_architectures_prints_each_ones_selection(tmp_path, capsys):
@@ -144,14 +143,14 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert any(c["n_resampled"] for c in load(out)[0]["cells"])  # resampling was exercised
 
 
-@pytest.mark.slow
-def test_resume_refuses_different_arguments(tmp_path):
+def test_resume_refuses_different_arguments(tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert sae_jax(*TINY, "--steps", "100", "--out", out, "--no-figures").returncode == 0
-    r = sae_jax(*TINY, "--steps", "100", "--out", out, "--no-figures", "--resume", "--lr", "0.002")
-    assert r.returncode == 2
-    assert "different arguments" in r.stderr and "lr" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert cli.main([*TINY, "--steps", "100", "--out", out, "--no-figures"]) == 0
+    capsys.readouterr()
+    assert cli.main([*TINY, "--steps", "100", "--out", out, "--no-figures", "--resume", "--lr", "0.002"]) == 2
+    err = capsys.readouterr().err
+    assert "different arguments" in err and "lr" in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -221,20 +220,22 @@ def test_bad_argument_in_a_real_process_has_no_traceback(tmp_path):
     assert r.stderr.strip().splitlines() == ["sae-jax: error: --l1 values must be finite and >= 0, got -1.0"]
 
 
-def test_unwritable_out(tmp_path):
+def test_unwritable_out(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    r = sae_jax("toy", "--steps", "10", "--out", str(blocker / "sub"), timeout=120)
-    assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr
+    assert cli.main(["toy", "--steps", "10", "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_grid_rejects_bad_activations(tmp_path):
+def test_grid_rejects_bad_activations(tmp_path, capsys):
     nan = np.ones((64, 8), np.float32)
     nan[17, 3] = np.nan
     np.save(tmp_path / "nan.npy", nan)
     np.save(tmp_path / "flat.npy", np.ones(64, np.float32))
     for name, needle in (("nan.npy", "NaN"), ("flat.npy", "shape"), ("missing.npy", "does not exist")):
-        r = sae_jax("grid", "--activations", str(tmp_path / name), "--l1", "0.1", "--ratios", "1",
-                    "--steps", "5", "--out", str(tmp_path / "o"), timeout=120)
-        assert r.returncode == 2, r.stderr
-        assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        code = cli.main(["grid", "--activations", str(tmp_path / name), "--l1", "0.1", "--ratios", "1",
+                         "--steps", "5", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert needle in err and len(err.strip().splitlines()) == 1, err

@@ -219,8 +219,9 @@ def test_mismatched_shapes_are_an_error_not_a_crash():
 
 def test_the_cli_says_when_topk_trains_without_the_native_kernels(tmp_path):
     """A TopK grid on the CPU without the native kernels still trains, and says so in one line."""
-    out = subprocess.run([sys.executable, "-m", "sae_jax.cli", "toy", "--steps", "10", "--no-appendix",
-                          "--arch", "topk", "--k", "4", "--eval-samples", "256", "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "sae_jax.cli", "toy", "--steps", "10", "--ratios", "1",
+                          "--arch", "topk", "--k", "4", "--eval-samples", "256", "--no-figures",
+                          "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300,
                          env=dict(__import__("os").environ, SAE_JAX_NATIVE="0"))
     assert out.returncode == 0, out.stderr[-500:]

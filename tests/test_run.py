@@ -58,9 +58,10 @@ def _run(*args):
 
 
 @pytest.mark.slow
-def test_extending_a_run_equals_the_longer_run(tmp_path):
+def test_extending_a_run_equals_the_longer_run(tmp_path, capsys):
     """1,000 steps then --resume --steps 2,000 equals 2,000 steps: the small preset's L1 warm-up,
-    and a fast recipe whose step-dependent schedules are given explicitly."""
+    and a fast recipe whose step-dependent schedules are given explicitly. (In this process:
+    the one-line error of a real process is tests/test_cli.py's and the test below's.)"""
     tiny = ["toy", "--d", "8", "--features", "16", "--mean-active", "2", "--l1", "0.1,1", "--ratios", "1",
             "--batch-size", "32", "--no-progress", "--no-figures", "--eval-samples", "256",
             "--check-every", "500", "--checkpoint-every", "500"]
@@ -68,10 +69,9 @@ def test_extending_a_run_equals_the_longer_run(tmp_path):
                         ("fast", ["--recipe", "fast", "--batch-size", "32", "--lr-decay-steps", "2000",
                                   "--resample-until", "1500"])):
         full, ext = str(tmp_path / f"{name}_full"), str(tmp_path / f"{name}_ext")
-        assert _run(*tiny, *extra, "--steps", "2000", "--out", full).returncode == 0
-        assert _run(*tiny, *extra, "--steps", "1000", "--out", ext).returncode == 0
-        r = _run(*tiny, *extra, "--steps", "2000", "--out", ext, "--resume")
-        assert r.returncode == 0, r.stderr
+        assert cli.main([*tiny, *extra, "--steps", "2000", "--out", full]) == 0
+        assert cli.main([*tiny, *extra, "--steps", "1000", "--out", ext]) == 0
+        assert cli.main([*tiny, *extra, "--steps", "2000", "--out", ext, "--resume"]) == 0
         (ra, da), (rb, db) = _load(full), _load(ext)
         for k in da:
             np.testing.assert_array_equal(da[k], db[k], err_msg=f"{name} {k}")
@@ -79,10 +79,12 @@ def test_extending_a_run_equals_the_longer_run(tmp_path):
         assert rb["config"]["steps"] == 2000
     # The fast recipe's own schedules follow --steps: extending it is refused, naming them.
     out = str(tmp_path / "fast_derived")
-    assert _run(*tiny, "--recipe", "fast", "--steps", "1000", "--out", out).returncode == 0
-    r = _run(*tiny, "--recipe", "fast", "--steps", "2000", "--out", out, "--resume")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "--resample-until" in r.stderr and "--lr-decay-steps" in r.stderr, r.stderr
+    assert cli.main([*tiny, "--recipe", "fast", "--steps", "1000", "--out", out]) == 0
+    capsys.readouterr()
+    assert cli.main([*tiny, "--recipe", "fast", "--steps", "2000", "--out", out, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "--resample-until" in err and "--lr-decay-steps" in err, err
 
 
 def test_appendix_grid_writes_its_cells_figure_and_report(tmp_path, capsys):
