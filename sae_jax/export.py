@@ -69,32 +69,35 @@ DL_CLASS = {"relu_l1": "AutoEncoderNew", "topk": "AutoEncoderTopK", "batchtopk":
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _firing_freq(params: sae.SAEParams, x_NxD: jax.Array, arch: archs.Arch) -> jax.Array:
-    return jnp.mean((archs.encode(params, x_NxD, arch) > 0).astype(jnp.float32), axis=0)
+def _group_firing_freq(params: sae.SAEParams, x_NxD: jax.Array, arch: archs.Arch) -> jax.Array:
+    """(C, m): each cell's fraction of samples on which each latent fires."""
+    one = lambda p: jnp.mean((archs.encode(p, x_NxD, arch) > 0).astype(jnp.float32), axis=0)
+    return jax.vmap(one)(params)
 
 
 def write_weights(out_dir: str | os.PathLike, state, spec, x_eval: jax.Array | None = None) -> Path:
     """Write every cell's weights (thresholds for jumprelu and batchtopk; given an evaluation batch,
     firing frequencies of its architecture's codes) to OUT/weights.safetensors."""
-    from sae_jax import grid, sharding
+    from sae_jax import results, sharding
 
     path = Path(out_dir) / WEIGHTS
     if jax.process_index() != 0:
         return path
-    state = sharding.gather_to_host(state)
+    state = sharding.to_host(state)  # NumPy leaves: a cell's arrays are slices, not device calls
+    units = results.dictionaries(state, spec)  # the same atoms as dictionaries.npz
+    freqs = ([np.asarray(_group_firing_freq(g.params, jnp.asarray(x_eval, jnp.float32), g.arch))
+              for g in state.groups] if x_eval is not None else None)
     tensors: dict[str, np.ndarray] = {}
     cells = spec.cells()
     for c in cells:
-        p, name = grid.cell_params(state, c), f"cell_{c.index}."
-        tensors[name + "W_enc"] = np.asarray(p.W_enc_MxD, np.float32)
-        tensors[name + "b_enc"] = np.asarray(p.b_enc_M, np.float32)
-        tensors[name + "D"] = np.asarray(p.D_MxD, np.float32)
-        tensors[name + "D_unit"] = np.asarray(sae.dictionary(p), np.float32)
+        g, name = state.groups[c.group], f"cell_{c.index}."
+        p = type(g.params)(*(np.asarray(a[c.slot], np.float32) for a in g.params))
+        tensors[name + "W_enc"], tensors[name + "b_enc"], tensors[name + "D"] = p[:3]
+        tensors[name + "D_unit"] = np.asarray(units[c.index], np.float32)
         if c.arch_spec.has_threshold:
             tensors[name + "threshold"] = np.asarray(archs.threshold(p), np.float32)
-        if x_eval is not None:
-            tensors[name + "firing_freq"] = np.asarray(
-                _firing_freq(p, jnp.asarray(x_eval, jnp.float32), c.arch_spec))
+        if freqs is not None:
+            tensors[name + "firing_freq"] = freqs[c.group][c.slot]
     d = int(tensors[f"cell_{cells[0].index}.W_enc"].shape[1])
     meta = {"format": FORMAT, "n_cells": str(len(cells)), "d": str(d),
             "cells": json.dumps([{"index": c.index, "arch": c.arch, "l1": c.l1_coeff, "k": c.k,

@@ -45,7 +45,12 @@ def _f(x: Any) -> float | None:
 
 def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, x_eval: Array,
              ground_truth: Array | None = None) -> list[dict]:
-    """Per-cell metrics on an evaluation batch (clean inputs and targets)."""
+    """Per-cell metrics on an evaluation batch (clean inputs and targets), computed on this
+    process's first device: a sharded state is gathered to the host and its padding dropped, so
+    that the evaluation compiles for one device whatever the run's (every process must call it)."""
+    from sae_jax import sharding
+
+    state = grid.unpad(sharding.to_host(state), spec)
     cells = spec.cells()
     stats = [jax.device_get(metrics.group_stats(g.params, x_eval, x_eval, cfg.l1_convention, g.arch))
              for g in state.groups]
@@ -79,8 +84,13 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
     return out
 
 
+_group_dictionaries = jax.jit(jax.vmap(sae.dictionary))
+
+
 def dictionaries(state: grid.GridState, spec: grid.GridSpec) -> list[np.ndarray]:
-    return [np.asarray(sae.dictionary(grid.cell_params(state, c))) for c in spec.cells()]
+    """Every cell's dictionary (unit-norm atoms as rows), in cell order: one call per group."""
+    per_group = [np.asarray(_group_dictionaries(g.params)) for g in state.groups]
+    return [per_group[c.group][c.slot] for c in spec.cells()]
 
 
 def analyse(cells: list[dict], dicts: list[np.ndarray], l1_convention: str = "report") -> dict:

@@ -272,8 +272,9 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
 
 def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, x_eval: jax.Array,
              ground_truth: jax.Array | None, trained: Trained) -> tuple[list[dict], list[np.ndarray], dict]:
-    """Evaluates every cell and runs the grid diagnostics and the selection."""
-    state = sharding.gather_to_host(state)
+    """Evaluates every cell and runs the grid diagnostics and the selection (on the host's copy
+    of the state, without padding: `results.evaluate`)."""
+    state = grid.unpad(sharding.to_host(state), spec)
     cells = results.evaluate(state, spec, cfg, x_eval, ground_truth)
     if trained.recovery is not None:
         trained.recovery.annotate(cells)

