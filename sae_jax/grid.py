@@ -89,42 +89,47 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
     init_key, data_key = jax.random.split(key)
     cells = spec.cells()
     groups = []
+    # Everything but the parameters is built on the host and placed in one transfer (op by op
+    # on the device, each shape's constant compiles a program of its own).
     for g, (arch, m) in enumerate(spec.groups()):
         mine = [c for c in cells if c.group == g]
+        n = len(mine)
         keys = jnp.stack([cell_key(init_key, m, c.seed) for c in mine])
-        params = _init_group(keys, d, m, cfg.tied_init)
+        params = jax.device_get(_init_group(keys, d, m, cfg.tied_init))
         if arch.has_threshold:
-            params = sae.ThresholdSAEParams(*params, jnp.full(
-                (len(mine), m), math.log(cfg.init_threshold), jnp.float32))
+            params = sae.ThresholdSAEParams(*params, np.full((n, m), math.log(cfg.init_threshold), np.float32))
+        opt = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(jax.vmap(cfg.adam().init), params))
         groups.append(GroupState(
             params=params,
-            opt=jax.vmap(cfg.adam().init)(params),
-            l1_coeff=jnp.asarray([c.coeff for c in mine], jnp.float32),
-            noise=jnp.asarray([c.noise for c in mine], jnp.float32),
-            lr=jnp.full((len(mine),), cfg.lr, jnp.float32),
-            since_fired=jnp.zeros((len(mine), m), jnp.int32),
-            diverged=jnp.zeros((len(mine),), bool),
-            n_resampled=jnp.zeros((len(mine),), jnp.int32),
-            valid=jnp.ones((len(mine),), bool),
-            pool_x=jnp.zeros((len(mine), cfg.resample.pool_size, d), jnp.float32),
-            world_index=(jnp.asarray([spec.world_values.index(c.world_value) for c in mine], jnp.int32)
+            opt=opt,  # Adam's initial state: zero count and moments
+            l1_coeff=np.asarray([c.coeff for c in mine], np.float32),
+            noise=np.asarray([c.noise for c in mine], np.float32),
+            lr=np.full((n,), cfg.lr, np.float32),
+            since_fired=np.zeros((n, m), np.int32),
+            diverged=np.zeros((n,), bool),
+            n_resampled=np.zeros((n,), np.int32),
+            valid=np.ones((n,), bool),
+            pool_x=np.zeros((n, cfg.resample.pool_size, d), np.float32),
+            world_index=(np.asarray([spec.world_values.index(c.world_value) for c in mine], np.int32)
                          if spec.world_axis else None),
             arch=arch,
         ))
-    return pad(GridState(tuple(groups), jnp.zeros((), jnp.int32), data_key), pad_multiple)
+    state = GridState(tuple(groups), np.zeros((), np.int32), jax.device_get(data_key))
+    return jax.device_put(pad(state, pad_multiple))
 
 
 def pad(state: GridState, multiple: int) -> GridState:
     """Pads each group with copies of its last cell made inert (lr 0, valid False) up to a
-    multiple of `multiple` cells. Inert cells never show in results."""
+    multiple of `multiple` cells. Inert cells never show in results. (On the host: a padded
+    group's leaves come back as NumPy arrays.)"""
     def one(g: GroupState) -> GroupState:
         n_pad = (-g.valid.shape[0]) % multiple
         if not n_pad:
             return g
-        grow = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], n_pad, axis=0)])
-        g = jax.tree.map(grow, g)
-        inert = jnp.arange(g.valid.shape[0]) >= g.valid.shape[0] - n_pad
-        return g.replace(lr=jnp.where(inert, 0.0, g.lr), valid=g.valid & ~inert)
+        g = jax.device_get(g)
+        g = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], n_pad, axis=0)]), g)
+        inert = np.arange(g.valid.shape[0]) >= g.valid.shape[0] - n_pad
+        return g.replace(lr=np.where(inert, np.float32(0.0), g.lr).astype(g.lr.dtype), valid=g.valid & ~inert)
     return state.replace(groups=tuple(one(g) for g in state.groups))
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from sae_jax import checkpoint, export, grid, plots, report, results, sharding, toy
+from sae_jax import checkpoint, export, grid, report, results, sharding, toy
 from sae_jax.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,8 @@ def run(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, data: To
     # weights.safetensors: every process joins the gather, process 0 writes
     export.write_weights(opts.out, sharding.gather_to_host(state), spec, x_eval)
     if opts.figures and jax.process_index() == 0:
+        from sae_jax import plots  # matplotlib: only when figures are drawn
+
         figs = plots.lm_figures(out, os.path.join(opts.out, "figures"))
         notes = []
         if figs_beside:
@@ -348,6 +350,8 @@ def _run_toy(spec: grid.GridSpec, train: grid.TrainConfig, opts: RunOptions, dat
     # weights.safetensors: every process joins the gather, process 0 writes
     export.write_weights(opts.out, sharding.gather_to_host(state), spec, x_eval)
     if opts.figures and jax.process_index() == 0 and not spec.world_axis:
+        from sae_jax import plots  # matplotlib: only when figures are drawn
+
         figs = plots.toy_figures(out, os.path.join(opts.out, "figures"))
         report.write(opts.out, out, figs, "sae-jax toy reproduction")
     return out

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from sae_jax import toy
+from sae_jax import compile_cache, toy
 
 jax.config.update("jax_enable_x64", False)
 
@@ -37,3 +37,10 @@ LONGEST_FIRST = ("test_reproduction.py", "test_sharding.py", "test_distributed.p
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
+
+
+# The suite shares JAX's persistent compilation cache with the `sae-jax` processes it starts
+# (the CLI's cache, sae_jax.compile_cache): a program compiled once, by either pytest worker or
+# by a child process, is loaded from disk by the others. On a fresh machine (CI) the cache
+# starts empty and fills as the suite runs.
+compile_cache.enable()
