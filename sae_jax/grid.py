@@ -90,12 +90,13 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
     cells = spec.cells()
     groups = []
     # Everything but the parameters is built on the host and placed in one transfer (op by op
-    # on the device, each shape's constant compiles a program of its own).
+    # on the device, each shape's constant compiles a program of its own); the parameters stay
+    # where `_init_group` made them unless `pad` has to copy a group.
     for g, (arch, m) in enumerate(spec.groups()):
         mine = [c for c in cells if c.group == g]
         n = len(mine)
         keys = jnp.stack([cell_key(init_key, m, c.seed) for c in mine])
-        params = jax.device_get(_init_group(keys, d, m, cfg.tied_init))
+        params = _init_group(keys, d, m, cfg.tied_init)
         if arch.has_threshold:
             params = sae.ThresholdSAEParams(*params, np.full((n, m), math.log(cfg.init_threshold), np.float32))
         opt = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(jax.vmap(cfg.adam().init), params))
@@ -114,7 +115,7 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
                          if spec.world_axis else None),
             arch=arch,
         ))
-    state = GridState(tuple(groups), np.zeros((), np.int32), jax.device_get(data_key))
+    state = GridState(tuple(groups), np.zeros((), np.int32), data_key)
     return jax.device_put(pad(state, pad_multiple))
 
 
