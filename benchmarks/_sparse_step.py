@@ -51,14 +51,14 @@ def topk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
 
 
 def batchtopk_cell_loss(params: sae.SAEParams, x_BxD, k: int, dtype: str):
-    """(MSE, aux) of one BatchTopK cell through the sparse kernels (COO codes)."""
-    c = sparse_coo.batchtopk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
-    x_hat = sparse_coo.decode_coo(sae.unit_rows(params.D_MxD), c.vals_N, c.sample_N, c.latent_N,
-                              x_BxD.shape[0])
+    """(MSE, aux) of one BatchTopK cell through the sparse kernels (the row layout training uses)."""
+    c = sparse_coo.batchtopk_rows(params.W_enc_MxD, params.b_enc_M, x_BxD, k, dtype)
+    x_hat = sparse_coo.decode_rows(sparse_unit.unit_rows(params.D_MxD), c.vals_RxJ, c.latent_RxJ,
+                                   c.sample_R, x_BxD.shape[0], dtype)
     sq = jnp.sum(jnp.square(x_BxD - x_hat), axis=-1)
     mse = jnp.mean(sq) / x_BxD.shape[-1]
-    active = jax.lax.stop_gradient(c.vals_N) > 0
-    fired = jnp.zeros(params.b_enc_M.shape, bool).at[c.latent_N].max(active)
+    active = jax.lax.stop_gradient(c.vals_RxJ) > 0
+    fired = jnp.zeros(params.b_enc_M.shape, bool).at[c.latent_RxJ].max(active)
     return mse, sae.LossAux(mse, jnp.zeros((), F32), jnp.sum(active) / x_BxD.shape[0], fired, sq)
 
 

@@ -73,8 +73,8 @@ class ArchOptions(NamedTuple):
     bandwidth: float = 0.05  # JumpReLU's kernel width eps
     aux_k_coeff: float = 0.0  # AuxK's coefficient (0: off)
     aux_k: int = 0  # AuxK's k_aux (0: d / 2)
-    sparse: str = "auto"  # topk without AuxK: the sparse decoder (sae_jax.sparse): "on", "off", or
-    #                       "auto" = on where k <= m / 64 (where it measured faster than dense)
+    sparse: str = "auto"  # topk and batchtopk without AuxK: the sparse decoder (sae_jax.sparse):
+    #                       "on", "off", or "auto" (`uses_sparse`)
     compute_dtype: str = "float32"  # the sparse path's encoder GEMM operands and kernel rows
 
 
@@ -201,12 +201,13 @@ SPARSE_AUTO_RATIO = 64  # "auto" with XLA's CPU kernels: sparse where k <= m / 6
 
 
 def uses_sparse(arch: Arch, m: int, opts: ArchOptions) -> bool:
-    """Whether a topk cell of m latents trains through the sparse decoder (never with AuxK, whose
-    dead-latent codes need every pre-activation). "auto", measured with benchmarks/grid_step.py:
-    on the CPU always with the native kernels (1.6x the dense TopK step's speed at k = m/8, 2.2x
-    at m/16), else where k <= m / 64; never on other backends (on an H200 the sparse step
-    through XLA's gathers ran 4-10x slower than the dense one)."""
-    if arch.name != "topk" or opts.aux_k_coeff or opts.sparse == "off":
+    """Whether a topk or batchtopk cell of m latents trains through the sparse decoder (never
+    with AuxK, whose dead-latent codes need every pre-activation). "auto", measured with
+    benchmarks/grid_step.py: on the CPU always with the native kernels (TopK: 1.6x the dense
+    TopK step's speed at k = m/8, 2.2x at m/16), else TopK where k <= m / 64; never on other
+    backends (on an H200 the sparse step through XLA's gathers ran 4-10x slower than the dense
+    one)."""
+    if arch.name not in TOPK_ARCHS or opts.aux_k_coeff or opts.sparse == "off":
         return False
     if opts.sparse == "on":
         return True
@@ -214,7 +215,7 @@ def uses_sparse(arch: Arch, m: int, opts: ArchOptions) -> bool:
         return False
     from sae_jax import sparse
 
-    return sparse.native_in_use() or arch.k * SPARSE_AUTO_RATIO <= m
+    return sparse.native_in_use() or (arch.name == "topk" and arch.k * SPARSE_AUTO_RATIO <= m)
 
 
 def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int, convention: str,
@@ -234,6 +235,25 @@ def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int,
     return aux.mse, (aux, jnp.zeros((), jnp.float32))
 
 
+def _batchtopk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int,
+                           convention: str, compute_dtype: str) -> tuple[Array, tuple[sae.LossAux, Array]]:
+    """BatchTopK's loss through the sparse decoder (`sae_jax.sparse_coo`'s row layout): the same
+    values as the dense formulation, and the same batch statistic (max(N-th largest p, 0))."""
+    from sae_jax import sparse_coo, sparse_unit
+
+    m, batch = params.W_enc_MxD.shape[0], x_BxD.shape[0]
+    c = sparse_coo.batchtopk_rows(params.W_enc_MxD, params.b_enc_M, x_BxD, min(k, m), compute_dtype)
+    x_hat = sparse_coo.decode_rows(sparse_unit.unit_rows(params.D_MxD), c.vals_RxJ, c.latent_RxJ,
+                                   c.sample_R, batch, compute_dtype)
+    active = c.vals_RxJ > 0
+    fired = jnp.zeros((m,), bool).at[c.latent_RxJ.reshape(-1)].max(active.reshape(-1))
+    l1 = jnp.sum(c.vals_RxJ) / batch / (m if convention == "report" else 1)
+    sq_B = jnp.sum(jnp.square(t_BxD - x_hat), axis=-1)
+    aux = sae.LossAux(jnp.mean(sq_B) / t_BxD.shape[-1], l1,
+                      jnp.sum(active).astype(jnp.float32) / batch, fired, sq_B)
+    return aux.mse, (aux, jnp.maximum(c.threshold, 0.0))
+
+
 def _aux(t_BxD: Array, x_hat_BxD: Array, l1: Array, active: Array, fired_M: Array) -> sae.LossAux:
     """`sae.LossAux` from the reconstruction, the L1 term and the active codes (any layout whose
     last axis runs over one sample's codes)."""
@@ -251,8 +271,9 @@ def loss(params: sae.SAEParams, x_BxD: Array, coeff: Array, arch: Arch, conventi
     if arch.name == "relu_l1":
         total, aux = sae.loss(params, x_BxD, coeff, convention, target_BxD)
         return total, (aux, jnp.zeros((), jnp.float32))
-    if arch.name == "topk" and uses_sparse(arch, params.W_enc_MxD.shape[0], opts):
-        return _topk_sparse_loss(params, x_BxD, t, arch.k, convention, opts.compute_dtype)
+    if uses_sparse(arch, params.W_enc_MxD.shape[0], opts):
+        sparse_loss = _topk_sparse_loss if arch.name == "topk" else _batchtopk_sparse_loss
+        return sparse_loss(params, x_BxD, t, arch.k, convention, opts.compute_dtype)
     c, pre, sparsity, kth = train_codes(params, x_BxD, coeff, arch, convention, opts.bandwidth)
     x_hat = sae.decode(params, c)
     active = c > 0

@@ -104,7 +104,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--init-threshold", type=float, help="JumpReLU's initial threshold")
     a.add_argument("--threshold-decay", type=float, help="BatchTopK threshold average decay")
     a.add_argument("--sparse-decoder", choices=("auto", "on", "off"),
-                   help="topk groups through the sparse gather/scatter decoder: auto (default: where "
+                   help="topk and batchtopk groups through the sparse gather/scatter decoder: auto "
+                        "(default: on the CPU with the native kernels; without them topk where "
                         "k <= m/64), on, off; never with AuxK")
     r = p.add_argument_group("resampling (on in --recipe fast)")
     r.add_argument("--resample-every", type=int)

@@ -41,8 +41,9 @@ class TrainConfig:
     # Architectures other than the report's relu_l1 (sae_jax.archs):
     aux_k_coeff: float = 0.0  # AuxK loss coefficient (0: off; Gao et al. use 1/32)
     aux_k: int = 0  # AuxK's k_aux: dead latents reconstructing the residual (0: d / 2)
-    # topk groups (without AuxK) through sae_jax.sparse's gather/scatter kernels: "on", "off", or
-    # "auto" (on where k <= m / 64, where it measured faster than the dense step on CPU)
+    # topk and batchtopk groups (without AuxK) through sae_jax.sparse's gather/scatter kernels:
+    # "on", "off", or "auto" (archs.uses_sparse: on the CPU with the native kernels; without them
+    # topk where k <= m / 64)
     sparse_decoder: str = "auto"
     jumprelu_bandwidth: float = 0.05  # the straight-through kernel width eps (pre-activation units)
     init_threshold: float = 0.05  # jumprelu's initial theta (and batchtopk's before step 0)

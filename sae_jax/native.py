@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("_native") / "sparse_kernels.cc"
-TARGETS = {"sae_topk": "SaeTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": "SaeDots",
+TARGETS = {"sae_topk": "SaeTopk", "sae_batch_topk": "SaeBatchTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": "SaeDots",
            "sae_scatter": "SaeScatter", "sae_gather_sum_bf16": "SaeGatherSumBf16",
            "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16",
            "sae_decode_err": "SaeDecodeErr", "sae_decode_err_bf16": "SaeDecodeErrBf16",
@@ -197,6 +197,30 @@ def topk(pre_NxM: jax.Array, k: int, bias_PxM: jax.Array | None = None) -> tuple
     shape = pre_NxM.shape[:-1] + (k,)
     return _call("sae_topk", jax.ShapeDtypeStruct(shape, F32), jax.ShapeDtypeStruct(shape, I32))(
         pre_NxM.astype(F32), bias)
+
+
+def batch_topk_rows(n: int, batch: int, slots: int) -> int:
+    """The rows of `batch_topk`'s layout: enough for n entries of `batch` samples in rows of
+    `slots` (sum_b ceil(c_b / J) <= n / J + B)."""
+    return -(-n // slots) + batch
+
+
+def batch_topk(pre_BxCxM: jax.Array, bias_CxM: jax.Array, n: int,
+               slots: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per cell c the n largest entries of the (B, M) matrix pre[:, c] + bias_c (ties: the lower
+    flat index), by sample: (v, i, s, t) with v, i (C, R, J) the values and latents, J = slots,
+    R = `batch_topk_rows`; sample b's entries (latent order) fill ceil(c_b / J) consecutive rows,
+    the samples in order, s (C, R) the sample of each row; slots past them hold 0 (value, latent,
+    sample); t (C, 1) the n-th largest value. pre is (B, C, M): one GEMM's output for a group."""
+    b, cells, m = pre_BxCxM.shape
+    rows = batch_topk_rows(n, b, slots)
+    if not available():
+        raise RuntimeError(f"sae_jax.native: {status()}")
+    call = jax.ffi.ffi_call("sae_batch_topk", (
+        jax.ShapeDtypeStruct((cells, rows, slots), F32), jax.ShapeDtypeStruct((cells, rows, slots), I32),
+        jax.ShapeDtypeStruct((cells, rows), I32), jax.ShapeDtypeStruct((cells, 1), F32)),
+        vmap_method="sequential")
+    return tuple(call(pre_BxCxM.astype(F32), bias_CxM.astype(F32), n=np.int64(n)))
 
 
 def _rows(*arrays: jax.Array) -> tuple[str, list[jax.Array]]:

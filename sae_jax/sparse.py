@@ -1,5 +1,6 @@
 """Sparse codes and a sparse decoder for TopK and BatchTopK SAEs (one cell; vmap for a group);
-BatchTopK's COO layout is in `sae_jax.sparse_coo`, on the kernels here.
+BatchTopK's layouts (rows of a sample's codes; COO) are in `sae_jax.sparse_coo`, on the kernels
+here.
 
 TopK (Gao et al. 2024) keeps the k largest pre-activations of each sample; BatchTopK
 (Bussmann et al. 2024) the k B largest of the whole batch. With k of m latents active, only the

@@ -181,10 +181,12 @@ def test_every_architecture_recovers_a_small_world():
     assert all(v >= 0.95 for v in best.values()), best
 
 
-def test_topk_sparse_decoder_step_equals_the_dense_step(tiny_world):
-    """The TopK group's step through sae_jax.sparse (the default) gives the dense formulation's
-    parameters and fired counters, under vmap over cells, to float tolerance."""
-    spec = grid.GridSpec((), (24, 32), seeds=(0, 1), archs=("topk",), k=(3,))
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_decoder_step_equals_the_dense_step(tiny_world, arch):
+    """A TopK or BatchTopK group's step through the sparse decoder (sae_jax.sparse, the default on
+    the CPU) gives the dense formulation's parameters (BatchTopK's threshold included) and fired
+    counters, under vmap over cells, to float tolerance."""
+    spec = grid.GridSpec((), (24, 32), seeds=(0, 1), archs=(arch,), k=(3,))
     runs = {}
     for sparse_on in (True, False):
         cfg = grid.TrainConfig(batch_size=64, lr=3e-3, sparse_decoder="on" if sparse_on else "off")
@@ -194,16 +196,17 @@ def test_topk_sparse_decoder_step_equals_the_dense_step(tiny_world):
         for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(np.asarray(a.since_fired), np.asarray(b.since_fired))
-    loss = lambda p, opts: archs.loss(p, tiny_world.features_HxD[:8] * 0.5, 0.0, archs.Arch("topk", 3),
+    loss = lambda p, opts: archs.loss(p, tiny_world.features_HxD[:8] * 0.5, 0.0, archs.Arch(arch, 3),
                                       opts=opts)[0]
     p = grid.cell_params(runs[True], spec.cells()[0])
     g1 = jax.grad(loss)(p, archs.ArchOptions(sparse="on"))
     g2 = jax.grad(loss)(p, archs.ArchOptions(sparse="off"))
-    assert archs.uses_sparse(archs.Arch("topk", 4), 256, archs.ArchOptions())  # auto: k <= m / 64
-    assert archs.uses_sparse(archs.Arch("topk", 5), 256, archs.ArchOptions())  # ... any k, native
-    with pytest.MonkeyPatch.context() as mp:  # without the native kernels: k <= m / 64
+    assert archs.uses_sparse(archs.Arch(arch, 4), 256, archs.ArchOptions())  # auto: any k, native
+    assert archs.uses_sparse(archs.Arch(arch, 5), 256, archs.ArchOptions())
+    with pytest.MonkeyPatch.context() as mp:  # without the native kernels: TopK where k <= m / 64
         mp.setattr(native, "available", lambda: False)
-        assert not archs.uses_sparse(archs.Arch("topk", 5), 256, archs.ArchOptions())
-    assert not archs.uses_sparse(archs.Arch("topk", 2), 256, archs.ArchOptions(aux_k_coeff=0.1))
+        assert not archs.uses_sparse(archs.Arch(arch, 5), 256, archs.ArchOptions())
+        assert archs.uses_sparse(archs.Arch(arch, 4), 256, archs.ArchOptions()) == (arch == "topk")
+    assert not archs.uses_sparse(archs.Arch(arch, 2), 256, archs.ArchOptions(aux_k_coeff=0.1))
     for x, y in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)

@@ -59,6 +59,12 @@ def dense_loss(p, x, k, batch_top):
 
 
 def sparse_loss(p, x, k, batch_top, dtype="float32"):
+    """batch_top: False (TopK), "coo" or "rows" (BatchTopK's two layouts)."""
+    if batch_top == "rows":
+        c = sparse_coo.batchtopk_rows(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
+        x_hat = sparse_coo.decode_rows(sae.unit_rows(p.D_MxD), c.vals_RxJ, c.latent_RxJ, c.sample_R,
+                                       x.shape[0], dtype)
+        return _loss(x_hat, jnp.sum(c.vals_RxJ ** 2), x)
     if batch_top:
         codes = sparse_coo.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
         x_hat = sparse_coo.decode_coo(sae.unit_rows(p.D_MxD), codes.vals_N, codes.sample_N,
@@ -72,7 +78,10 @@ def _close(a, b, rtol):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(b))))
 
 
-@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+LAYOUTS = pytest.mark.parametrize("batch_top", [False, "coo", "rows"], ids=["topk", "batchtopk_coo", "batchtopk_rows"])
+
+
+@LAYOUTS
 def test_loss_and_gradients_equal_dense_under_vmap(batch_top):
     p, x = _params(), _x()
     grad = lambda f: jax.jit(jax.vmap(jax.value_and_grad(f), in_axes=(0, None, None, None)),
@@ -108,7 +117,7 @@ def test_topk_codes_and_decode_forward():
     _close(sparse.decode(atoms, vals, idx), c @ atoms, 1e-5)
 
 
-@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+@LAYOUTS
 def test_all_negative_pre_activations_give_zero_codes_and_no_encoder_gradient(batch_top):
     p, x = jax.tree.map(lambda a: a[0], _params()), _x()
     p = p._replace(b_enc_M=p.b_enc_M - 100.0)
@@ -148,7 +157,46 @@ def test_batchtopk_selects_the_batch_top_and_its_threshold():
     _close(sparse_coo.decode_coo(atoms, codes.vals_N, codes.sample_N, codes.latent_N, B), c @ atoms, 1e-5)
 
 
-@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+def _rows_entries(v, i, s, m):
+    """{flat index: value} of a row layout's filled slots, and the samples of its filled rows."""
+    v, i, s = map(np.asarray, (v, i, s))
+    filled = v != 0
+    flat = (s[:, None] * m + i)[filled]
+    return dict(zip(flat.tolist(), v[filled].tolist())), s[filled.any(1)]
+
+
+@pytest.mark.parametrize("case", ["gaussian", "ties", "sample_misses"])
+def test_batchtopk_row_layout_holds_the_batch_top_by_sample(case):
+    """The row layout (native kernel on the CPU, else XLA's) holds exactly the N = k B largest
+    entries of the batch (ties: the lower flat index, as lax.top_k), each sample's in consecutive
+    rows, samples in order, latents increasing; the threshold is the N-th largest. "sample_misses":
+    the native kernel's sampled threshold sees only large entries and must fall back to them all."""
+    b, m, k = 24, 64, 3
+    n, slots = k * b, sparse_coo.row_slots(k)
+    pre = np.random.default_rng(0).standard_normal((b, m)).astype(np.float32) + 3.0
+    if case == "ties":
+        pre[5] = pre[9] = np.sort(pre.ravel())[-n]  # 128 entries equal to the threshold
+    if case == "sample_misses":
+        pre[:] = np.linspace(1.0, 2.0, b * m, dtype=np.float32).reshape(b, m)
+        pre.reshape(-1)[::5] += 10.0  # the kernel samples every (b m / 4n)-th = 5th entry
+    run = sparse._cpu(lambda p: tuple(a[0] for a in native.batch_topk(p[:, None], jnp.zeros((1, m)), n, slots)),
+                      lambda p: sparse_coo._xla_rows(p, n, slots), pre.size)
+    v, i, s, t = jax.jit(run)(jnp.asarray(pre))
+    assert v.shape == i.shape == (native.batch_topk_rows(n, b, slots), slots)
+    top, flat = jax.lax.top_k(jnp.asarray(pre).reshape(-1), n)
+    entries, row_samples = _rows_entries(v, i, s, m)
+    assert entries == dict(zip(np.asarray(flat).tolist(), np.asarray(top).tolist()))
+    assert np.all(np.diff(row_samples) >= 0) and float(t[0]) == float(top[-1])
+    counts = np.bincount(np.asarray(list(entries)) // m, minlength=b)
+    assert counts.min() != counts.max()  # samples hold different numbers of entries
+    v, i, s = map(np.asarray, (v, i, s))
+    for sample in range(b):
+        lat = i[s == sample][v[s == sample] != 0]
+        assert len(lat) == counts[sample] and np.all(np.diff(lat) > 0), sample
+        assert np.count_nonzero((s == sample) & (v[:, 0] != 0)) == -(-counts[sample] // slots)
+
+
+@LAYOUTS
 def test_bfloat16_gradients_near_float32(batch_top):
     p, x = jax.tree.map(lambda a: a[0], _params()), _x()
     g32 = jax.grad(sparse_loss)(p, x, K, batch_top)
@@ -201,7 +249,7 @@ def test_decode_sq_err_equals_the_squared_error_of_decode_with_its_vjp(dtype):
         _close(a, b, 1e-4 if dtype == "float32" else 2e-2)
 
 
-@pytest.mark.parametrize("batch_top", [False, True], ids=["topk", "batchtopk"])
+@LAYOUTS
 def test_input_gradient_equals_dense(batch_top):
     p, x = jax.tree.map(lambda a: a[0], _params()), _x()
     ref = jax.grad(dense_loss, argnums=1)(p, x, K, batch_top)

@@ -10,6 +10,12 @@
 //   sae_topk        pre (.., N, M), bias (.., P, M)     -> v (.., N, K), i (.., N, K)
 //                   per row n the K largest entries of pre_n + bias_{n mod P}, in no particular
 //                   order; ties: the lower index wins (lax.top_k's choice); NaN above +inf
+//   sae_batch_topk  pre (B, C, M), bias (C, M); n -> v (C, R, J), i (C, R, J), s (C, R), t (C, 1)
+//                   per cell c the n largest entries of the (B, M) matrix pre[:, c] + bias_c
+//                   (ties: the lower flat index),
+//                   by sample: sample b's c_b entries (latent order) fill ceil(c_b / J)
+//                   consecutive rows of J slots, samples in order; s_r the sample of row r; slots
+//                   and rows past them 0; t the n-th largest value (R >= ceil(n / J) + B)
 //   sae_gather_sum  w (.., N, J), T (.., S, D), i (.., N, J) -> out (.., N, D)
 //                   out_n = sum_j w_nj T[i_nj] (summed in slot order j)
 //   sae_dots        r (.., N, D), T (.., S, D), i (.., N, J) -> out (.., N, J)
@@ -331,6 +337,13 @@ inline uint64_t Key(float v, int64_t i) {
   return (static_cast<uint64_t>(u) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
 }
 inline int32_t KeyIndex(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - (key & 0xFFFFFFFFu)); }
+inline float KeyValue(uint64_t key) {
+  uint32_t u = static_cast<uint32_t>(key >> 32);
+  u ^= (u >> 31) ? 0x80000000u : 0xFFFFFFFFu;  // back from the key's order to float bits
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
 
 #if !defined(__AVX512F__) && defined(__AVX2__)
 // AVX2 has no compress: a vpermd by a table row moves the lanes a mask selects to the front, in
@@ -466,12 +479,42 @@ struct TopkScratch {
   std::vector<uint64_t> keys, tmp;
 };
 
-// The k best of a row (pre + bias) in the order of `Key`: a threshold t, the r-th largest of a
-// strided sample of about 4k entries (r chosen so that about 2k of the row's m entries reach
-// it); every entry not below t (NaN included) as a candidate; an exact selection among them.
-// Exact: an entry left out is below t, and the selection goes ahead only when at least k
-// candidates are at or above t in key order; otherwise (an unlucky sample) every entry is a
-// candidate.
+// A threshold for the k best of m entries x[0, m) (x: a pointer or a function of the index): the r-th largest of a strided sample of them, r chosen
+// so that about over4 / 4 k of the m reach it; -inf (every entry) where the sample would be
+// under 8 per pick. The sample holds about 4k entries, at most max_samples.
+template <class Value>
+float SampledThreshold(Value x, int64_t m, int64_t k, TopkScratch& s, int64_t over4 = 8,
+                       int64_t max_samples = INT64_MAX) {
+  const int64_t stride = std::max(m / (4 * k), m / std::max<int64_t>(1, max_samples));
+  if (stride < 2) return -INFINITY;
+  const int64_t ns = m / stride;
+  const int64_t r = std::min<int64_t>(ns - 1, over4 * k * ns / (4 * m));
+  s.keys.resize(ns);
+  s.tmp.resize(ns + 8);
+  for (int64_t q = 0; q < ns; ++q) {
+    if constexpr (std::is_pointer_v<Value>) {
+      s.keys[q] = Key(x[q * stride], q);
+    } else {
+      s.keys[q] = Key(x(q * stride), q);
+    }
+  }
+  SelectLargest(s.keys.data(), ns, r + 1, s.tmp.data());
+  return KeyValue(*std::min_element(s.keys.begin(), s.keys.begin() + r + 1));
+}
+
+// Whether at least k of the c candidates x[cand[q]] are at or above t in key order (then the k
+// best entries are all candidates: an entry left out is below t).
+bool EnoughCandidates(const float* x, const int32_t* cand, int64_t c, float t, int64_t k) {
+  const uint64_t tkey = Key(t, 0) & ~uint64_t{0xFFFFFFFFu};
+  int64_t above = 0;
+  for (int64_t q = 0; q < c; ++q) above += Key(x[cand[q]], 0) >= tkey;
+  return above >= k;
+}
+
+// The k best of a row (pre + bias) in the order of `Key`: every entry not below a sampled
+// threshold t (`SampledThreshold`; NaN included) as a candidate; an exact selection among them.
+// Exact: the selection goes ahead only when at least k candidates are at or above t in key
+// order; otherwise (an unlucky sample) every entry is a candidate.
 void TopkRow(const float* pre, const float* bias, int64_t m, int64_t k, TopkScratch& s, float* ov,
              int32_t* oi) {
   s.row.resize(m);
@@ -479,22 +522,9 @@ void TopkRow(const float* pre, const float* bias, int64_t m, int64_t k, TopkScra
   for (int64_t q = 0; q < m; ++q) x[q] = pre[q] + bias[q];
   int64_t c = m;
   s.cand.resize(m + 16);
-  const int64_t stride = m / (4 * k);
-  if (stride >= 2) {
-    const int64_t ns = m / stride, r = std::min<int64_t>(ns - 1, 2 * k * ns / m);
-    s.keys.resize(ns);
-    s.tmp.resize(m + 8);
-    for (int64_t q = 0; q < ns; ++q) s.keys[q] = Key(x[q * stride], q);
-    SelectLargest(s.keys.data(), ns, r + 1, s.tmp.data());  // t: the sample's r-th largest
-    uint32_t u = static_cast<uint32_t>(*std::min_element(s.keys.begin(), s.keys.begin() + r + 1) >> 32);
-    u ^= (u >> 31) ? 0x80000000u : 0xFFFFFFFFu;  // back from the key's order to float bits
-    float t;
-    std::memcpy(&t, &u, 4);
+  if (const float t = SampledThreshold(static_cast<const float*>(x), m, k, s); t != -INFINITY) {
     c = Candidates(x, m, t, s.cand.data());
-    const uint64_t tkey = Key(t, 0) & ~uint64_t{0xFFFFFFFFu};
-    int64_t above = 0;
-    for (int64_t q = 0; q < c; ++q) above += Key(x[s.cand[q]], 0) >= tkey;
-    if (above < k) c = m;
+    if (!EnoughCandidates(x, s.cand.data(), c, t, k)) c = m;
   }
   s.keys.resize(c);
   for (int64_t q = 0; q < c; ++q) {
@@ -531,6 +561,100 @@ ffi::Error TopkBody(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias,
               oi + r * k);
     }
   });
+  return ffi::Error::Success();
+}
+
+// ----------------------------------------------------------------------------- batch top-k
+// The n best entries of one cell's (B, M) matrix x_bj = pre[b * stride + j] + bias_j in the order
+// of `Key` (flat index b M + j: ties go to the lower one, as lax.top_k's over the flattened
+// matrix), laid out by sample: sample b's entries, in increasing latent order, fill ceil(c_b / J)
+// consecutive rows of J slots, the rows of sample 0 first; slots and rows past them hold value 0,
+// latent 0, sample 0. One sampled threshold for the whole matrix, candidates per sample on every
+// core, an exact selection among them (as `TopkRow`'s), then each sample's rows written on every
+// core.
+void BatchTopkCell(const float* pre, int64_t stride, const float* bias, int64_t b, int64_t m,
+                   int64_t n, int64_t rows, int64_t J, float* ov, int32_t* oi, int32_t* os,
+                   float* othr) {
+  TopkScratch s;
+  auto value = [&](int64_t q) { return pre[q / m * stride + q % m] + bias[q % m]; };
+  // about 1.25 n candidates: a sample of 2^16 entries places t to about 2% of n at a training
+  // step's n (k B of k m B, k <= m / 8)
+  const float t = SampledThreshold(value, b * m, n, s, 5, int64_t{1} << 16);
+  std::vector<std::vector<int32_t>> cand(b);
+  std::vector<std::vector<float>> cval(b);
+  auto gather = [&](float thr) {
+    ParallelFor(b, 1, m, [&](int64_t r0, int64_t r1) {
+      std::vector<float> row(m);
+      std::vector<int32_t> buf(m + 16);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t j = 0; j < m; ++j) row[j] = pre[r * stride + j] + bias[j];
+        const int64_t c = Candidates(row.data(), m, thr, buf.data());
+        cand[r].assign(buf.begin(), buf.begin() + c);
+        cval[r].resize(c);
+        for (int64_t q = 0; q < c; ++q) cval[r][q] = row[buf[q]];
+      }
+    });
+  };
+  std::vector<uint64_t> keys;
+  auto collect = [&] {
+    keys.clear();
+    for (int64_t r = 0; r < b; ++r)
+      for (size_t q = 0; q < cand[r].size(); ++q) keys.push_back(Key(cval[r][q], r * m + cand[r][q]));
+  };
+  gather(t);
+  collect();
+  const uint64_t tkey = Key(t, 0) & ~uint64_t{0xFFFFFFFFu};
+  if (t != -INFINITY &&
+      std::count_if(keys.begin(), keys.end(), [&](uint64_t k) { return k >= tkey; }) < n) {
+    gather(-INFINITY);  // an unlucky sample: every entry is a candidate
+    collect();
+  }
+  std::vector<uint64_t> tmp(keys.size() + 8);
+  SelectLargest(keys.data(), static_cast<int64_t>(keys.size()), n, tmp.data());
+  const uint64_t last = *std::min_element(keys.begin(), keys.begin() + n);  // the n-th best
+  *othr = KeyValue(last);
+  std::vector<int64_t> first(b + 1, 0);  // each sample's first row, after the prefix sum
+  ParallelFor(b, 1, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t c = 0;
+      for (size_t q = 0; q < cand[r].size(); ++q) c += Key(cval[r][q], r * m + cand[r][q]) >= last;
+      first[r + 1] = (c + J - 1) / J;
+    }
+  });
+  for (int64_t r = 0; r < b; ++r) first[r + 1] += first[r];
+  std::fill(ov, ov + rows * J, 0.0f);
+  std::fill(oi, oi + rows * J, 0);
+  std::fill(os, os + rows, 0);
+  ParallelFor(b, 1, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t slot = first[r] * J;
+      for (size_t q = 0; q < cand[r].size(); ++q) {
+        if (Key(cval[r][q], r * m + cand[r][q]) < last) continue;
+        ov[slot] = cval[r][q];
+        oi[slot++] = cand[r][q];
+      }
+      for (int64_t q = first[r]; q < first[r + 1]; ++q) os[q] = static_cast<int32_t>(r);
+    }
+  });
+}
+
+// pre (B, C, M): C cells' matrices interleaved by sample (the layout of one GEMM for a group,
+// x [W_1; ...; W_C]^T), bias (C, M); outputs (C, R, J), (C, R, J), (C, R), (C, 1).
+ffi::Error BatchTopkBody(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias, int64_t n,
+                         ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx,
+                         ffi::ResultBuffer<ffi::S32> sample, ffi::ResultBuffer<ffi::F32> thr) {
+  auto pd = pre.dimensions(), bd = bias.dimensions(), vd = vals->dimensions();
+  if (pd.size() != 3 || bd.size() != 2 || vd.size() != 3)
+    return ffi::Error::InvalidArgument("sae_batch_topk: ranks");
+  const int64_t b = pd[0], cells = pd[1], m = pd[2], rows = vd[1], J = vd[2];
+  if (bd[0] != cells || bd[1] != m || vd[0] != cells || n < 1 || n > b * m || b * m > kMaxEntries ||
+      J < 1 || rows < (n + J - 1) / J + b || idx->element_count() != vals->element_count() ||
+      sample->element_count() != cells * rows || thr->element_count() != cells)
+    return ffi::Error::InvalidArgument("sae_batch_topk: shapes");
+  for (int64_t c = 0; c < cells; ++c)
+    BatchTopkCell(pre.typed_data() + c * m, cells * m, bias.typed_data() + c * m, b, m, n, rows, J,
+                  vals->typed_data() + c * rows * J, idx->typed_data() + c * rows * J,
+                  sample->typed_data() + c * rows, thr->typed_data() + c);
   return ffi::Error::Success();
 }
 
@@ -1240,6 +1364,11 @@ ffi::Error TopkImpl(F32Buf pre, F32Buf bias, F32Ret vals, ffi::ResultBuffer<ffi:
   return Guard("sae_topk", [&] { return TopkBody(pre, bias, vals, idx); });
 }
 
+ffi::Error BatchTopkImpl(F32Buf pre, F32Buf bias, int64_t n, F32Ret vals, ffi::ResultBuffer<ffi::S32> idx,
+                         ffi::ResultBuffer<ffi::S32> sample, F32Ret thr) {
+  return Guard("sae_batch_topk", [&] { return BatchTopkBody(pre, bias, n, vals, idx, sample, thr); });
+}
+
 template <ffi::DataType R>
 ffi::Error GatherSumImpl(F32Buf w, RowBuf<R> table, S32Buf idx, F32Ret out) {
   if (!Matrices({w.dimensions(), table.dimensions(), idx.dimensions(), out->dimensions()}))
@@ -1311,6 +1440,16 @@ ffi::Error AdamApplyImpl(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, F3
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeBatchTopk, BatchTopkImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("n")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopk, TopkImpl,
                               ffi::Ffi::Bind()
