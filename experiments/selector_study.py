@@ -28,9 +28,18 @@ from typing import Sequence
 
 import numpy as np
 
-from sae_jax import cli, metrics, results, selection
+from sae_jax import archs, cli, metrics, results, selection
 
 RULES = ("dead_latents", "ssll", "mmcs_with_larger", "combined")
+# --arch topk also scores the combined rule with the dead-latent ratio (the rule before fixed-L0
+# architectures took their ratio from the live latents)
+TOPK_RULES = RULES + ("combined_dead",)
+K_FACTORS = (1, 1.5, 2, 3, 4)  # --arch topk: k = round(factor x the world's mean active features)
+
+
+def k_grid(mean_active: float) -> list[int]:
+    """A world's k axis for --arch topk: K_FACTORS times its mean number of active features."""
+    return sorted({max(1, round(f * mean_active)) for f in K_FACTORS})
 
 
 def draw_worlds(seed: int, n: int, d: int = 32) -> list[dict]:
@@ -70,11 +79,18 @@ def _keep_since_fired(out: str):
     return inner, evaluate
 
 
-def train(world: dict, out: str, seed: int, steps: int, dead_window: int = 10) -> None:
+def train(world: dict, out: str, seed: int, steps: int, dead_window: int = 10,
+          arch: str = "relu_l1") -> None:
+    """One world's grid: the report's alpha x ratio grid and recipe (with an L1 warm-up over the
+    first fifth), or for topk the k x ratio grid (`k_grid`) with the fast recipe."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in world.items()]
+    if arch == "relu_l1":
+        flags += ["--l1-warmup", str(steps // 5)]
+    else:
+        flags += ["--arch", arch, "--k", ",".join(map(str, k_grid(world["mean_active"]))), "--recipe", "fast"]
     inner, results.evaluate = _keep_since_fired(out)
     try:
-        rc = cli.main(["toy", *flags, "--steps", str(steps), "--l1-warmup", str(steps // 5),
+        rc = cli.main(["toy", *flags, "--steps", str(steps),
                    "--dead-window", str(dead_window),
                    "--seed", str(seed), "--out", out, "--no-appendix", "--no-figures",
                    "--no-progress", "--checkpoint-every", "0", "--check-every", "0"])
@@ -85,25 +101,32 @@ def train(world: dict, out: str, seed: int, steps: int, dead_window: int = 10) -
 
 
 def planes(results: dict) -> dict:
-    """The (alpha x ratio) planes of the per-cell values a rule or the scoring reads."""
+    """The (sparsity x ratio) planes of the per-cell values a rule or the scoring reads ("l1_axis"
+    holds the sparsity axis: alpha, or k from dense to sparse)."""
     cells = [c for c in results["cells"] if not c["diverged"]]
-    l1_axis = sorted({c["l1"] for c in results["cells"]})
+    arch = results["cells"][0].get("arch", "relu_l1")
+    sk = archs.SPARSITY_KEY[arch]
+    l1_axis = sorted({c[sk] for c in results["cells"]}, reverse=arch in archs.TOPK_ARCHS)
     ratio_axis = sorted({c["ratio"] for c in results["cells"]})
     get = lambda key: metrics.plane([np.nan if c.get(key) is None else c[key] for c in cells],
-                                    [c["l1"] for c in cells], [c["ratio"] for c in cells],
+                                    [c[sk] for c in cells], [c["ratio"] for c in cells],
                                     l1_axis, ratio_axis)
-    return {"l1_axis": l1_axis, "ratio_axis": ratio_axis,
+    return {"l1_axis": l1_axis, "ratio_axis": ratio_axis, "fixed_l0": arch in archs.TOPK_ARCHS,
             **{k: get(k) for k in ("mmcs", "dead", "ssll", "mmcs_with_larger", "l0", "fvu", "mcc",
-                                   "recovered", "redundant")}}
+                                   "recovered", "redundant", "frac_alive")}}
 
 
 def picks(p: dict) -> dict:
     """Each rule's (alpha index, ratio index), or None where it makes no suggestion."""
     a, r = p["l1_axis"], p["ratio_axis"]
+    planes3 = (p["dead"], p["ssll"], p["mmcs_with_larger"], a, r)
     chosen = {"dead_latents": selection.by_dead_latents(p["dead"], a, r),
               "ssll": selection.by_ssll(p["ssll"], a, r),
               "mmcs_with_larger": selection.by_mmcs_with_larger(p["mmcs_with_larger"], a, r),
-              "combined": selection.suggest(p["dead"], p["ssll"], p["mmcs_with_larger"], a, r)}
+              "combined": selection.suggest(*planes3)}
+    if p.get("fixed_l0"):  # as results.py reads a topk grid: k carries unchanged, live latents
+        chosen["combined"] = selection.suggest(*planes3, size_exponent=0.0, alive_AxR=p["frac_alive"])
+        chosen["combined_dead"] = selection.suggest(*planes3, size_exponent=0.0)
     return {k: None if v["ratio"] is None else (a.index(v["l1"]), r.index(v["ratio"]))
             for k, v in chosen.items()}
 
@@ -138,19 +161,20 @@ def _cell(s: dict) -> str:
 
 
 def table(worlds: list[dict], rows: list[dict]) -> list[str]:
-    head = ("| world | best MMCS (ratio, α) | " + " | ".join(RULES)
+    rules = [r for r in TOPK_RULES if r in rows[0]]
+    head = ("| world | best MMCS (ratio, α or k) | " + " | ".join(rules)
             + " | combined cell: dead, L0, MCC, recovered, redundant |")
-    lines = [head, "|" + "---|" * (3 + len(RULES))]
+    lines = [head, "|" + "---|" * (3 + len(rules))]
     for i, (w, row) in enumerate(zip(worlds, rows)):
         cells = []
-        for rule in RULES:
+        for rule in rules:
             s = row[rule]
             cells.append("none" if s["regret"] is None else
                          f"{s['regret']:.4f} ({s['ratio']:g}, {s['l1']:.3g}){'' if s['ratio_hit'] else ' ✗'}")
         lines.append(f"| {i}: {world_label(w)} | {row['best_mmcs']:.4f} ({row['best_ratio']:g}, "
                      f"{row['best_l1']:.3g}) | " + " | ".join(cells) + " | " + _cell(row["combined"]) + " |")
     lines += ["", "| rule | median regret | worst regret | ratio within one step |", "|---|---|---|---|"]
-    for rule in RULES:
+    for rule in rules:
         reg = [r[rule]["regret"] for r in rows]
         ok = [x for x in reg if x is not None]
         worst = "none in some world" if len(ok) < len(reg) else f"{max(ok):.4f}"
@@ -202,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dead-window", type=int, default=10,
                     help="a latent is dead when it did not fire in this many final steps")
     ap.add_argument("--rescore", action="store_true", help="only rescore the worlds already trained")
+    ap.add_argument("--arch", choices=("relu_l1", "topk"), default="relu_l1",
+                    help="topk: the k x ratio grid (k = 1-4x the world's mean active features) "
+                         "with the fast recipe")
     args = ap.parse_args(argv)
     worlds = draw_worlds(args.seed, args.worlds, args.d)
     t0, rows, done, outs, load0 = time.perf_counter(), [], [], [], os.getloadavg()
@@ -211,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.rescore:
                 continue
             t = time.perf_counter()
-            train(w, out, seed=args.seed * 1000 + i, steps=args.steps, dead_window=args.dead_window)
+            train(w, out, seed=args.seed * 1000 + i, steps=args.steps, dead_window=args.dead_window,
+                  arch=args.arch)
             with open(os.path.join(out, "results.json")) as f:
                 trained = json.load(f).get("train_seconds", float("nan"))
             print(f"world {i} ({world_label(w)}): {time.perf_counter() - t:.0f} s "

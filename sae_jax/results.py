@@ -127,14 +127,16 @@ def _analyse_arch(cells: list[dict], dicts: list[np.ndarray], arch: str, l1_conv
     # the sparsity axis runs from the densest to the sparsest setting
     s_axis = sorted({c[key] for c in cells}, reverse=arch in archs.TOPK_ARCHS)
     ratio_axis = sorted({c["ratio"] for c in cells})
-    plane = lambda name: metrics.plane([np.nan if c[name] is None else c[name] for c in live],
+    plane = lambda name: metrics.plane([np.nan if c.get(name) is None else c[name] for c in live],
                                        [c[key] for c in live], [c["ratio"] for c in live],
                                        s_axis, ratio_axis)
     # the carried ridge keeps the penalty per latent: alpha / m or lambda / m under the report's
     # convention; k is a count per sample, so it carries unchanged
     exponent = 1.0 if l1_convention == "report" and arch not in archs.TOPK_ARCHS else 0.0
+    # a fixed-L0 architecture takes its ratio from the live latents (selection.by_live_latents)
+    alive = plane("frac_alive") if arch in archs.TOPK_ARCHS else None
     suggested = selection.suggest(plane("dead"), plane("ssll"), plane("mmcs_with_larger"),
-                                  s_axis, ratio_axis, size_exponent=exponent)
+                                  s_axis, ratio_axis, size_exponent=exponent, alive_AxR=alive)
     if key != "l1":  # name the sparsity setting for what it is
         for d in [suggested] + suggested["methods"]:
             v = d.pop("l1")

@@ -21,6 +21,14 @@ below the grid's best.) The dead-latent alpha is used only when no ratio has a r
 its own: a too-small dictionary learns the most frequent features, which every larger one also
 has, so it scores as high as the right size. When no cell is free of dead latents, the ratio
 is the one most methods name. The methods that agree and disagree are listed.
+
+Fixed-L0 architectures (TopK, BatchTopK: k sets the sparsity) take the ratio from the live
+latents instead (`by_live_latents`): the smallest dictionary with at least as many latents as the
+largest one keeps alive (fires on the evaluation samples). No latent of theirs dies of a penalty,
+so the largest dictionary's live latents count the directions the data supports; the dead-latent
+method, read at a window of a few steps, found rarely firing features' latents dead in every
+cell but the smallest (on 12 held-out TopK worlds it picked ratios with regrets of 0.2). k is then
+the MMCS-with-larger ridge's at that ratio, carried unchanged to the largest one.
 """
 
 from __future__ import annotations
@@ -47,6 +55,23 @@ def by_dead_latents(dead_AxR: np.ndarray, l1_axis, ratio_axis) -> dict:
     i = int(np.max(np.nonzero(ok[:, j])[0]))
     return _pick("dead_latents", i, j, l1_axis, ratio_axis,
                  "largest dictionary and alpha with no dead latents")
+
+
+def by_live_latents(alive_AxR: np.ndarray, l1_axis, ratio_axis) -> dict:
+    """For a fixed-L0 architecture (TopK, BatchTopK; k fixes the sparsity, so no latent dies of
+    the penalty): the smallest dictionary with at least as many latents as the largest one keeps
+    alive, ratio_j >= max_i alive_iJ ratio_J (alive: the fraction of latents that fire on the
+    evaluation samples; J the largest ratio). A latent of a fixed-L0 SAE that never fires is
+    surplus, so the largest dictionary's live latents count the directions the data supports."""
+    rows = [j for j in range(alive_AxR.shape[1]) if np.isfinite(alive_AxR[:, j]).any()]
+    if len(rows) < 2:
+        return _pick("live_latents", None, None, l1_axis, ratio_axis, "needs at least two dictionary sizes")
+    J = max(rows)
+    need = float(np.nanmax(alive_AxR[:, J])) * ratio_axis[J]
+    j = next(jj for jj in rows if ratio_axis[jj] >= need * (1 - 1e-9))
+    return {"method": "live_latents", "ratio": float(ratio_axis[j]), "l1": None,
+            "why": f"smallest dictionary with at least the {need:.3g} x features latents that the "
+                   f"largest one keeps alive"}
 
 
 def by_ssll(ssll_AxR: np.ndarray, l1_axis, ratio_axis, min_prominence: float = 0.5) -> dict:
@@ -94,12 +119,19 @@ def _carried_ridge_alpha(larger_AxR: np.ndarray, j: int, l1_axis, ratio_axis,
 
 
 def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
-            l1_axis: Sequence[float], ratio_axis: Sequence[float], size_exponent: float = 1.0) -> dict:
+            l1_axis: Sequence[float], ratio_axis: Sequence[float], size_exponent: float = 1.0,
+            alive_AxR: np.ndarray | None = None) -> dict:
     """Each method's (ratio, alpha), a combined suggestion, and where the methods agree.
-    size_exponent: p in the carried ridge alpha (1 for the report's L1 convention, 0 for sum)."""
+    size_exponent: p in the carried ridge alpha (1 for the report's L1 convention, 0 for sum).
+    alive_AxR (fixed-L0 architectures): the fraction of latents alive per cell; then the ratio is
+    `by_live_latents`' instead of the dead-latent method's."""
     dead = by_dead_latents(dead_AxR, l1_axis, ratio_axis)
     methods = [dead, by_ssll(ssll_AxR, l1_axis, ratio_axis),
                by_mmcs_with_larger(larger_AxR, l1_axis, ratio_axis)]
+    if alive_AxR is not None:
+        live = by_live_latents(alive_AxR, l1_axis, ratio_axis)
+        methods.insert(0, live)
+        dead = live if live["ratio"] is not None else dead  # the ratio's source
     voting = [m for m in methods if m["ratio"] is not None]
     if not voting:
         return {"methods": methods, "ratio": None, "l1": None, "agree": [],
@@ -117,9 +149,10 @@ def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
         l1, how = float(l1_axis[int(np.nanargmax(ridge))]), "alpha from the MMCS-with-larger ridge"
     elif carried is not None:
         l1, how = carried
-    else:
-        l1 = next(m["l1"] for m in voting if m["ratio"] == ratio)
-        how = "alpha from " + next(m["method"] for m in voting if m["ratio"] == ratio)
+    else:  # a method that names this ratio and an alpha (live_latents names none), else any
+        m = next((m for m in sorted(voting, key=lambda m: m["ratio"] != ratio) if m["l1"] is not None),
+                 {"l1": l1_axis[0], "method": "the densest setting"})
+        l1, how = m["l1"], "alpha from " + m["method"]
     agree = [m["method"] for m in voting if m["ratio"] == ratio]
     disagree = [m["method"] for m in methods if m["method"] not in agree]  # elsewhere, or silent
     other = [m["method"] for m in voting if m["ratio"] != ratio]

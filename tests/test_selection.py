@@ -157,3 +157,41 @@ def test_all_nan_planes_give_no_suggestion():
     assert [m["ratio"] for m in out["methods"]] == [None, None, None]
     assert all(m["why"] for m in out["methods"])
     assert "no method" in out["summary"]
+
+
+def _alive(at_largest: list[float]) -> np.ndarray:
+    """Fraction of latents alive: every cell 1 except the largest ratio's, given per row."""
+    out = np.ones((len(L1), len(RATIOS)))
+    out[:, -1] = at_largest
+    return out
+
+
+def test_live_latents_smallest_ratio_holding_the_largest_dictionarys_live_latents():
+    """Ratio 4 keeps at most 0.6 of its latents alive = 2.4 x features: the smallest ratio with
+    at least that many latents is 4; at 0.45 (1.8 x) it is 2; a fully used largest dictionary
+    names itself; NaN columns (no cells) are skipped."""
+    pick = selection.by_live_latents(_alive([0.2, 0.45, 0.3, 0.1, 0.1]), L1, RATIOS)
+    assert pick["ratio"] == 2.0 and pick["l1"] is None and "1.8 x features" in pick["why"]
+    assert selection.by_live_latents(_alive([0.6, 0.1, 0.1, 0.1, 0.1]), L1, RATIOS)["ratio"] == 4.0
+    assert selection.by_live_latents(_alive([1.0] * 5), L1, RATIOS)["ratio"] == 4.0
+    alive = _alive([0.2] * 5)  # 0.8 x: ratio 1
+    assert selection.by_live_latents(alive, L1, RATIOS)["ratio"] == 1.0
+    alive[:, 0] = NAN
+    assert selection.by_live_latents(alive, L1, RATIOS)["ratio"] == 1.0
+    assert selection.by_live_latents(alive[:, :1], L1, RATIOS[:1])["ratio"] is None
+
+
+def test_fixed_l0_takes_the_ratio_from_live_latents_and_k_from_the_ridge():
+    """With alive given (TopK, BatchTopK), the live-latent ratio replaces the dead-latent one,
+    and the setting is the MMCS-with-larger ridge's at that ratio."""
+    larger = _larger(1, 1)  # the global ridge: ratio 1 ...
+    larger[3, 2] = 0.8  # ... at ratio 2 it peaks at row 3
+    dead = _dead({0: 4})  # the dead-latent method: ratio 0.5
+    out = selection.suggest(dead, _ssll({}), larger, L1, RATIOS, size_exponent=0,
+                            alive_AxR=_alive([0.45] * 5))
+    assert (out["ratio"], out["l1"]) == (2.0, 0.3)
+    assert out["methods"][0]["method"] == "live_latents" and out["agree"] == ["live_latents"]
+    assert (selection.suggest(dead, _ssll({}), larger, L1, RATIOS, size_exponent=0)["ratio"]) == 0.5
+    # the largest ratio has no ridge: the setting is carried from the next smaller ratio's
+    out = selection.suggest(dead, _ssll({}), larger, L1, RATIOS, size_exponent=0, alive_AxR=_alive([0.9] * 5))
+    assert (out["ratio"], out["l1"]) == (4.0, 0.3)

@@ -44,3 +44,24 @@ def test_regret_and_ratio_hit_are_read_off_the_chosen_cells():
     assert (row["mmcs_with_larger"]["ratio"], row["mmcs_with_larger"]["l1"]) == (0.5, 0.3)
     assert (row["combined"]["ratio"], row["combined"]["l1"]) == (2.0, 1.0)
     assert row["combined"]["regret"] == pytest.approx(0.99 - 0.97) and row["combined"]["ratio_hit"]
+
+
+def test_topk_worlds_get_a_k_axis_and_the_live_latent_ratio():
+    """--arch topk: k = 1-4x the world's mean active features, read from dense to sparse; the
+    combined rule takes its ratio from the live latents (the largest dictionary keeps 0.45 of
+    its latents alive: 0.9 x features -> ratio 1), combined_dead from the dead latents (ratio
+    0.5, the only dead-free one), and both take k from the MMCS-with-larger ridge at their ratio."""
+    assert selector_study.k_grid(1.4) == [1, 2, 3, 4, 6] and selector_study.k_grid(3.0) == [3, 4, 6, 9, 12]
+    ks, ratios = [2, 4, 8], [0.5, 1.0, 2.0]
+    mmcs = {(k, r): 0.5 + 0.1 * r + 0.01 * k for k in ks for r in ratios}
+    larger = {(2, 0.5): 0.9, (4, 0.5): 0.8, (8, 0.5): 0.7, (2, 1.0): 0.6, (4, 1.0): 0.95, (8, 1.0): 0.7}
+    cells = [{"arch": "topk", "k": k, "l1": 0.0, "ratio": r, "diverged": False, "mmcs": mmcs[k, r],
+              "dead": 0 if r == 0.5 else 5, "mmcs_with_larger": larger.get((k, r)), "ssll": 0.0,
+              "l0": float(k), "fvu": 0.1, "frac_alive": 0.45 if r == 2.0 else 0.99}
+             for k in ks for r in ratios]
+    p = selector_study.planes({"cells": cells})
+    assert p["l1_axis"] == [8, 4, 2] and p["fixed_l0"]
+    row = selector_study.score(p)
+    assert (row["combined"]["ratio"], row["combined"]["l1"]) == (1.0, 4)
+    assert (row["combined_dead"]["ratio"], row["combined_dead"]["l1"]) == (0.5, 2)
+    assert row["combined"]["regret"] == pytest.approx(mmcs[8, 2.0] - mmcs[4, 1.0])
