@@ -1,11 +1,14 @@
 """The selector study: does choosing (ratio, alpha) without ground truth hold across worlds?
 
     python experiments/selector_study.py [--seed 1414] [--worlds 12] [--out DIR] [--steps 2000]
+    python experiments/selector_study.py --arch topk --steps 4000     (TopK: a k x ratio grid)
 
 Draws N toy worlds from --seed (d 32; h/d, k/d, lambda^i decay or Zipf exponent, correlation
 strength and input noise vary; see `draw_worlds`), trains the report's alpha x ratio grid
 (alpha = 10^(j/4), j = -8..4, ratios 0.25..4, the report's recipe) on each with `sae-jax toy`,
-then scores every selection rule of `sae_jax.selection` on every world:
+then scores every selection rule of `sae_jax.selection` on every world (with --arch topk: the
+k x ratio grid of `k_grid` with the fast recipe, and the combined rule as results.py applies it
+to TopK, beside its dead-latent form):
 
 - regret = the grid's best MMCS - MMCS of the chosen cell;
 - ratio hit = the chosen ratio is within one grid step of the best cell's ratio.
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worlds", type=int, default=12)
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--out", default="runs/selector_study")
+    ap.add_argument("--out", help="default runs/selector_study, or runs/selector_study_topk with --arch topk")
     ap.add_argument("--dead-window", type=int, default=10,
                     help="a latent is dead when it did not fire in this many final steps")
     ap.add_argument("--rescore", action="store_true", help="only rescore the worlds already trained")
@@ -230,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="topk: the k x ratio grid (k = 1-4x the world's mean active features) "
                          "with the fast recipe")
     args = ap.parse_args(argv)
+    args.out = args.out or ("runs/selector_study" + ("_topk" if args.arch == "topk" else ""))
     worlds = draw_worlds(args.seed, args.worlds, args.d)
     t0, rows, done, outs, load0 = time.perf_counter(), [], [], [], os.getloadavg()
     for i, w in enumerate(worlds):

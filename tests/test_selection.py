@@ -195,3 +195,27 @@ def test_fixed_l0_takes_the_ratio_from_live_latents_and_k_from_the_ridge():
     # the largest ratio has no ridge: the setting is carried from the next smaller ratio's
     out = selection.suggest(dead, _ssll({}), larger, L1, RATIOS, size_exponent=0, alive_AxR=_alive([0.9] * 5))
     assert (out["ratio"], out["l1"]) == (4.0, 0.3)
+
+
+def test_results_analyse_reads_topk_cells_with_the_live_latent_ratio():
+    """results.analyse on a finished TopK grid: the live-latent method comes first and sets the
+    ratio (the largest dictionary, 64 latents at ratio 2, keeps 0.4 alive: 0.8 x features ->
+    ratio 1); a relu_l1 grid with the same numbers has no live-latent method."""
+    from sae_jax import results
+
+    rng = np.random.default_rng(0)
+    cells, dicts = [], []
+    for arch in ("topk", "relu_l1"):
+        for s in (2, 4):
+            for ratio in (0.5, 1.0, 2.0):
+                m = int(32 * ratio)
+                dicts.append(rng.standard_normal((m, 8)))
+                cells.append({"index": len(cells), "arch": arch, "k": s, "l1": float(s), "ratio": ratio,
+                              "dict_size": m, "seed": 0, "noise": 0.0, "diverged": False,
+                              "mmcs": 0.5 + 0.1 * ratio, "dead": 3, "recon_loss": 1.0 / s,
+                              "l1_loss": float(s), "frac_alive": 0.4 if ratio == 2.0 else 1.0})
+    out = results.analyse(cells, dicts)
+    topk, l1 = out["by_arch"]["topk"]["suggested"], out["by_arch"]["relu_l1"]["suggested"]
+    assert topk["methods"][0]["method"] == "live_latents" and topk["ratio"] == 1.0
+    assert "live_latents" in topk["summary"] and topk["k"] in (2, 4)
+    assert [m["method"] for m in l1["methods"]] == ["dead_latents", "ssll", "mmcs_with_larger"]
