@@ -171,7 +171,7 @@ def test_live_latents_smallest_ratio_holding_the_largest_dictionarys_live_latent
     at least that many latents is 4; at 0.45 (1.8 x) it is 2; a fully used largest dictionary
     names itself; NaN columns (no cells) are skipped."""
     pick = selection.by_live_latents(_alive([0.2, 0.45, 0.3, 0.1, 0.1]), L1, RATIOS)
-    assert pick["ratio"] == 2.0 and pick["l1"] is None and "1.8 x features" in pick["why"]
+    assert pick["ratio"] == 2.0 and pick["l1"] is None and "(ratio 1.8)" in pick["why"]
     assert selection.by_live_latents(_alive([0.6, 0.1, 0.1, 0.1, 0.1]), L1, RATIOS)["ratio"] == 4.0
     assert selection.by_live_latents(_alive([1.0] * 5), L1, RATIOS)["ratio"] == 4.0
     alive = _alive([0.2] * 5)  # 0.8 x: ratio 1
