@@ -479,9 +479,10 @@ struct TopkScratch {
   std::vector<uint64_t> keys, tmp;
 };
 
-// A threshold for the k best of m entries x[0, m) (x: a pointer or a function of the index): the r-th largest of a strided sample of them, r chosen
-// so that about over4 / 4 k of the m reach it; -inf (every entry) where the sample would be
-// under 8 per pick. The sample holds about 4k entries, at most max_samples.
+// A threshold for the k best of m entries x[0, m) (x: a pointer, or a function of the index):
+// the r-th largest of a strided sample of them, r chosen so that about (over4 / 4) k of the m
+// reach it; -inf (every entry) where the sample would be under 8 per pick. The sample holds
+// about 4k entries, at most max_samples.
 template <class Value>
 float SampledThreshold(Value x, int64_t m, int64_t k, TopkScratch& s, int64_t over4 = 8,
                        int64_t max_samples = INT64_MAX) {
