@@ -125,11 +125,12 @@ def picks(p: dict) -> dict:
     planes3 = (p["dead"], p["ssll"], p["mmcs_with_larger"], a, r)
     chosen = {"dead_latents": selection.by_dead_latents(p["dead"], a, r),
               "ssll": selection.by_ssll(p["ssll"], a, r),
-              "mmcs_with_larger": selection.by_mmcs_with_larger(p["mmcs_with_larger"], a, r),
-              "combined": selection.suggest(*planes3)}
+              "mmcs_with_larger": selection.by_mmcs_with_larger(p["mmcs_with_larger"], a, r)}
     if p.get("fixed_l0"):  # as results.py reads a topk grid: k carries unchanged, live latents
         chosen["combined"] = selection.suggest(*planes3, size_exponent=0.0, alive_AxR=p["frac_alive"])
         chosen["combined_dead"] = selection.suggest(*planes3, size_exponent=0.0)
+    else:
+        chosen["combined"] = selection.suggest(*planes3)
     return {k: None if v["ratio"] is None else (a.index(v["l1"]), r.index(v["ratio"]))
             for k, v in chosen.items()}
 

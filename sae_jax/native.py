@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("_native") / "sparse_kernels.cc"
-TARGETS = {"sae_topk": "SaeTopk", "sae_batch_topk": "SaeBatchTopk", "sae_gather_sum": "SaeGatherSum", "sae_dots": "SaeDots",
-           "sae_scatter": "SaeScatter", "sae_gather_sum_bf16": "SaeGatherSumBf16",
+TARGETS = {"sae_topk": "SaeTopk", "sae_batch_topk": "SaeBatchTopk", "sae_gather_sum": "SaeGatherSum",
+           "sae_dots": "SaeDots", "sae_scatter": "SaeScatter", "sae_gather_sum_bf16": "SaeGatherSumBf16",
            "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16",
            "sae_decode_err": "SaeDecodeErr", "sae_decode_err_bf16": "SaeDecodeErrBf16",
            "sae_decode_err_scaled": "SaeDecodeErrScaled", "sae_decode_err_scaled_bf16": "SaeDecodeErrScaledBf16",
@@ -214,13 +214,10 @@ def batch_topk(pre_BxCxM: jax.Array, bias_CxM: jax.Array, n: int,
     sample); t (C, 1) the n-th largest value. pre is (B, C, M): one GEMM's output for a group."""
     b, cells, m = pre_BxCxM.shape
     rows = batch_topk_rows(n, b, slots)
-    if not available():
-        raise RuntimeError(f"sae_jax.native: {status()}")
-    call = jax.ffi.ffi_call("sae_batch_topk", (
-        jax.ShapeDtypeStruct((cells, rows, slots), F32), jax.ShapeDtypeStruct((cells, rows, slots), I32),
-        jax.ShapeDtypeStruct((cells, rows), I32), jax.ShapeDtypeStruct((cells, 1), F32)),
-        vmap_method="sequential")
-    return tuple(call(pre_BxCxM.astype(F32), bias_CxM.astype(F32), n=np.int64(n)))
+    return _call("sae_batch_topk", jax.ShapeDtypeStruct((cells, rows, slots), F32),
+                 jax.ShapeDtypeStruct((cells, rows, slots), I32), jax.ShapeDtypeStruct((cells, rows), I32),
+                 jax.ShapeDtypeStruct((cells, 1), F32), vmap_method="sequential")(
+        pre_BxCxM.astype(F32), bias_CxM.astype(F32), n=np.int64(n))
 
 
 def _rows(*arrays: jax.Array) -> tuple[str, list[jax.Array]]:

@@ -129,17 +129,18 @@ def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
     dead = by_dead_latents(dead_AxR, l1_axis, ratio_axis)
     methods = [dead, by_ssll(ssll_AxR, l1_axis, ratio_axis),
                by_mmcs_with_larger(larger_AxR, l1_axis, ratio_axis)]
+    sizer = dead  # the method whose ratio is taken when it names one
     if alive_AxR is not None:
         live = by_live_latents(alive_AxR, l1_axis, ratio_axis)
         methods.insert(0, live)
-        dead = live if live["ratio"] is not None else dead  # the ratio's source
+        sizer = live if live["ratio"] is not None else dead
     voting = [m for m in methods if m["ratio"] is not None]
     if not voting:
         return {"methods": methods, "ratio": None, "l1": None, "agree": [],
                 "disagree": [m["method"] for m in methods],
                 "summary": "no method could make a suggestion on this grid"}
-    if dead["ratio"] is not None:
-        ratio = dead["ratio"]
+    if sizer["ratio"] is not None:
+        ratio = sizer["ratio"]
     else:
         counts = Counter(m["ratio"] for m in voting)
         ratio = max(counts, key=lambda r: (counts[r], r == voting[-1]["ratio"]))

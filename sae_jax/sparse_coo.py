@@ -147,10 +147,10 @@ def _xla_rows(pre_BxM: Array, n: int, slots: int) -> tuple[Array, Array, Array, 
     v = pre_BxM.reshape(-1)[flat]
     sample, latent = flat // m, (flat % m).astype(jnp.int32)
     count = jnp.zeros((b,), jnp.int32).at[sample].add(1)
-    first_entry = jnp.cumsum(count) - count
-    row_end = jnp.cumsum((count + slots - 1) // slots)
+    first_entry, rows_of = jnp.cumsum(count) - count, (count + slots - 1) // slots
+    row_end = jnp.cumsum(rows_of)
     pos = jnp.arange(n) - first_entry[sample]
-    r, j = row_end[sample] - (count[sample] + slots - 1) // slots + pos // slots, pos % slots
+    r, j = (row_end - rows_of)[sample] + pos // slots, pos % slots
     vals = jnp.zeros((rows, slots), F32).at[r, j].set(v)
     lat = jnp.zeros((rows, slots), jnp.int32).at[r, j].set(latent)
     row_sample = jnp.searchsorted(row_end, jnp.arange(rows), side="right").astype(jnp.int32)
