@@ -33,7 +33,7 @@ import numpy as np
 
 from sae_jax import archs, cli, metrics, results, selection
 
-RULES = ("dead_latents", "ssll", "mmcs_with_larger", "combined")
+RULES = ("dead_latents", "ssll", "mmcs_with_larger", "combined", "combined_dead_free")
 # --arch topk also scores the combined rule with the dead-latent ratio (the rule before fixed-L0
 # architectures took their ratio from the live latents)
 TOPK_RULES = RULES + ("combined_dead",)
@@ -45,16 +45,17 @@ def k_grid(mean_active: float) -> list[int]:
     return sorted({max(1, round(f * mean_active)) for f in K_FACTORS})
 
 
-def draw_worlds(seed: int, n: int, d: int = 32) -> list[dict]:
-    """n world parameter sets: h/d in {1.5, 2, 3}; k/d in [0.03, 0.09]; half lambda^i decay with
-    lambda in [0.97, 1], half Zipf with a in [0.5, 1.1]; correlation strength U(0, 1); input
-    noise 0 for half, U(0.002, 0.02) for the rest."""
+def draw_worlds(seed: int, n: int, d: int = 32, active: tuple[float, float] = (0.03, 0.09),
+                uncorrelated: bool = False) -> list[dict]:
+    """n world parameter sets: h/d in {1.5, 2, 3}; k/d in `active` ([0.03, 0.09]); half lambda^i
+    decay with lambda in [0.97, 1], half Zipf with a in [0.5, 1.1]; correlation strength U(0, 1)
+    (0 with `uncorrelated`); input noise 0 for half, U(0.002, 0.02) for the rest."""
     rng = np.random.default_rng(seed)
     worlds = []
     for i in range(n):
         w = {"d": d, "features": int(d * rng.choice([1.5, 2.0, 3.0])),
-             "mean_active": round(float(d * rng.uniform(0.03, 0.09)), 2),
-             "corr_strength": round(float(rng.uniform(0, 1)), 2),
+             "mean_active": round(float(d * rng.uniform(*active)), 2),
+             "corr_strength": 0.0 if uncorrelated else round(float(rng.uniform(0, 1)), 2),
              "noise": round(float(rng.uniform(0.002, 0.02)), 3) if rng.random() < 0.5 else 0.0}
         if i % 2:
             w["zipf"] = round(float(rng.uniform(0.5, 1.1)), 2)
@@ -129,8 +130,9 @@ def picks(p: dict) -> dict:
     if p.get("fixed_l0"):  # as results.py reads a topk grid: k carries unchanged, live latents
         chosen["combined"] = selection.suggest(*planes3, size_exponent=0.0, alive_AxR=p["frac_alive"])
         chosen["combined_dead"] = selection.suggest(*planes3, size_exponent=0.0)
-    else:
+    else:  # combined_dead_free: alpha moved off a cell with dead latents (selection.suggest)
         chosen["combined"] = selection.suggest(*planes3)
+        chosen["combined_dead_free"] = selection.suggest(*planes3, dead_consistent=True)
     return {k: None if v["ratio"] is None else (a.index(v["l1"]), r.index(v["ratio"]))
             for k, v in chosen.items()}
 
@@ -230,12 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dead-window", type=int, default=10,
                     help="a latent is dead when it did not fire in this many final steps")
     ap.add_argument("--rescore", action="store_true", help="only rescore the worlds already trained")
+    ap.add_argument("--active", type=float, nargs=2, default=(0.03, 0.09), metavar=("LO", "HI"),
+                    help="range of the worlds' mean active features per dimension (k/d)")
+    ap.add_argument("--uncorrelated", action="store_true", help="worlds without feature correlation")
     ap.add_argument("--arch", choices=("relu_l1", "topk"), default="relu_l1",
                     help="topk: the k x ratio grid (k = 1-4x the world's mean active features) "
                          "with the fast recipe")
     args = ap.parse_args(argv)
     args.out = args.out or ("runs/selector_study" + ("_topk" if args.arch == "topk" else ""))
-    worlds = draw_worlds(args.seed, args.worlds, args.d)
+    worlds = draw_worlds(args.seed, args.worlds, args.d, tuple(args.active), args.uncorrelated)
     t0, rows, done, outs, load0 = time.perf_counter(), [], [], [], os.getloadavg()
     for i, w in enumerate(worlds):
         out = os.path.join(args.out, f"world_{i:02d}")

@@ -1,8 +1,9 @@
 """The SAE architectures a grid can hold, as pure functions of one cell.
 
 Every architecture shares the report's parameters (encoder W_e, b_e; decoder atoms D normalised
-on the forward pass, no decoder bias) and differs in how codes are made from the
-pre-activations p = W_e x + b_e and in the sparsity term of the loss L = (1/d)||t - x^||^2 + S:
+on the forward pass; optionally a decoder bias b_dec, `sae.SAEParams`) and differs in how codes
+are made from the pre-activations p = W_e (x - b_dec) + b_e and in the sparsity term of the loss
+L = (1/d)||t - x^||^2 + S, x^ = D^ c + b_dec:
 
     relu_l1    c = ReLU(p)                                  S = alpha * L1(c)   (the report's)
     topk       c = ReLU(p) on the k largest p_j, 0 elsewhere  S = 0             (Gao et al. 2024)
@@ -79,8 +80,22 @@ class ArchOptions(NamedTuple):
 
 
 def pre_acts(params: sae.SAEParams, x_BxD: Array) -> Array:
-    """p = W_e x + b_e."""
-    return x_BxD @ params.W_enc_MxD.T + params.b_enc_M
+    """p = W_e (x - b_dec) + b_e, computed as W_e x + (b_e - W_e b_dec) (`folded_bias`)."""
+    return x_BxD @ params.W_enc_MxD.T + folded_bias(params)
+
+
+def folded_bias(params: sae.SAEParams) -> Array:
+    """b_e - W_e b_dec: the encoder bias with the decoder bias folded in, so that
+    W_e (x - b_dec) + b_e = W_e x + folded_bias and a batch x shared by a group's cells stays
+    shared (one GEMM for the group)."""
+    if params.b_dec_D is None:
+        return params.b_enc_M
+    return params.b_enc_M - params.W_enc_MxD @ params.b_dec_D
+
+
+def _residual_target(params: sae.SAEParams, t_BxD: Array) -> Array:
+    """t - b_dec: what the codes' decoding D^ c must reconstruct."""
+    return sae.centred(params, t_BxD)
 
 
 def topk_mask(pre_BxM: Array, k: int) -> Array:
@@ -190,7 +205,7 @@ def aux_k_loss(params: sae.SAEParams, pre_BxM: Array, resid_BxD: Array, dead_M: 
     dead_pre = jnp.where(dead_M, jax.nn.relu(pre_BxM), 0.0)
     k_aux = min(k_aux, pre_BxM.shape[-1])
     codes = jnp.where(topk_mask(dead_pre, k_aux) & dead_M, dead_pre, 0.0)
-    e_hat = sae.decode(params, codes)
+    e_hat = codes @ sae.unit_rows(params.D_MxD)  # the residual's reconstruction: no decoder bias
     var = jnp.mean(jnp.sum(jnp.square(e - jnp.mean(e, axis=0)), axis=-1))
     loss = jnp.mean(jnp.sum(jnp.square(e - e_hat), axis=-1)) / jnp.maximum(var, 1e-12)
     return jnp.where(jnp.any(dead_M), loss, 0.0)
@@ -225,8 +240,9 @@ def _topk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k: int,
     from sae_jax import sparse, sparse_unit
 
     m = params.W_enc_MxD.shape[0]
-    vals, idx = sparse.topk_codes(params.W_enc_MxD, params.b_enc_M, x_BxD, min(k, m), compute_dtype)
-    sq_B = sparse_unit.decode_sq_err_unit(params.D_MxD, vals, idx, t_BxD, compute_dtype)
+    vals, idx = sparse.topk_codes(params.W_enc_MxD, folded_bias(params), x_BxD, min(k, m), compute_dtype)
+    sq_B = sparse_unit.decode_sq_err_unit(params.D_MxD, vals, idx, _residual_target(params, t_BxD),
+                                          compute_dtype)
     active = vals > 0
     l1 = jnp.mean(jnp.sum(vals, axis=-1)) / (m if convention == "report" else 1)
     fired = jnp.zeros((m,), bool).at[idx.reshape(-1)].max(active.reshape(-1))
@@ -242,7 +258,8 @@ def _batchtopk_sparse_loss(params: sae.SAEParams, x_BxD: Array, t_BxD: Array, k:
     from sae_jax import sparse_coo, sparse_unit
 
     m, batch = params.W_enc_MxD.shape[0], x_BxD.shape[0]
-    c = sparse_coo.batchtopk_rows(params.W_enc_MxD, params.b_enc_M, x_BxD, min(k, m), compute_dtype)
+    c = sparse_coo.batchtopk_rows(params.W_enc_MxD, folded_bias(params), x_BxD, min(k, m), compute_dtype)
+    t_BxD = _residual_target(params, t_BxD)
     x_hat = sparse_coo.decode_rows(sparse_unit.unit_rows(params.D_MxD), c.vals_RxJ, c.latent_RxJ,
                                    c.sample_R, batch, compute_dtype)
     active = c.vals_RxJ > 0

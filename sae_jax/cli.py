@@ -21,7 +21,7 @@ TRAIN_FIELDS = ("batch_size", "lr", "b1", "b2", "lr_warmup", "lr_decay_steps", "
                 "resample_worst", "resample_dead_window", "dedup_threshold",
                 "resample_encoder_scale", "resample_until", "compute_dtype", "fused_step",
                 "aux_k_coeff", "aux_k", "jumprelu_bandwidth", "init_threshold", "threshold_decay",
-                "sparse_decoder")
+                "sparse_decoder", "decoder_bias")
 
 
 def flag(field: str) -> str:
@@ -97,6 +97,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="matmul operands (float32 accumulation; weights, Adam, loss stay float32)")
     t.add_argument("--fused-step", action="store_true", default=None,
                    help="the group's gradients by hand in fast layouts (always on in bfloat16)")
+    t.add_argument("--decoder-bias", choices=("none", "zero", "mean", "median"),
+                   help="a trained decoder bias b_dec (x - b_dec into the encoder, + b_dec after the "
+                        "decoder) and its initial value: zero, the data mean or geometric median; "
+                        "none: no bias (default for toy, the report's SAE; grid: mean)")
     a = p.add_argument_group("architectures other than relu_l1")
     a.add_argument("--aux-k-coeff", type=float, help="AuxK dead-latent loss coefficient (0: off; Gao et al.: 1/32)")
     a.add_argument("--aux-k", type=int, help="AuxK's k_aux (default d/2)")
@@ -190,6 +194,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
         sizes = [m / d for m in args.dict_sizes]
     spec = grid.GridSpec.from_ratios(args.l1 or (), sizes, d, args.seeds or 1, **axes)
     overrides = _train_overrides(args)
+    for field, value in recipes.STORED_ACTIVATIONS.items():  # a resumed run keeps its checkpoint's
+        if overrides.get(field) is None:
+            overrides[field] = (run.checkpointed_train_value(args.out or "runs/grid", field) if args.resume
+                                else None) or value
     train = recipes.train_config(args.recipe, steps, overrides)
     opts = _run_options(args, "runs/grid", steps, overrides)
     _summary(run.run(spec, train, opts, data, compare_toy=args.compare_toy), opts.out, opts.figures)

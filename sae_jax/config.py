@@ -48,6 +48,10 @@ class TrainConfig:
     jumprelu_bandwidth: float = 0.05  # the straight-through kernel width eps (pre-activation units)
     init_threshold: float = 0.05  # jumprelu's initial theta (and batchtopk's before step 0)
     threshold_decay: float = 0.99  # batchtopk: theta's exponential average (after 1/(1-decay) steps of a plain mean)
+    # A decoder bias b_dec for every cell (sae.SAEParams.b_dec_D), trained by Adam with the rest:
+    # "none" (the report's SAE: no bias, absent from the computation), or its initial value:
+    # "zero", "mean" (of a data sample), "median" (geometric median of a data sample)
+    decoder_bias: str = "none"
 
     def validate(self) -> "TrainConfig":
         checks = [(n, "must be finite", math.isfinite) for n in ("lr", "b1", "b2")] + [
@@ -63,7 +67,9 @@ class TrainConfig:
             ("init_threshold", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),
             ("threshold_decay", "must be in [0, 1)", lambda v: 0 <= v < 1),
             ("sparse_decoder", f"must be one of {', '.join(archs.SPARSE_MODES)}",
-             lambda v: v in archs.SPARSE_MODES)] + [
+             lambda v: v in archs.SPARSE_MODES),
+            ("decoder_bias", f"must be one of {', '.join(sae.DECODER_BIAS_INITS)}",
+             lambda v: v in sae.DECODER_BIAS_INITS)] + [
             (n, "must be >= 0", lambda v: v >= 0) for n in ("lr_warmup", "lr_decay_steps", "l1_warmup")]
         for name, must, ok in checks:
             if not ok(getattr(self, name)):
@@ -77,8 +83,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """Flat, with the resampling fields under their `resample.FIELDS` names (results.json and
-        checkpoints). The architecture options appear only where they differ from their defaults,
-        so runs checkpointed before they existed still resume."""
+        checkpoints). The architecture options and the decoder bias appear only where they differ
+        from their defaults, so runs checkpointed before they existed still resume."""
         d = dataclasses.asdict(self)
         d.update({k: d["resample"][f] for k, f in resample.FIELDS.items()})
         del d["resample"]
@@ -97,7 +103,7 @@ class TrainConfig:
 
 
 _ARCH_OPTIONS = ("aux_k_coeff", "aux_k", "sparse_decoder", "jumprelu_bandwidth", "init_threshold",
-                 "threshold_decay")
+                 "threshold_decay", "decoder_bias")
 
 
 # ----------------------------------------------------------------------------- state

@@ -3,10 +3,12 @@
 `weights.safetensors`, written by every run beside `dictionaries.npz`, holds for each cell i
 (float32; readable with numpy alone via `sae_jax.st`, or with the `safetensors` package):
 
-    cell_{i}.W_enc        (m, d)   encoder rows: pre-activations p = x W_encᵀ + b_enc
+    cell_{i}.W_enc        (m, d)   encoder rows: pre-activations p = (x - b_dec) W_encᵀ + b_enc
     cell_{i}.b_enc        (m,)
     cell_{i}.D            (m, d)   decoder rows as stored (the trained parameter)
-    cell_{i}.D_unit       (m, d)   D with unit rows: x̂ = c D_unit (what the forward pass uses)
+    cell_{i}.D_unit       (m, d)   D with unit rows: x̂ = c D_unit + b_dec (what the forward pass uses)
+    cell_{i}.b_dec        (d,)     the decoder bias: p = (x - b_dec) W_encᵀ + b_enc; absent when the
+                                   run trained none (`--decoder-bias none`, the report's SAE)
     cell_{i}.threshold    (m,)     jumprelu: θ_j = exp(log θ_j); batchtopk: its inference threshold
                                    θ (the same for every latent); absent for relu_l1 and topk
     cell_{i}.firing_freq  (m,)     fraction of the evaluation batch on which latent j fired (c_j > 0)
@@ -23,21 +25,24 @@ The codes c of each architecture (`sae_jax.archs.encode`):
     params, encode, decode = export.load_cell("runs/grid", 3)
     x_hat = decode(encode(x))                        # jitted; x is (..., d)
 
-Exports compute exactly this reconstruction, c(x) W_dec + b_dec with W_dec = D_unit and b_dec = 0
-(our SAE has no decoder or pre-encoder bias):
-- SAELens 6.x (`saelens`): cfg.json (apply_b_dec_to_input false, normalize_activations "none";
+Exports compute exactly this reconstruction, c(x) W_dec + b_dec with W_dec = D_unit and b_dec the
+cell's decoder bias (zeros when it has none), the encoder reading x - b_dec:
+- SAELens 6.x (`saelens`): cfg.json (apply_b_dec_to_input true when the cell has a decoder bias,
+  false otherwise; normalize_activations "none";
   architecture "standard" for relu_l1, "topk" with k and rescale_acts_by_decoder_norm true for
   topk (a no-op on unit rows; SAELens saves its own TopK SAEs so), "jumprelu" for jumprelu and
   batchtopk, as SAELens saves a trained BatchTopK SAE), sae_weights.safetensors {W_enc (d, m),
-  W_dec (m, d) unit rows, b_enc (m,), b_dec (d,) zeros, and for jumprelu threshold (m,)},
+  W_dec (m, d) unit rows, b_enc (m,), b_dec (d,), and for jumprelu threshold (m,)},
   sparsity.safetensors {sparsity: log10(firing_freq + 1e-10)}. Load with
   `sae_lens.SAE.load_from_disk(DIR)`.
 - dictionary_learning (`dictionary-learning`): ae.safetensors with the state dict of
   AutoEncoderNew (relu_l1: encoder.weight (m, d), encoder.bias, decoder.weight (d, m) = D_unitᵀ,
-  decoder.bias zeros), AutoEncoderTopK (topk) or BatchTopKSAE (batchtopk) (encoder.*,
-  decoder.weight, b_dec zeros, k and threshold 0-d buffers: -1, unused, for topk, θ for
-  batchtopk), JumpReluAutoEncoder (jumprelu: W_enc (d, m), b_enc, W_dec (m, d), b_dec zeros,
-  threshold (m,)); config.json {"trainer": {"dict_class", "activation_dim", "dict_size", "k", ...}}.
+  decoder.bias = b_dec), AutoEncoderTopK (topk) or BatchTopKSAE (batchtopk) (encoder.*,
+  decoder.weight, b_dec, k and threshold 0-d buffers: -1, unused, for topk, θ for
+  batchtopk), JumpReluAutoEncoder (jumprelu: W_enc (d, m), b_enc, W_dec (m, d), b_dec,
+  threshold (m,)). AutoEncoderNew and JumpReluAutoEncoder (with its default
+  apply_b_dec_to_input False) do not subtract b_dec before the encoder, so their encoder bias is
+  written with it folded in: b_enc - W_enc b_dec (the same pre-activations); config.json {"trainer": {"dict_class", "activation_dim", "dict_size", "k", ...}}.
   Load with `ae = CLASS(d, m[, k]); ae.load_state_dict(safetensors.torch.load_file(DIR/ae.safetensors))`,
   or save that state dict as DIR/ae.pt for `dictionary_learning.utils.load_dictionary(DIR)`.
 """
@@ -61,7 +66,7 @@ WEIGHTS = "weights.safetensors"
 FORMAT = "sae_jax.weights/1"
 FORMATS = ("saelens", "dictionary-learning")
 SAELENS_VERSION = "6.0.0"  # the cfg.json layout written here is SAELens >= 6's
-_FIELDS = ("W_enc", "b_enc", "D", "D_unit", "threshold", "firing_freq")
+_FIELDS = ("W_enc", "b_enc", "D", "D_unit", "threshold", "firing_freq", "b_dec")
 # SAELens's architecture for each of ours (a trained BatchTopK SAE is saved as JumpReLU there)
 SAELENS_ARCH = {"relu_l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
 DL_CLASS = {"relu_l1": "AutoEncoderNew", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
@@ -91,8 +96,10 @@ def write_weights(out_dir: str | os.PathLike, state, spec, x_eval: jax.Array | N
     cells = spec.cells()
     for c in cells:
         g, name = state.groups[c.group], f"cell_{c.index}."
-        p = type(g.params)(*(np.asarray(a[c.slot], np.float32) for a in g.params))
+        p = jax.tree.map(lambda a: np.asarray(a[c.slot], np.float32), g.params)
         tensors[name + "W_enc"], tensors[name + "b_enc"], tensors[name + "D"] = p[:3]
+        if p.b_dec_D is not None:
+            tensors[name + "b_dec"] = p.b_dec_D
         tensors[name + "D_unit"] = np.asarray(units[c.index], np.float32)
         if c.arch_spec.has_threshold:
             tensors[name + "threshold"] = np.asarray(archs.threshold(p), np.float32)
@@ -110,7 +117,7 @@ def write_weights(out_dir: str | os.PathLike, state, spec, x_eval: jax.Array | N
 
 def read_cell(run_dir: str | os.PathLike, cell: int) -> dict[str, np.ndarray]:
     """Cell `cell`'s arrays from RUN_DIR/weights.safetensors: W_enc, b_enc, D, D_unit and, when
-    written, threshold and firing_freq."""
+    written, threshold, firing_freq and b_dec."""
     path = Path(run_dir).expanduser() / WEIGHTS
     if not path.is_file():
         raise UsageError(f"{path} not found (runs write it since sae_jax 0.1 with full weights; rerun the grid)")
@@ -142,12 +149,13 @@ def _read(run_dir: Path, cell: int) -> tuple[dict[str, np.ndarray], archs.Arch]:
 def load_cell(run_dir: str | os.PathLike, cell: int
               ) -> tuple[sae.SAEParams | sae.ThresholdSAEParams, Callable, Callable]:
     """(params, encode, decode) of one trained cell, jitted: encode(x) = `archs.encode` with the
-    cell's architecture (ReLU(p), its top k, or p·[p > θ]), decode(c) = c D_unit. Params are
-    ThresholdSAEParams (log θ) for jumprelu and batchtopk, SAEParams otherwise."""
+    cell's architecture (ReLU(p), its top k, or p·[p > θ]), decode(c) = c D_unit + b_dec. Params
+    are ThresholdSAEParams (log θ) for jumprelu and batchtopk, SAEParams otherwise."""
     w, arch = _read(Path(run_dir), cell)
-    base = (jnp.asarray(w["W_enc"]), jnp.asarray(w["b_enc"]), jnp.asarray(w["D"]))
-    params = (sae.ThresholdSAEParams(*base, jnp.log(jnp.asarray(w["threshold"]))) if arch.has_threshold
-              else sae.SAEParams(*base))
+    params = sae.SAEParams(jnp.asarray(w["W_enc"]), jnp.asarray(w["b_enc"]), jnp.asarray(w["D"]),
+                           jnp.asarray(w["b_dec"]) if "b_dec" in w else None)
+    if arch.has_threshold:
+        params = sae.with_threshold(params, jnp.log(jnp.asarray(w["threshold"])))
     encode = jax.jit(lambda x: archs.encode(params, x, arch))
     decode = jax.jit(functools.partial(sae.decode, params))
     return params, encode, decode
@@ -183,9 +191,9 @@ def _saelens(w: dict[str, np.ndarray], arch: archs.Arch, meta: dict) -> tuple[di
     """SAELens's cfg.json and sae_weights.safetensors for one cell."""
     m, d = w["W_enc"].shape
     cfg = {"architecture": SAELENS_ARCH[arch.name], "d_in": int(d), "d_sae": int(m), "dtype": "float32",
-           "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+           "device": "cpu", "apply_b_dec_to_input": "b_dec" in w, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta}
-    tensors = {"W_enc": w["W_enc"].T, "W_dec": w["D_unit"], "b_enc": w["b_enc"], "b_dec": np.zeros(d, np.float32)}
+    tensors = {"W_enc": w["W_enc"].T, "W_dec": w["D_unit"], "b_enc": w["b_enc"], "b_dec": _b_dec(w)}
     if arch.name == "topk":
         cfg.update(k=arch.k, rescale_acts_by_decoder_norm=True)
     if arch.has_threshold:
@@ -193,16 +201,22 @@ def _saelens(w: dict[str, np.ndarray], arch: archs.Arch, meta: dict) -> tuple[di
     return cfg, tensors
 
 
+def _b_dec(w: dict[str, np.ndarray]) -> np.ndarray:
+    """The cell's decoder bias, zeros when it has none."""
+    return w["b_dec"] if "b_dec" in w else np.zeros(w["W_enc"].shape[1], np.float32)
+
+
 def _dictionary_learning(w: dict[str, np.ndarray], arch: archs.Arch) -> dict[str, np.ndarray]:
     """The state dict of dictionary_learning's class for the cell's architecture (`DL_CLASS`)."""
-    m, d = w["W_enc"].shape
-    zeros = np.zeros(d, np.float32)
+    b_dec = _b_dec(w)
+    # for the classes that do not subtract b_dec before the encoder: b_enc - W_enc b_dec
+    folded = (w["b_enc"] - w["W_enc"].astype(np.float64) @ b_dec).astype(np.float32)
     if arch.name == "relu_l1":
-        return {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"],
-                "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "decoder.bias": zeros}
+        return {"encoder.weight": w["W_enc"], "encoder.bias": folded,
+                "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "decoder.bias": b_dec}
     if arch.name == "jumprelu":
-        return {"W_enc": np.ascontiguousarray(w["W_enc"].T), "b_enc": w["b_enc"], "W_dec": w["D_unit"],
-                "b_dec": zeros, "threshold": w["threshold"]}
+        return {"W_enc": np.ascontiguousarray(w["W_enc"].T), "b_enc": folded, "W_dec": w["D_unit"],
+                "b_dec": b_dec, "threshold": w["threshold"]}
     theta = np.float32(-1.0)  # AutoEncoderTopK's "no threshold"
     if arch.name == "batchtopk":
         theta = w["threshold"][0]
@@ -210,7 +224,7 @@ def _dictionary_learning(w: dict[str, np.ndarray], arch: archs.Arch) -> dict[str
             raise UsageError("dictionary_learning's BatchTopKSAE holds one threshold; "
                              "this cell's thresholds differ by latent")
     return {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"],
-            "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "b_dec": zeros,
+            "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "b_dec": b_dec,
             "k": np.array(arch.k, np.int32), "threshold": np.array(theta, np.float32)}
 
 

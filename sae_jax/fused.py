@@ -18,6 +18,12 @@ The codes live as (C, m, B) (a "K x B" layout):
     dL/db_e  = sum_b dL/dpre
     dL/dD    = the VJP of D -> D^ = unit_rows(D) applied to dL/dD^.
 
+With a decoder bias b_dec (`sae.SAEParams.b_dec_D`) the encoder reads x - b_dec and the decoder
+adds b_dec. The encoder GEMM stays one GEMM for the group by folding the bias into the encoder's:
+pre = W_e x + b', b' = b_e - W_e b_dec, and x^ gets + b_dec. Then dL/db_e = dL/db' and
+
+    dL/db_dec = sum_b g - W_e^T dL/db',     dL/dW_e = dL/dpre x^T - dL/db' b_dec^T.
+
 Matmul operands are cast to `compute_dtype` (float32 or bfloat16) with float32 accumulation
 (`preferred_element_type`); parameters, the loss, its statistics and every elementwise step
 stay float32. In float32 the gradients equal `jax.grad(sae.loss)` to float tolerance
@@ -76,6 +82,9 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
         raise ValueError(f"l1 convention must be one of {sae.L1_CONVENTIONS}, got {convention!r}")
     dt = jnp.dtype(compute_dtype)
     w_CxMxD, b_CxM, d_CxMxD = params.W_enc_MxD, params.b_enc_M, params.D_MxD
+    b_dec_CxD = params.b_dec_D
+    if b_dec_CxD is not None:  # b' = b_e - W_e b_dec (module docstring)
+        b_CxM = b_CxM - jnp.einsum("cmd,cd->cm", w_CxMxD, b_dec_CxD)
     n_cells, m, d = w_CxMxD.shape
     batch = x_BxD.shape[-2]
     t = (x_BxD if target_BxD is None else target_BxD).astype(F32)
@@ -101,6 +110,8 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
     atoms, unit_vjp = jax.vjp(sparse_unit.unit_rows, d_CxMxD)  # native on the CPU: one pass each way
     atoms_lo = atoms.astype(dt)
     xhat_CxDxB = _mm(MATMULS["decoder forward"], swap(atoms_lo), c_lo, dt)
+    if b_dec_CxD is not None:
+        xhat_CxDxB = xhat_CxDxB + b_dec_CxD[:, :, None]
     r_CxDxB = xhat_CxDxB - t_DxB
     sq_CxB = jnp.sum(jnp.square(r_CxDxB), axis=1)
     mse_C = jnp.sum(sq_CxB, axis=1) / (batch * d)
@@ -121,5 +132,10 @@ def group_loss_and_grad(params: sae.SAEParams, x_BxD: Array, l1_coeff_C: Array,
         d_wb = d_wb.reshape(n_cells, m, d + _ONES)
     else:
         d_wb = _mm("cmb,cbd->cmd", dpre_lo, x_aug, dt)
-    grads = sae.SAEParams(d_wb[..., :d], d_wb[..., d], unit_vjp(d_atoms)[0])
+    d_w, d_b = d_wb[..., :d], d_wb[..., d]
+    if b_dec_CxD is None:
+        return (total_C, aux), sae.SAEParams(d_w, d_b, unit_vjp(d_atoms)[0])
+    g_sum_CxD = jnp.sum(r_CxDxB, axis=2) * (2.0 / (batch * d))
+    d_b_dec = g_sum_CxD - jnp.einsum("cmd,cm->cd", w_CxMxD, d_b)
+    grads = sae.SAEParams(d_w - d_b[:, :, None] * b_dec_CxD[:, None, :], d_b, unit_vjp(d_atoms)[0], d_b_dec)
     return (total_C, aux), grads

@@ -81,11 +81,14 @@ def _init_group(keys: Array, d: int, m: int, tied: bool) -> sae.SAEParams:
 
 
 def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig(),
-              pad_multiple: int = 1) -> GridState:
+              pad_multiple: int = 1, x_init: Array | None = None) -> GridState:
     """Initial state: every cell's SAE, Adam moments, counters; each group padded with inert
-    cells (lr = 0, valid = False) to a multiple of `pad_multiple`."""
+    cells (lr = 0, valid = False) to a multiple of `pad_multiple`. With a decoder bias
+    (`cfg.decoder_bias` "mean" or "median") every cell's b_dec starts at that statistic of the
+    data sample `x_init` (N, d)."""
     spec.validate()
     cfg.validate()
+    b_dec = initial_decoder_bias(cfg, d, x_init)
     init_key, data_key = jax.random.split(key)
     cells = spec.cells()
     groups = []
@@ -97,8 +100,10 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
         n = len(mine)
         keys = jnp.stack([cell_key(init_key, m, c.seed) for c in mine])
         params = _init_group(keys, d, m, cfg.tied_init)
+        if b_dec is not None:
+            params = params._replace(b_dec_D=np.broadcast_to(b_dec, (n, d)).copy())
         if arch.has_threshold:
-            params = sae.ThresholdSAEParams(*params, np.full((n, m), math.log(cfg.init_threshold), np.float32))
+            params = sae.with_threshold(params, np.full((n, m), math.log(cfg.init_threshold), np.float32))
         opt = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(jax.vmap(cfg.adam().init), params))
         groups.append(GroupState(
             params=params,
@@ -117,6 +122,18 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
         ))
     state = GridState(tuple(groups), np.zeros((), np.int32), data_key)
     return jax.device_put(pad(state, pad_multiple))
+
+
+def initial_decoder_bias(cfg: TrainConfig, d: int, x_init: Array | None) -> np.ndarray | None:
+    """b_dec's initial value (d,) under `cfg.decoder_bias` (None: no decoder bias)."""
+    if cfg.decoder_bias == "none":
+        return None
+    if cfg.decoder_bias == "zero":
+        return np.zeros((d,), np.float32)
+    if x_init is None or np.ndim(x_init) != 2 or np.shape(x_init)[-1] != d:
+        raise UsageError(f"`decoder_bias` {cfg.decoder_bias!r} needs a data sample x_init of shape "
+                         f"(N, {d}) to start from", field="decoder_bias")
+    return np.asarray(sae.decoder_bias_init(x_init, cfg.decoder_bias), np.float32)
 
 
 def pad(state: GridState, multiple: int) -> GridState:

@@ -75,6 +75,11 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# Added to any recipe for runs on stored activations (`sae-jax grid`) unless a flag sets them:
+# real activations have a large mean, which a decoder bias takes instead of the latents.
+STORED_ACTIVATIONS: Mapping[str, Any] = {"decoder_bias": "mean"}
+
+
 def train_config(recipe: str | None, steps: int, overrides: Mapping[str, Any] | None = None,
                  preset: ToyPreset | None = None) -> grid.TrainConfig:
     """The recipe's values (default: the report's), under the preset's batch size, plus the

@@ -114,7 +114,10 @@ def recycle_mask(params: sae.SAEParams, since_fired_M: Array, dead_window: int,
 
 
 def _zero_rows(tree: sae.SAEParams, mask_M: Array) -> sae.SAEParams:
-    return jax.tree.map(lambda a: jnp.where(mask_M.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a), tree)
+    """The rows of the masked latents zeroed in every per-latent leaf (the decoder bias is not
+    per latent: it keeps its moments)."""
+    zero = lambda a: jnp.where(mask_M.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a)
+    return jax.tree.map(zero, tree._replace(b_dec_D=None))._replace(b_dec_D=tree.b_dec_D)
 
 
 def resample_cell(cell: GroupState, pool_PxD: Array, key: Array, dead_window: int,

@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -215,6 +215,35 @@ def _warn_slow_topk(spec: grid.GridSpec) -> None:
                     native.status() or "switched off (sparse.kernels(False))")
 
 
+def checkpointed_train_value(out: str, field: str, phase: str = "grid") -> Any:
+    """A training field's value in the newest checkpoint of run OUT (its default when the
+    checkpoint predates the field: `TrainConfig.to_dict` omits defaults), or None without one."""
+    path = os.path.join(os.path.abspath(out), "checkpoints", phase)
+    if not os.path.isdir(path):
+        return None
+    with checkpoint.Checkpointer(path, process_local=True) as ckpt:
+        if ckpt.latest_step() is None:
+            return None
+        train = ckpt.read_metadata().get("run_config", {}).get("train", {})
+    return train.get(field, getattr(grid.TrainConfig, field))
+
+
+DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
+
+
+def _decoder_bias_sample(cfg: grid.TrainConfig, seed: int, d: int, world: toy.ToyWorld | None,
+                         batches: Callable | None) -> np.ndarray | None:
+    """The (N, d) sample b_dec's initial value is computed from: the toy world's inputs from a key
+    no training step uses, or the first training batches of the stream; None without a bias."""
+    if cfg.decoder_bias in ("none", "zero"):
+        return None
+    if world is not None:
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xB1A5)
+        return np.asarray(toy.sample_inputs(key, world, DECODER_BIAS_SAMPLES)).reshape(-1, d)
+    n = -(-DECODER_BIAS_SAMPLES // cfg.batch_size)
+    return np.asarray(batches(0, n), np.float32).reshape(-1, d)
+
+
 def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: int,
                run_config: dict, *, world: toy.ToyWorld | None = None, batches: Callable | None = None,
                ground_truth: jax.Array | None = None) -> tuple[grid.GridState, Trained]:
@@ -226,7 +255,8 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
     t0 = time.perf_counter()
     _warn_slow_topk(spec)
     mesh = sharding.make_mesh(opts.devices)
-    state = grid.init_grid(jax.random.PRNGKey(opts.seed), spec, d, cfg)  # unpadded
+    x_init = _decoder_bias_sample(cfg, opts.seed, d, world, batches)
+    state = grid.init_grid(jax.random.PRNGKey(opts.seed), spec, d, cfg, x_init=x_init)  # unpadded
     writer = jax.process_index() == 0
     ckpt = None
     if (opts.checkpoint_every and writer) or opts.resume:

@@ -1,9 +1,15 @@
 """The report's sparse autoencoder as pure functions.
 
-    c   = ReLU(W_e x + b_e)                 W_e in R^{m x d}, b_e in R^m
-    x^  = D^ c,   D^_j = D_j / ||D_j||      decoder atoms normalised on the forward pass, no bias
+    c   = ReLU(W_e (x - b_dec) + b_e)       W_e in R^{m x d}, b_e in R^m
+    x^  = D^ c + b_dec,  D^_j = D_j / ||D_j||   decoder atoms normalised on the forward pass
     L   = (1/d) ||x - x^||^2 + alpha * L1(c)   averaged over the batch
     L1  = ||c||_1 / m  ("report" convention)  or  ||c||_1  ("sum" convention)
+
+The decoder bias b_dec in R^d is optional (`SAEParams.b_dec_D`, None by default): the report's
+SAE has none, and with None it is absent from the computation, not a zero. Set, it is subtracted
+before the encoder and added back after the decoder (as in SAELens, sparsify and
+dictionary_learning), so latents are not spent on the data's offset; its initial value is zero,
+the data mean or a geometric median (`decoder_bias_init`).
 
 The decoder is stored as rows D_MxD (atom j is row j). It is orthogonally initialised; the
 encoder is Xavier-uniform (or tied: W_e = D at init) with zero bias. The gradient flows through
@@ -20,12 +26,14 @@ import jax.numpy as jnp
 Array = jax.Array
 L1Convention = Literal["report", "sum"]
 L1_CONVENTIONS = ("report", "sum")
+DECODER_BIAS_INITS = ("none", "zero", "mean", "median")
 
 
 class SAEParams(NamedTuple):
     W_enc_MxD: Array
     b_enc_M: Array
     D_MxD: Array
+    b_dec_D: Array | None = None  # the decoder bias; None: the SAE has none (the report's)
 
 
 class ThresholdSAEParams(NamedTuple):
@@ -36,6 +44,13 @@ class ThresholdSAEParams(NamedTuple):
     b_enc_M: Array
     D_MxD: Array
     log_threshold_M: Array
+    b_dec_D: Array | None = None
+
+
+def with_threshold(params: SAEParams, log_threshold_M: Array) -> ThresholdSAEParams:
+    """`params` (decoder bias included) with log theta added."""
+    return ThresholdSAEParams(params.W_enc_MxD, params.b_enc_M, params.D_MxD, log_threshold_M,
+                              params.b_dec_D)
 
 
 class LossAux(NamedTuple):
@@ -63,14 +78,40 @@ def unit_rows(w: Array, eps: float = 1e-8) -> Array:
     return w / (scale * jnp.linalg.norm(w / scale, axis=-1, keepdims=True) + eps)
 
 
+def centred(params: SAEParams, x_BxD: Array) -> Array:
+    """x - b_dec (x itself when the SAE has no decoder bias)."""
+    return x_BxD if params.b_dec_D is None else x_BxD - params.b_dec_D
+
+
 def encode(params: SAEParams, x_BxD: Array) -> Array:
-    """c = ReLU(W_e x + b_e)."""
-    return jax.nn.relu(x_BxD @ params.W_enc_MxD.T + params.b_enc_M)
+    """c = ReLU(W_e (x - b_dec) + b_e)."""
+    return jax.nn.relu(centred(params, x_BxD) @ params.W_enc_MxD.T + params.b_enc_M)
 
 
 def decode(params: SAEParams, c_BxM: Array) -> Array:
-    """x^ = sum_j c_j D_j / ||D_j||."""
-    return c_BxM @ unit_rows(params.D_MxD)
+    """x^ = sum_j c_j D_j / ||D_j|| + b_dec."""
+    x_hat = c_BxM @ unit_rows(params.D_MxD)
+    return x_hat if params.b_dec_D is None else x_hat + params.b_dec_D
+
+
+def decoder_bias_init(x_NxD: Array, method: str, iters: int = 50) -> Array:
+    """b_dec's initial value from a data sample: zeros ("zero"), the mean ("mean"), or the
+    geometric median argmin_y sum_n ||x_n - y|| ("median", Weiszfeld's iteration
+    y <- sum_n w_n x_n / sum_n w_n with w_n = 1 / max(||x_n - y||, 1e-8), from the mean)."""
+    x = jnp.asarray(x_NxD, jnp.float32)
+    if method == "zero":
+        return jnp.zeros(x.shape[-1], jnp.float32)
+    mean = jnp.mean(x, axis=0)
+    if method == "mean":
+        return mean
+    if method != "median":
+        raise ValueError(f"decoder bias init must be one of {DECODER_BIAS_INITS[1:]}, got {method!r}")
+
+    def step(y, _):
+        w = 1.0 / jnp.maximum(jnp.linalg.norm(x - y, axis=-1), 1e-8)
+        return jnp.sum(w[:, None] * x, axis=0) / jnp.sum(w), None
+
+    return jax.lax.scan(step, mean, None, length=iters)[0]
 
 
 def dictionary(params: SAEParams) -> Array:
@@ -90,7 +131,8 @@ def l1_penalty(c_BxM: Array, convention: L1Convention = "report") -> Array:
 
 def loss(params: SAEParams, x_BxD: Array, l1_coeff: Array, convention: L1Convention = "report",
          target_BxD: Array | None = None) -> tuple[Array, LossAux]:
-    """L = mean_b (1/d)||t - x^||^2 + alpha * L1(c); t = x unless a denoising target is given."""
+    """L = mean_b (1/d)||t - x^||^2 + alpha * L1(c), c = encode(x), x^ = decode(c); t = x unless a
+    denoising target is given."""
     target = x_BxD if target_BxD is None else target_BxD
     c = encode(params, x_BxD)
     x_hat = decode(params, c)

@@ -17,7 +17,18 @@ alpha = alpha' (r / r')^p, snapped to the nearest grid alpha in log scale, with 
 report's L1 convention (alpha ||c||_1 / m: the penalty per latent is alpha / m) and p = 0 for
 `sum` (alpha ||c||_1). (The dead-latent alpha at the largest ratio is where a too-large
 dictionary is still dense: on the selector study's development worlds its MMCS was 0.3-0.47
-below the grid's best.) The dead-latent alpha is used only when no ratio has a ridge. MMCS with larger dictionaries cannot pick the size on
+below the grid's best.) The dead-latent alpha is used only when no ratio has a ridge.
+
+With `dead_consistent` (off by default; experiments/selector_study.py scores it as
+`combined_dead_free`) the alpha must also agree with the dead-latent evidence at the chosen ratio
+(penalty architectures: relu_l1, jumprelu): when some cell at that ratio has no dead latents and
+the ridge's cell has some, alpha moves to the dead-free cell nearest to the ridge's alpha in log
+alpha (`_consistent_with_dead`). That helps where the penalty killed latents (a world with many
+active features and no correlation: the ridge peaked at alpha 1, a cell with 2 dead latents,
+while alpha 0.3 had none and the higher MMCS), and hurts where the chosen dictionary is larger
+than the data's features: on the report's world (docs/toy-small) the dead-free cells at the
+dead-latent ratio 2 are the dense ones (alpha <= 0.1, MMCS 0.93) while the ridge's alpha 0.56
+(22 dead latents of 256) reaches the grid's best, 0.9989. MMCS with larger dictionaries cannot pick the size on
 its own: a too-small dictionary learns the most frequent features, which every larger one also
 has, so it scores as high as the right size. When no cell is free of dead latents, the ratio
 is the one most methods name. The methods that agree and disagree are listed.
@@ -119,13 +130,24 @@ def _carried_ridge_alpha(larger_AxR: np.ndarray, j: int, l1_axis, ratio_axis,
                             f"carried to ratio {ratio_axis[j]:g}")
 
 
+def _consistent_with_dead(i: int, dead_A: np.ndarray, l1_axis) -> int:
+    """Alpha index i moved to the nearest (in log alpha; the smaller on a tie) alpha whose cell has
+    no dead latents, when i's cell has some and another cell of this ratio has none."""
+    ok = np.nan_to_num(dead_A, nan=np.inf) <= 0
+    if ok[i] or not ok.any():
+        return i
+    logs = np.log(np.maximum(np.asarray(l1_axis, np.float64), 1e-300))
+    return int(min(np.flatnonzero(ok), key=lambda a: (abs(logs[a] - logs[i]), logs[a])))
+
+
 def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
             l1_axis: Sequence[float], ratio_axis: Sequence[float], size_exponent: float = 1.0,
-            alive_AxR: np.ndarray | None = None) -> dict:
+            alive_AxR: np.ndarray | None = None, dead_consistent: bool = False) -> dict:
     """Each method's (ratio, alpha), a combined suggestion, and where the methods agree.
     size_exponent: p in the carried ridge alpha (1 for the report's L1 convention, 0 for sum).
     alive_AxR (fixed-L0 architectures): the fraction of latents alive per cell; then the ratio is
-    `by_live_latents`' instead of the dead-latent method's."""
+    `by_live_latents`' instead of the dead-latent method's. dead_consistent: alpha moves off a cell
+    with dead latents when its ratio has a dead-free one (`_consistent_with_dead`)."""
     dead = by_dead_latents(dead_AxR, l1_axis, ratio_axis)
     methods = [dead, by_ssll(ssll_AxR, l1_axis, ratio_axis),
                by_mmcs_with_larger(larger_AxR, l1_axis, ratio_axis)]
@@ -155,6 +177,12 @@ def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
         m = next((m for m in sorted(voting, key=lambda m: m["ratio"] != ratio) if m["l1"] is not None),
                  {"l1": l1_axis[0], "method": "the densest setting"})
         l1, how = m["l1"], "alpha from " + m["method"]
+    if dead_consistent and alive_AxR is None and l1 in list(l1_axis):  # penalty architectures: dead latents mean too much penalty
+        i = list(l1_axis).index(l1)
+        i_ok = _consistent_with_dead(i, np.asarray(dead_AxR)[:, j], l1_axis)
+        if i_ok != i:
+            l1, how = float(l1_axis[i_ok]), how + (f", moved to alpha {l1_axis[i_ok]:g}, the nearest "
+                                                   f"without dead latents at this ratio")
     agree = [m["method"] for m in voting if m["ratio"] == ratio]
     disagree = [m["method"] for m in methods if m["method"] not in agree]  # elsewhere, or silent
     other = [m["method"] for m in voting if m["ratio"] != ratio]

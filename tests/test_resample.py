@@ -46,7 +46,7 @@ def _brute_mask(cell, window, thr):
 
 
 def _np_reconstruct(p, x):
-    w, b, dec = (np.asarray(a, np.float64) for a in p)
+    w, b, dec = (np.asarray(a, np.float64) for a in p[:3])
     c = np.maximum(x @ w.T + b, 0)
     return c @ (dec / np.linalg.norm(dec, axis=1, keepdims=True))
 
@@ -75,11 +75,11 @@ def test_resample_cell_against_brute_force():
     # Untouched latents: parameters and both Adam moments bit-for-bit.
     for before, after in [(cell.params, new.params), (cell.opt.mu, new.opt.mu),
                           (cell.opt.nu, new.opt.nu)]:
-        for a, b in zip(before, after):
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
             np.testing.assert_array_equal(np.asarray(b)[live], np.asarray(a)[live])
     # Recycled latents: zero Adam moments in every parameter.
     for moments in (new.opt.mu, new.opt.nu):
-        for leaf in moments:
+        for leaf in jax.tree.leaves(moments):
             assert np.all(np.asarray(leaf)[mask] == 0)
     assert int(new.opt.count) == int(cell.opt.count)
 

@@ -28,7 +28,7 @@ def _x(seed: int = 1) -> jax.Array:
 
 def _np_loss(p: sae.SAEParams, x: np.ndarray, alpha: float, convention: str):
     """Float64 reference: (mean_b (1/d)||x - x^||^2, mean_b L1)."""
-    w, b, dec = (np.asarray(a, np.float64) for a in p)
+    w, b, dec = (np.asarray(a, np.float64) for a in p[:3])
     x = np.asarray(x, np.float64)
     c = np.maximum(x @ w.T + b, 0.0)
     x_hat = c @ (dec / np.linalg.norm(dec, axis=1, keepdims=True))

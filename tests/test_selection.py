@@ -72,9 +72,9 @@ def test_mmcs_with_larger_takes_the_maximum_ignoring_nan():
 
 
 def test_all_methods_agree():
-    out = selection.suggest(_dead({0: 4, 1: 1}), _ssll({1: 2, 2: 3}), _larger(3, 1), L1, RATIOS)
+    out = selection.suggest(_dead({0: 4, 1: 3}), _ssll({1: 2, 2: 3}), _larger(3, 1), L1, RATIOS)
     assert [m["ratio"] for m in out["methods"]] == [1.0, 1.0, 1.0]
-    assert [m["l1"] for m in out["methods"]] == [0.03, 0.1, 0.3]
+    assert [m["l1"] for m in out["methods"]] == [0.3, 0.1, 0.3]
     # The ratio all agree on; alpha where the MMCS-with-larger ridge peaks at that ratio.
     assert (out["ratio"], out["l1"]) == (1.0, 0.3)
     assert out["agree"] == ["dead_latents", "ssll", "mmcs_with_larger"]
@@ -101,7 +101,7 @@ def test_without_dead_latent_answer_the_majority_ratio_is_used():
 def test_without_a_majority_the_dead_latent_ratio_and_the_ridge_alpha_are_combined():
     larger = _larger(3, 0)  # the global ridge is at ratio 0.5 ...
     larger[2, 2] = 0.8  # ... and at ratio 2 the ridge peaks at alpha 0.1
-    out = selection.suggest(_dead({0: 4, 2: 1}), _ssll({1: 2}), larger, L1, RATIOS)
+    out = selection.suggest(_dead({0: 4, 2: 2}), _ssll({1: 2}), larger, L1, RATIOS)
     assert [m["ratio"] for m in out["methods"]] == [2.0, 1.0, 0.5]
     assert (out["ratio"], out["l1"]) == (2.0, 0.1)
     assert out["agree"] == ["dead_latents"]
@@ -112,7 +112,7 @@ def test_without_a_majority_the_dead_latent_ratio_and_the_ridge_alpha_are_combin
 def test_largest_ratio_has_no_ridge_so_alpha_is_carried_from_the_next_smaller_ratio():
     """Ridge peak alpha 0.03 at ratio 2, carried to ratio 4 at the same penalty per latent:
     0.03 x (4/2)^p, snapped to the grid in log alpha (p = 1: report convention; p = 0: sum)."""
-    out = selection.suggest(_dead({3: 1}), _ssll({}), _larger(1, 2), L1, RATIOS)
+    out = selection.suggest(_dead({3: 2}), _ssll({}), _larger(1, 2), L1, RATIOS)
     assert (out["ratio"], out["l1"]) == (4.0, 0.1)  # 0.06 is nearer 0.1 than 0.03 in log
     assert "ridge at ratio 2, carried to ratio 4" in out["summary"]
     out = selection.suggest(_dead({3: 1}), _ssll({}), _larger(1, 2), L1, RATIOS, size_exponent=0)
@@ -219,3 +219,27 @@ def test_results_analyse_reads_topk_cells_with_the_live_latent_ratio():
     assert topk["methods"][0]["method"] == "live_latents" and topk["ratio"] == 1.0
     assert "live_latents" in topk["summary"] and topk["k"] in (2, 4)
     assert [m["method"] for m in l1["methods"]] == ["dead_latents", "ssll", "mmcs_with_larger"]
+
+
+def test_dead_consistent_alpha_never_lands_on_a_dead_cell_when_the_ratio_has_a_dead_free_one():
+    """With dead_consistent: the ridge at the chosen ratio peaks at alpha 1 where the penalty
+    killed latents; the suggestion takes the dead-free alpha nearest to it (0.3), and says so."""
+    larger = _larger(4, 1)  # the ridge at ratio 1: alpha 1
+    dead = _dead({1: 3})  # ratio 1 is dead-free up to alpha 0.3; larger ratios dead everywhere
+    out = selection.suggest(dead, _ssll({}), larger, L1, RATIOS, dead_consistent=True)
+    assert (out["ratio"], out["l1"]) == (1.0, 0.3)
+    assert "moved to alpha 0.3, the nearest without dead latents" in out["summary"]
+    # a dead cell below the dead-free band (dead at alpha 0.01 only): the nearest dead-free alpha above
+    dead = np.full((5, 4), 5.0)
+    dead[1:, 1] = 0
+    out = selection.suggest(dead, _ssll({}), _larger(0, 1), L1, RATIOS, dead_consistent=True)
+    assert (out["ratio"], out["l1"]) == (1.0, 0.03)
+    # a ridge cell without dead latents stays where it is
+    out = selection.suggest(_dead({1: 3}), _ssll({}), _larger(2, 1), L1, RATIOS, dead_consistent=True)
+    assert (out["ratio"], out["l1"]) == (1.0, 0.1) and "moved" not in out["summary"]
+    # fixed-L0 grids (TopK): dead latents there are rare features, not a penalty; k stays the ridge's
+    fixed = selection.suggest(_dead({1: 3}), _ssll({}), larger, L1, RATIOS, size_exponent=0,
+                              alive_AxR=_alive([0.25] * 5), dead_consistent=True)
+    assert fixed["ratio"] == 1.0 and fixed["l1"] == 1.0 and "moved" not in fixed["summary"]
+    # the default keeps the ridge's alpha
+    assert selection.suggest(_dead({1: 3}), _ssll({}), larger, L1, RATIOS)["l1"] == 1.0

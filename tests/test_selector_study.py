@@ -44,6 +44,9 @@ def test_regret_and_ratio_hit_are_read_off_the_chosen_cells():
     assert (row["mmcs_with_larger"]["ratio"], row["mmcs_with_larger"]["l1"]) == (0.5, 0.3)
     assert (row["combined"]["ratio"], row["combined"]["l1"]) == (2.0, 1.0)
     assert row["combined"]["regret"] == pytest.approx(0.99 - 0.97) and row["combined"]["ratio_hit"]
+    # combined_dead_free: the same ratio, alpha moved to its dead-free cell nearest alpha 1.0: 0.1
+    assert (row["combined_dead_free"]["ratio"], row["combined_dead_free"]["l1"]) == (2.0, 0.1)
+    assert row["combined_dead_free"]["dead"] == 0
 
 
 def test_topk_worlds_get_a_k_axis_and_the_live_latent_ratio():

@@ -89,7 +89,7 @@ def test_loss_and_gradients_equal_dense_under_vmap(batch_top):
     ref_l, ref_g = grad(dense_loss)(p, x, K, batch_top)
     l, g = grad(sparse_loss)(p, x, K, batch_top)
     _close(l, ref_l, 1e-5)
-    for name, a, b in zip(sae.SAEParams._fields, g, ref_g):
+    for name, a, b in zip(sae.SAEParams._fields[:3], g, ref_g):
         assert float(jnp.max(jnp.abs(b))) > 0, name
         _close(a, b, 1e-4)
 
@@ -101,7 +101,7 @@ def test_many_cells_take_the_batched_kernels(monkeypatch):
                         static_argnums=(2, 3))(p, x, K, False)
     unrolled = g()
     monkeypatch.setattr(sparse, "MAX_UNROLLED_CELLS", 1)
-    for a, b in zip(g(), unrolled):
+    for a, b in zip(g()[:3], unrolled[:3]):
         _close(a, b, 1e-6)
 
 
@@ -201,7 +201,7 @@ def test_bfloat16_gradients_near_float32(batch_top):
     p, x = jax.tree.map(lambda a: a[0], _params()), _x()
     g32 = jax.grad(sparse_loss)(p, x, K, batch_top)
     g16 = jax.grad(sparse_loss)(p, x, K, batch_top, "bfloat16")
-    for name, a, b in zip(sae.SAEParams._fields, g16, g32):
+    for name, a, b in zip(sae.SAEParams._fields[:3], g16, g32):
         assert a.dtype == jnp.float32, name
         rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
         assert rel < 2e-2, (name, rel)
