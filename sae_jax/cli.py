@@ -133,7 +133,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--eval-samples", type=int, default=8192)
     o.add_argument("--devices", type=int, help="use the first N devices (default: all)")
     o.add_argument("--distributed", action="store_true",
-                   help="one process of several: jax.distributed.initialize() (README: several hosts)")
+                   help="one process of several: jax.distributed.initialize() (docs/devices.md)")
     o.add_argument("--no-progress", action="store_true")
     o.add_argument("--no-figures", action="store_true")
 
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-sample angle std (radians) of each feature's direction")
     w.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to every sampled x")
     w.add_argument("--world-axis", help="sweep one world knob across the grid: noise, jitter or "
-                   "corr_strength (every value in the same compiled step; README: a world axis)")
+                   "corr_strength (every value in the same compiled step; docs/reproduction.md)")
     w.add_argument("--world-values", type=floats, help="comma list of the --world-axis knob's values")
     w.add_argument("--no-appendix", action="store_true",
                    help="skip the denoising appendix grid (skipped anyway for a custom world or grid)")

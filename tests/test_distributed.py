@@ -1,4 +1,4 @@
-"""The README's two-process command (several hosts) on the loopback address: it matches one
+"""docs/devices.md's two-process command (several hosts) on the loopback address: it matches one
 process, resumes after both are killed, and a process killed alone stops the other with one line.
 (Apart from tests/test_run.py so that pytest-xdist runs the two files side by side.)"""
 
@@ -24,7 +24,7 @@ def _port() -> int:
 
 
 def _two_processes(out: str, port: int, extra: list[str]) -> list[subprocess.Popen]:
-    """The README's commands (several hosts), both on the loopback address."""
+    """docs/devices.md's commands (several hosts), both on the loopback address."""
     procs = []
     for i in (0, 1):
         env = {**ENV, "JAX_NUM_CPU_DEVICES": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",

@@ -48,7 +48,7 @@ def test_dead_latents_above_the_band_and_in_oversized_dictionaries(small):
     below = [c for c in _at(cells, 1.0) if c["l1"] < min(band)]
     assert all(c["dead"] == 0 for c in below)
     # Inside the band at ratio 1 the best cells have none, and at most 3 of the 128 latents
-    # (2%) are dead at the band's upper end, where the report saw none (README, REPORT.md).
+    # (2%) are dead at the band's upper end, where the report saw none (docs/reproduction.md, REPORT.md).
     inside = [c for c in _at(cells, 1.0) if c["l1"] in band]
     assert min(c["dead"] for c in inside) == 0
     assert max(c["dead"] for c in inside) <= 3
