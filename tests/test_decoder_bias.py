@@ -260,3 +260,21 @@ def test_resume_keeps_the_checkpoints_decoder_bias(offset_run, tmp_path, capsys)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "decoder_bias" in err[0] and "--decoder-bias" in err[1], err
+
+
+def test_saelens_loads_the_bias_export_and_reconstructs_as_load_cell(offset_run, tmp_path):
+    """Optional: only where sae_lens is installed (`pip install -e '.[bench]'`)."""
+    pytest.importorskip("sae_lens")
+    import torch
+    from sae_lens import SAE
+
+    out, x = offset_run
+    for c in range(4):
+        _, encode, decode = export.load_cell(out, c)
+        ours = np.asarray(decode(encode(x)))
+        export.export(out, c, "saelens", tmp_path / f"sl{c}")
+        loaded = SAE.load_from_disk(str(tmp_path / f"sl{c}"))
+        assert np.abs(loaded.b_dec.detach().numpy()).max() > 1
+        with torch.no_grad():
+            x_hat = loaded.decode(loaded.encode(torch.from_numpy(np.array(x)))).numpy()
+        assert np.linalg.norm(x_hat - ours) / np.linalg.norm(ours) <= 1e-5
