@@ -13,6 +13,7 @@
 
 namespace {
 
+// e -= g, and |e|^2 after it: kLanes partial sums, then the tail, then the lanes (SumLanes).
 inline float SubtractSquares(float* e, const float* g, int64_t d) {
   F16 part = F16::Zero();
   int64_t q = 0;

@@ -13,11 +13,11 @@
 
 namespace {
 
-// ----------------------------------------------------------------------------- gathers, scatter
 // The scatter-add walks one cell's (row, slot) entries grouped by blocks of rows, and within a
 // block by latent, in increasing latent order: a block's rows (B_b x D floats, sized to stay in the
 // L2 cache) are read at random while the output streams through once per block in address order.
-// The gather and the dot products go row by row instead (GatherSumBody, DotsBody).
+// (decode_err.cc indexes a large table's entries the same way.) The gather and the dot products go
+// row by row instead (gather.cc).
 constexpr int64_t kBlockBytes = 1024 * 1024;
 
 struct Blocked {
@@ -77,7 +77,7 @@ struct Blocked {
   const int32_t* Start(int64_t q, int64_t L) const { return start.data() + q * (L + 1); }
 };
 
-
+// AxpyRows on [t0, ...) in tiles of NV x 16 floats held in registers; where the tiles stopped.
 template <int NV, class T>
 SAE_INLINE int64_t AxpyRowsTiles(const float* w, const T* rows, const int32_t* rs, int64_t ne,
                                  float* y, int64_t d, int64_t t0) {
@@ -105,11 +105,7 @@ inline void AxpyRows(const float* w, const T* rows, const int32_t* rs, int64_t n
     for (int64_t p = 0; p < ne; ++p) Axpy(w[p], rows + rs[p] * d + t0, y + t0, d - t0);
 }
 
-// out_n = sum_j w_nj T[i_nj] in slot order, row by row over the threads: the row is held in
-// registers kTile x 16 floats at a time while its J table rows stream in, each asked for kAhead slots
-// ahead of its use. Walking the entries by latent instead (the table read once per row block, the
-// out rows added to in the L2 cache) ran 1.6x slower at d 256 and no faster at d 1024 (both
-
+// out_l = sum w_nj r_n over entries with i_nj = l: every cell's row blocks indexed first, side by
 // side on the threads (on one thread, a cell after another, the counting sorts cost the LLM-sized
 // step's scatter 15%), then a cell at a time, its latents split over the threads (both threads
 // on one cell's rows: splitting the cells instead ran 1.2x slower at d 1024); each thread walks
