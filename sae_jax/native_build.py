@@ -17,8 +17,8 @@ private folder made for the process (`tempfile.mkdtemp`, removed at exit): no fi
 A build holds a lock on its folder (`build.lock`): processes started together wait for the one
 building, then load its library. A compiler's failure is kept where its library would be
 (`sparse_kernels-<key>.failed`, holding the first error): later processes report it without
-compiling again, until that file is removed or the key changes. A build prunes the folder to the
-`KEEP_BUILDS` most recently used libraries (`prune`).
+compiling again for `STALE_S` (a day), until that file is removed, or until the key changes. A
+build prunes the folder to the `KEEP_BUILDS` most recently used libraries (`prune`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ SOURCE = SOURCES / "sparse_kernels.cc"  # the translation unit: it includes the 
 PREFIX = "sparse_kernels-"
 LOCK = "build.lock"
 KEEP_BUILDS = 8  # the cache keeps this many libraries (one per jax version, CPU, compiler ...)
-STALE_S = 24 * 3600  # and removes no file used within this many seconds
+STALE_S = 24 * 3600  # and removes no file used within this many seconds; a failure is retried after it
 
 
 class BuildFailed(RuntimeError):
@@ -161,7 +161,7 @@ def library(cxx: str) -> Path:
         except OSError as e:  # a folder that cannot be written
             why = str(e)
     private = _private_root()
-    log.info("sae_jax: native kernels' cache not used (%s); building them in %s", why, private)
+    log.info("the native kernels' cache is not used (%s); building them in %s", why, private)
     return _build_in(private, key, cxx, check=False)
 
 
@@ -174,10 +174,10 @@ def _build_in(root: Path, key: str, cxx: str, check: bool) -> Path:
         if lib.exists() and not (check and unsafe(lib)):
             _touch(lib)
             return lib
-        if failed.exists() and not (check and unsafe(failed)):
-            _touch(failed)
+        if (failed.exists() and not (check and unsafe(failed))
+                and time.time() - failed.stat().st_mtime < STALE_S):
             why = failed.read_text(errors="replace").strip() or "the build failed"
-            raise BuildFailed(f"{why} (cached: remove {failed} to retry)")
+            raise BuildFailed(f"{why} (cached for a day: remove {failed} to retry now)")
         return None
 
     if found := cached():
@@ -195,6 +195,8 @@ def _build_in(root: Path, key: str, cxx: str, check: bool) -> Path:
                 raise
             os.chmod(tmp, 0o755)
             os.replace(tmp, lib)  # over any library that failed the check
+            if failed.exists():  # a failure over a day old, now mended
+                failed.unlink()
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

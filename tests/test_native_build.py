@@ -83,17 +83,21 @@ def test_without_a_compiler_the_kernels_fall_back_with_the_reason(monkeypatch):
     assert native._load() == "no C++ compiler (set CXX, or install g++)"
 
 
-def test_a_failing_compiler_gives_its_first_error_once_per_key(fake_cxx, tmp_path, monkeypatch):
+def test_a_failing_compiler_gives_its_first_error_once_a_day_per_key(fake_cxx, tmp_path, monkeypatch):
     """The first error line (not the caret line that ends the output); the failure is cached with
-    the build's key: the compiler runs again only for another key (here other flags)."""
+    the build's key: the compiler runs again for another key (here other flags), or a day later."""
     monkeypatch.setenv("SAE_JAX_NATIVE_CACHE", str(tmp_path / "cache"))
+    runs = lambda: (tmp_path / "bin" / "runs").read_text().count("run")
     assert native._load() == FIRST_ERROR
     again = native._load()
-    assert again.startswith(FIRST_ERROR + " (cached: remove ") and again.endswith(".failed to retry)")
-    assert (tmp_path / "bin" / "runs").read_text().count("run") == 1
+    assert again.startswith(FIRST_ERROR + " (cached for a day: remove ")
+    assert again.endswith(".failed to retry now)")
+    assert runs() == 1
     monkeypatch.setenv("SAE_JAX_NATIVE_ARCH", "x86-64")
-    assert native._load() == FIRST_ERROR
-    assert (tmp_path / "bin" / "runs").read_text().count("run") == 2
+    assert native._load() == FIRST_ERROR and runs() == 2
+    for failed in (tmp_path / "cache").glob("*.failed"):
+        os.utime(failed, (time.time() - 2 * 86400,) * 2)
+    assert native._load() == FIRST_ERROR and runs() == 3
 
 
 def test_first_error_skips_context_and_caret_lines():
