@@ -1,6 +1,6 @@
 """Native CPU kernels for the TopK sparse decoder: XLA FFI custom calls compiled on first use.
 
-`_native/sparse_kernels.cc` holds five kernels (their equations are in that file and in
+`_native/` holds five kernels (their equations are in its files and in
 `sae_jax.sparse`): per-row top-k, the decoder's row gather-sum, the k dot products of its VJP,
 the two fused with the error against a target (`decode_err`), and a deterministic scatter-add
 (rows grouped by target with a counting sort, so no two threads write one row). All but top-k
@@ -12,14 +12,11 @@ optimizer step on the CPU (`sae_jax.adam`): Adam's finite check (`adam_check`) a
 written in place (`adam_apply`), two passes over each
 parameter where XLA:CPU makes about twenty.
 
-The library is built with the machine's C++ compiler (`$CXX`, else g++, else c++) against the
-headers jaxlib ships (`jax.ffi.include_dir()`), with `-O3 -march=native` (`$SAE_JAX_NATIVE_ARCH`
-in place of native: e.g. x86-64-v3 for a library shared by a cluster's CPUs), into a cache folder
-keyed by the source, jax's and jaxlib's versions, the compiler and the CPU's flags
-(`$SAE_JAX_NATIVE_CACHE`, else `~/.cache/sae_jax/native`, else the temporary folder). A build
-prunes the folder to the `KEEP_BUILDS` most recently used libraries (`prune`). Without a
-compiler, or with `SAE_JAX_NATIVE=0`, `sae_jax.sparse` runs XLA's kernels instead and `status()`
-says why.
+The library is built on first use and cached (`sae_jax.native_build`: where, and how safely);
+it lists its FFI targets itself (`targets`), and each is registered with XLA. Without a
+compiler, where the build fails, or with `SAE_JAX_NATIVE=0`, `sae_jax.sparse` runs XLA's kernels
+instead and `status()` says why; a CPU program that goes without them for any reason but
+`SAE_JAX_NATIVE=0` prints that reason once per process on stderr (`warn_unavailable`).
 `SAE_JAX_NATIVE_THREADS` caps the threads. Inputs with more than 2^31 - 64 entries (a row of
 top-k, or N x J slots) are refused by the kernels; `sae_jax.sparse` sends such shapes to XLA.
 """
@@ -28,145 +25,44 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-import time
-from pathlib import Path
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("_native") / "sparse_kernels.cc"
-TARGETS = {"sae_topk": "SaeTopk", "sae_batch_topk": "SaeBatchTopk", "sae_gather_sum": "SaeGatherSum",
-           "sae_dots": "SaeDots", "sae_scatter": "SaeScatter", "sae_gather_sum_bf16": "SaeGatherSumBf16",
-           "sae_dots_bf16": "SaeDotsBf16", "sae_scatter_bf16": "SaeScatterBf16",
-           "sae_decode_err": "SaeDecodeErr", "sae_decode_err_bf16": "SaeDecodeErrBf16",
-           "sae_decode_err_scaled": "SaeDecodeErrScaled", "sae_decode_err_scaled_bf16": "SaeDecodeErrScaledBf16",
-           "sae_scatter_unit": "SaeScatterUnit", "sae_scatter_unit_bf16": "SaeScatterUnitBf16",
-           "sae_unit_rows": "SaeUnitRows", "sae_unit_rows_vjp": "SaeUnitRowsVjp", "sae_row_norms": "SaeRowNorms",
-           "sae_adam_check": "SaeAdamCheck", "sae_adam_apply": "SaeAdamApply"}
+from sae_jax import native_build
+
 F32, I32 = jnp.float32, jnp.int32
 MAX_ENTRIES = 2 ** 31 - 64  # the kernels' int32 scratch offsets
-KEEP_BUILDS = 8  # the cache keeps this many libraries (one per jax version, CPU, compiler ...)
-STALE_S = 24 * 3600  # and removes no file used within this many seconds
+DISABLED = "disabled by SAE_JAX_NATIVE=0"
 _STATE: dict = {}
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _jaxlib_version() -> str:
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except (ImportError, AttributeError):
-        return "?"
-
-
-def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return os.uname().machine
-    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))),
-                os.uname().machine)
-
-
-def _build(cxx: str) -> Path:
-    """The compiled library, from the cache or freshly built (atomic rename: concurrent
-    processes may both build, one file wins)."""
-    include = jax.ffi.include_dir()
-    arch = os.environ.get("SAE_JAX_NATIVE_ARCH") or "native"
-    flags = ["-O3", f"-march={arch}", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w"]
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, errors="replace",
-                             timeout=60).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), jax.__version__, _jaxlib_version(), include,
-                                    version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("SAE_JAX_NATIVE_CACHE") or Path.home() / ".cache" / "sae_jax" / "native")
-    lib = root / f"sparse_kernels-{key}.so"
-    if lib.exists():
-        _touch(lib)
-        return lib
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:  # an unwritable home: the temporary folder
-        root = Path(tempfile.gettempdir()) / "sae_jax_native"
-        lib = root / lib.name
-        if lib.exists():
-            _touch(lib)
-            return lib
-        root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
-    os.close(fd)
-    try:
-        r = subprocess.run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", tmp],
-                           capture_output=True, text=True, errors="replace", timeout=600)
-        if r.returncode:
-            raise RuntimeError(f"{Path(cxx).name} failed: {r.stderr.strip().splitlines()[-1:]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    prune(root)
-    return lib
-
-
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:  # a read-only cache, which nothing prunes either
-        pass
-
-
-def prune(root: Path, keep: int = KEEP_BUILDS, stale_s: float = STALE_S) -> list[Path]:
-    """Removes from the cache folder the libraries beyond the `keep` most recently used (a cache
-    hit marks its library used) and the temporary files of builds that never finished, where
-    unused for `stale_s` seconds (a library another process may be about to load is kept).
-    Returns what it removed."""
-    now, removed = time.time(), []
-
-    def age(p: Path) -> float:
-        try:
-            return now - p.stat().st_mtime
-        except OSError:
-            return 0.0
-    libs = sorted(root.glob("sparse_kernels-*.so"), key=age)
-    partial = [p for p in root.glob("*.so") if not p.name.startswith("sparse_kernels-")]
-    for p in libs[keep:] + partial:
-        if age(p) > stale_s:
-            try:
-                p.unlink()
-                removed.append(p)
-            except OSError:
-                pass
-    return removed
+def targets(lib: ctypes.CDLL) -> dict[str, int]:
+    """The library's FFI targets: name -> handler address (its table, SaeTargetCount ...)."""
+    lib.SaeTargetCount.restype = ctypes.c_int64
+    lib.SaeTargetName.restype, lib.SaeTargetName.argtypes = ctypes.c_char_p, [ctypes.c_int64]
+    lib.SaeTargetHandler.restype, lib.SaeTargetHandler.argtypes = ctypes.c_void_p, [ctypes.c_int64]
+    return {lib.SaeTargetName(i).decode(): lib.SaeTargetHandler(i) for i in range(lib.SaeTargetCount())}
 
 
 def _load() -> str:
     """'' once the kernels are registered with XLA for the CPU, else why not."""
     if os.environ.get("SAE_JAX_NATIVE", "1") == "0":
-        return "disabled by SAE_JAX_NATIVE=0"
+        return DISABLED
     if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "ffi_call"):
         return f"jax {jax.__version__} has no jax.ffi"
-    cxx = _compiler()
+    cxx = native_build.compiler()
     if cxx is None:
         return "no C++ compiler (set CXX, or install g++)"
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        for target, symbol in TARGETS.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                        platform="cpu")
+        lib = ctypes.cdll.LoadLibrary(str(native_build.library(cxx)))
+        for target, handler in targets(lib).items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure to build or load means: use XLA's kernels
-        return f"native kernels unavailable: {e}"
+        return str(e) or type(e).__name__
     _STATE["lib"] = lib  # keep the library loaded
     return ""
 
@@ -179,6 +75,16 @@ def status() -> str:
 
 def available() -> bool:
     return status() == ""
+
+
+def warn_unavailable() -> None:
+    """Says on stderr, once per process, that the kernels are unavailable and why (for a CPU
+    program that would have used them); nothing where SAE_JAX_NATIVE=0 turned them off."""
+    if available() or status() == DISABLED or _STATE.get("warned"):
+        return
+    _STATE["warned"] = True
+    print(f"sae_jax: native CPU kernels unavailable ({status()}); using XLA's kernels (slower)",
+          file=sys.stderr, flush=True)
 
 
 def _call(target: str, *outs: jax.ShapeDtypeStruct, vmap_method: str = "expand_dims"):

@@ -205,16 +205,6 @@ def _check_extension(cfg: grid.TrainConfig, opts: RunOptions, first_steps: int) 
                          f"{cfg.lr_decay_steps}", field="lr_decay_steps")
 
 
-def _warn_slow_topk(spec: grid.GridSpec) -> None:
-    """One line when TopK groups will train on the CPU without the native kernels."""
-    from sae_jax import native, sparse
-
-    if (jax.default_backend() == "cpu" and any(a.name == "topk" for a, _ in spec.groups())
-            and not sparse.native_in_use()):
-        log.warning("TopK trains through XLA's CPU kernels, several times slower: %s",
-                    native.status() or "switched off (sparse.kernels(False))")
-
-
 def checkpointed_train_value(out: str, field: str, phase: str = "grid") -> Any:
     """A training field's value in the newest checkpoint of run OUT (its default when the
     checkpoint predates the field: `TrainConfig.to_dict` omits defaults), or None without one."""
@@ -253,7 +243,9 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
     with different arguments is refused, naming them; it may raise `steps` (an extended run),
     keeping every schedule as `cfg` and the checkpoint give it."""
     t0 = time.perf_counter()
-    _warn_slow_topk(spec)
+    from sae_jax import sparse
+
+    sparse.native_in_use()  # without the native kernels on the CPU: their line now, before the bar
     mesh = sharding.make_mesh(opts.devices)
     x_init = _decoder_bias_sample(cfg, opts.seed, d, world, batches)
     state = grid.init_grid(jax.random.PRNGKey(opts.seed), spec, d, cfg, x_init=x_init)  # unpadded

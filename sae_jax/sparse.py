@@ -99,8 +99,12 @@ def _cpu(native_fn, xla_fn, entries: int = 0):
 
 def native_in_use() -> bool:
     """Whether programs traced now use the native CPU kernels (`kernels`, `native.status()`;
-    only where jax's default backend is the CPU: elsewhere the library is not even built)."""
-    return NATIVE and jax.default_backend() == "cpu" and native.available()
+    only where jax's default backend is the CPU: elsewhere the library is not even built). Where
+    they would but are unavailable, `native.warn_unavailable` says so once."""
+    if not (NATIVE and jax.default_backend() == "cpu"):
+        return False
+    native.warn_unavailable()
+    return native.available()
 
 
 def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
