@@ -31,7 +31,8 @@ def rng() -> np.random.Generator:
 # -n 2 --dist loadfile). The files that take longest (`pytest --durations`, on 2 cores) start
 # first, so that the two workers finish together instead of one waiting on a long file at the end.
 LONGEST_FIRST = ("test_reproduction.py", "test_sharding.py", "test_distributed.py", "test_run.py",
-                 "test_archs.py", "test_cli.py", "test_native.py", "test_fast_recipe.py")
+                 "test_archs.py", "test_cli.py", "test_native.py", "test_fast_recipe.py",
+                 "test_decoder_bias.py", "test_native_build.py")
 
 
 def pytest_collection_modifyitems(config, items):
