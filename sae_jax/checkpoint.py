@@ -356,6 +356,15 @@ def _show(value: Any) -> str:
     return "nothing" if value is _MISSING else json.dumps(value)
 
 
+def latest_run_config(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``run_config`` of the newest complete checkpoint under ``directory`` (None when there
+    is none); reads no arrays."""
+    if not os.path.isdir(directory):
+        return None
+    with Checkpointer(directory, process_local=True) as ckpt:
+        return None if ckpt.latest_step() is None else dict(ckpt.read_metadata().get("run_config", {}))
+
+
 def resume(ckpt: Checkpointer, template: PyTree, run_config: Mapping[str, Any],
            may_grow: Iterable[str] = (), check: Any = None) -> tuple[PyTree, dict[str, Any], int]:
     """``(state, metadata, step)`` of the newest usable checkpoint, shaped like ``template``;

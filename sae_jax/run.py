@@ -208,14 +208,8 @@ def _check_extension(cfg: grid.TrainConfig, opts: RunOptions, first_steps: int) 
 def checkpointed_train_value(out: str, field: str, phase: str = "grid") -> Any:
     """A training field's value in the newest checkpoint of run OUT (its default when the
     checkpoint predates the field: `TrainConfig.to_dict` omits defaults), or None without one."""
-    path = os.path.join(os.path.abspath(out), "checkpoints", phase)
-    if not os.path.isdir(path):
-        return None
-    with checkpoint.Checkpointer(path, process_local=True) as ckpt:
-        if ckpt.latest_step() is None:
-            return None
-        train = ckpt.read_metadata().get("run_config", {}).get("train", {})
-    return train.get(field, getattr(grid.TrainConfig, field))
+    train = checkpoint.latest_run_config(os.path.join(os.path.abspath(out), "checkpoints", phase))
+    return None if train is None else train.get("train", {}).get(field, getattr(grid.TrainConfig, field))
 
 
 DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
