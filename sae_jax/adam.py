@@ -11,7 +11,7 @@ finite and it had not diverged before; otherwise it keeps (p, m, v, t - 1) and i
 
 XLA:CPU runs this as one fusion per moment, per finite check and per select: about 20 passes over
 each parameter's memory, a quarter of a small TopK step. On the CPU, with the native kernels in
-use (`sae_jax.sparse.native_in_use`), `step` makes two: one that checks (`native.adam_check`)
+use (`sae_jax.native.in_use`), `step` makes two: one that checks (`native.adam_check`)
 and one that writes p', m', v' over p, m, v (`native.adam_apply`), with the same float32
 operations rounded as XLA:CPU rounds optax's (its reciprocals and fmas), so the results are
 bit-identical there (tests/test_adam.py).
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sae_jax import native, sparse
+from sae_jax import native
 
 Array = jax.Array
 F32 = jnp.float32
@@ -51,7 +51,7 @@ def step(params: Any, grads: Any, opt: Any, lr: Array, ok: Array, diverged: Arra
 
 
 def _native_fits(params: Any, opt: Any) -> bool:
-    return (sparse.native_in_use() and isinstance(opt, optax.ScaleByAdamState)
+    return (native.in_use() and isinstance(opt, optax.ScaleByAdamState)
             and all(x.dtype == F32 for x in jax.tree.leaves((params, opt.mu, opt.nu))))
 
 

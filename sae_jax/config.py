@@ -9,7 +9,7 @@ import math
 
 import optax
 
-from sae_jax import archs, fused, resample, sae
+from sae_jax import archs, resample, sae
 from sae_jax.errors import UsageError
 
 
@@ -59,8 +59,8 @@ class TrainConfig:
             ("b1", "must be in [0, 1)", lambda v: 0 <= v < 1), ("b2", "must be in [0, 1)", lambda v: 0 <= v < 1),
             ("l1_convention", f"must be one of {sae.L1_CONVENTIONS}", lambda v: v in sae.L1_CONVENTIONS),
             ("dead_window", "must be >= 1", lambda v: v >= 1),
-            ("compute_dtype", f"must be one of {', '.join(fused.COMPUTE_DTYPES)}",
-             lambda v: v in fused.COMPUTE_DTYPES),
+            ("compute_dtype", f"must be one of {', '.join(sae.COMPUTE_DTYPES)}",
+             lambda v: v in sae.COMPUTE_DTYPES),
             ("aux_k_coeff", "must be finite and >= 0", lambda v: math.isfinite(v) and v >= 0),
             ("aux_k", "must be >= 0", lambda v: v >= 0),
             ("jumprelu_bandwidth", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),

@@ -39,7 +39,7 @@ from sae_jax import sae, sparse_unit
 
 Array = jax.Array
 F32 = jnp.float32
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = sae.COMPUTE_DTYPES
 _ONES = 16  # columns of ones appended to x in the encoder-gradient matmul
 
 # The step's five matmuls for a shared batch, as einsums over c (cell), m (latent), k = (c, m),

@@ -23,6 +23,7 @@ top-k, or N x J slots) are refused by the kernels; `sae_jax.sparse` sends such s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -85,6 +86,34 @@ def warn_unavailable() -> None:
     _STATE["warned"] = True
     print(f"sae_jax: native CPU kernels unavailable ({status()}); using XLA's kernels (slower)",
           file=sys.stderr, flush=True)
+
+
+_ON = True  # on the CPU, use the kernels where they compiled (`kernels`)
+
+
+@contextlib.contextmanager
+def kernels(native_on: bool):
+    """Inside, programs traced from here on use the native CPU kernels (True, the default where
+    they built) or XLA's (False). The choice is read when a function is traced, and jax caches
+    traces (of jit, custom_vjp, ...): its caches are cleared on the way in and out."""
+    global _ON
+    old, _ON = _ON, native_on
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _ON = old
+        jax.clear_caches()
+
+
+def in_use() -> bool:
+    """Whether programs traced now use the native CPU kernels (`kernels`, `status()`; only where
+    jax's default backend is the CPU: elsewhere the library is not even built). Where they would
+    but are unavailable, `warn_unavailable` says so once."""
+    if not (_ON and jax.default_backend() == "cpu"):
+        return False
+    warn_unavailable()
+    return available()
 
 
 def _call(target: str, *outs: jax.ShapeDtypeStruct, vmap_method: str = "expand_dims"):

