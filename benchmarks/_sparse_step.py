@@ -15,11 +15,11 @@ from __future__ import annotations
 import functools
 import time
 
+import _trace
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _trace
 from sae_jax import fused, grid, native, sae, sparse, sparse_coo, sparse_unit
 
 F32 = jnp.float32

@@ -32,10 +32,10 @@ import platform
 import subprocess
 import time
 
+import _sparse_step
 import jax
 import jax.numpy as jnp
 import numpy as np
-import _sparse_step
 from _torch_loop import gemm_rate as torch_gemm_rate
 from _torch_loop import step_seconds as torch_step_seconds
 

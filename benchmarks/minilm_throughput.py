@@ -19,8 +19,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from harvest_throughput import _median_seconds  # benchmarks/ is on sys.path when run as a script
+
 from sae_jax import harvest, lm
 from sae_jax.models import minilm
 

@@ -209,7 +209,8 @@ def rescored(out: str, window: int) -> dict | None:
 def sensitivity(outs: list[str], windows: Sequence[int] = WINDOWS) -> list[str]:
     """The combined rule's regrets with the dead count read at each window: a diagnostic of how
     the dead-latent ratio depends on the window, not a rule (the rule uses the run's window)."""
-    lines = ["| dead window (steps) | combined: median regret | worst regret | ratio within one step | picks (ratio, α) |",
+    lines = ["| dead window (steps) | combined: median regret | worst regret | ratio within one step "
+             "| picks (ratio, α) |",
              "|---|---|---|---|---|"]
     for w in windows:
         rows = [rescored(o, w) for o in outs]

@@ -4,7 +4,8 @@
 
 On the language model the report saw dead latents in every cell of the grid and MMCS with
 larger dictionaries never above ~0.6; on its toy data neither. This trains an alpha x ratio grid
-(alpha = 10^(j/2), j = -4..2, every other value of the report's; ratios 0.25..4) on a base world (d 32, h/d 2, k/d 0.05, the report's decay and correlation)
+(alpha = 10^(j/2), j = -4..2, every other value of the report's; ratios 0.25..4) on a base world
+(d 32, h/d 2, k/d 0.05, the report's decay and correlation)
 and on one variant per suspected difference:
 
 - noise: Gaussian input noise, std 0.02 per dimension;
@@ -26,7 +27,6 @@ import json
 import os
 import sys
 import time
-
 
 from sae_jax import cli
 

@@ -156,7 +156,8 @@ def cmd_toy(args: argparse.Namespace) -> int:
     from sae_jax import grid, recipes, run, toy
 
     preset = recipes.PRESETS[args.preset]
-    pick = lambda name, field=None: getattr(preset, field or name) if getattr(args, name) is None else getattr(args, name)
+    def pick(name, field=None):
+        return getattr(preset, field or name) if getattr(args, name) is None else getattr(args, name)
     steps = pick("steps")
     world = toy.ToyConfig(d=pick("d"), features=pick("features"), mean_active=pick("mean_active"),
                           decay=pick("decay"), correlated=not args.no_correlation,

@@ -42,7 +42,8 @@ cell's decoder bias (zeros when it has none), the encoder reading x - b_dec:
   batchtopk), JumpReluAutoEncoder (jumprelu: W_enc (d, m), b_enc, W_dec (m, d), b_dec,
   threshold (m,)). AutoEncoderNew and JumpReluAutoEncoder (with its default
   apply_b_dec_to_input False) do not subtract b_dec before the encoder, so their encoder bias is
-  written with it folded in: b_enc - W_enc b_dec (the same pre-activations); config.json {"trainer": {"dict_class", "activation_dim", "dict_size", "k", ...}}.
+  written with it folded in: b_enc - W_enc b_dec (the same pre-activations); config.json
+  {"trainer": {"dict_class", "activation_dim", "dict_size", "k", ...}}.
   Load with `ae = CLASS(d, m[, k]); ae.load_state_dict(safetensors.torch.load_file(DIR/ae.safetensors))`,
   or save that state dict as DIR/ae.pt for `dictionary_learning.utils.load_dictionary(DIR)`.
 """

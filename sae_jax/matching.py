@@ -44,8 +44,8 @@ def hungarian_match(learned_MxD, reference_NxD) -> Matching:
     """The one-to-one matching of maximum total cosine (min(M, N) pairs)."""
     learned, ref = _unit(learned_MxD), _unit(reference_NxD)
     sim_NxM = ref @ learned.T
-    r, l = linear_sum_assignment(sim_NxM, maximize=True)
-    return Matching(r, l, sim_NxM[r, l], "hungarian")
+    rows, cols = linear_sum_assignment(sim_NxM, maximize=True)
+    return Matching(rows, cols, sim_NxM[rows, cols], "hungarian")
 
 
 def greedy_match(learned_MxD, reference_NxD, block: int = 1024) -> Matching:

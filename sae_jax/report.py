@@ -146,7 +146,8 @@ def architecture_table(results: dict) -> list[str]:
 
     names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
     by_arch = results.get("by_arch") or {}
-    out = ["| architecture | best MMCS | at (ratio, setting) | dead | L0 | expl. var. | suggested (ratio, setting) | suggested MMCS |",
+    out = ["| architecture | best MMCS | at (ratio, setting) | dead | L0 | expl. var. "
+           "| suggested (ratio, setting) | suggested MMCS |",
            "|---|---|---|---|---|---|---|---|"]
     for arch in names:
         key = archs.SPARSITY_KEY[arch]

@@ -29,7 +29,6 @@ from sae_jax import archs, sae
 from sae_jax.errors import UsageError
 
 
-
 class GroupState(Protocol):
     """What resampling reads and writes of a group's (or, unbatched, one cell's) state: the
     fields of `grid.GroupState` (which imports this module, so it is described here)."""

@@ -177,7 +177,8 @@ def suggest(dead_AxR: np.ndarray, ssll_AxR: np.ndarray, larger_AxR: np.ndarray,
         m = next((m for m in sorted(voting, key=lambda m: m["ratio"] != ratio) if m["l1"] is not None),
                  {"l1": l1_axis[0], "method": "the densest setting"})
         l1, how = m["l1"], "alpha from " + m["method"]
-    if dead_consistent and alive_AxR is None and l1 in list(l1_axis):  # penalty architectures: dead latents mean too much penalty
+    # penalty architectures only: there dead latents can mean too much penalty
+    if dead_consistent and alive_AxR is None and l1 in list(l1_axis):
         i = list(l1_axis).index(l1)
         i_ok = _consistent_with_dead(i, np.asarray(dead_AxR)[:, j], l1_axis)
         if i_ok != i:

@@ -33,8 +33,19 @@ import jax
 import jax.numpy as jnp
 
 from sae_jax import native
-from sae_jax.sparse import (F32, _check_k, _cpu, _dots, _dtype, _encoder_grads, _gather_sum, _gemm,
-                            _per_cell, _row_scatter, _scatter_sum)
+from sae_jax.sparse import (
+    F32,
+    _check_k,
+    _cpu,
+    _dots,
+    _dtype,
+    _encoder_grads,
+    _gather_sum,
+    _gemm,
+    _per_cell,
+    _row_scatter,
+    _scatter_sum,
+)
 
 Array = jax.Array
 

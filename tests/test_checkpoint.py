@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from sae_jax._fingerprint import fingerprints as _fingerprints
-from sae_jax.checkpoint import CheckpointError, Checkpointer, metadata_mismatches, resume
+from sae_jax.checkpoint import Checkpointer, CheckpointError, metadata_mismatches, resume
 from sae_jax.errors import UsageError
 
 

@@ -68,7 +68,8 @@ def test_initial_values_mean_and_geometric_median(rng):
         grid.init_grid(jax.random.PRNGKey(0), grid.GridSpec.from_ratios([0.1], [1], 5), 5, cfg)
     state = grid.init_grid(jax.random.PRNGKey(0), grid.GridSpec.from_ratios([0.1, 1], [1, 2], 5), 5, cfg, x_init=x)
     for g in state.groups:
-        np.testing.assert_allclose(np.asarray(g.params.b_dec_D), np.broadcast_to(med, g.params.b_dec_D.shape), rtol=1e-6)
+        want = np.broadcast_to(med, g.params.b_dec_D.shape)
+        np.testing.assert_allclose(np.asarray(g.params.b_dec_D), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("per_cell_input", [False, True])

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 import pytest
-
-from _runs import ENV, SMALL, load as _load
+from _runs import ENV, SMALL
+from _runs import load as _load
 
 
 def _port() -> int:

