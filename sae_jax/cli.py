@@ -12,24 +12,28 @@ import sys
 
 from sae_jax.errors import UsageError
 
-# Field names (dataclass fields, as library errors name them) whose flag is not --field-name.
-FLAGS = {"l1_coeff": "--l1", "l0_coeff": "--l0", "b1": "--adam-b1", "b2": "--adam-b2"}
+# Grid axes (GridSpec fields, as library errors name them) whose flag is not --field-name; the
+# training and run options' flags come from their dataclasses (`knobs`, `_knob_flags`).
+FLAGS = {"l1_coeff": "--l1", "l0_coeff": "--l0"}
 
-# Training fields with a flag (TrainConfig's and ResampleConfig's, as recipes name them).
-TRAIN_FIELDS = ("batch_size", "lr", "b1", "b2", "lr_warmup", "lr_decay_steps", "l1_warmup",
-                "tied_init", "l1_convention", "dead_window", "resample_every", "resample_pool",
-                "resample_worst", "resample_dead_window", "dedup_threshold",
-                "resample_encoder_scale", "resample_until", "compute_dtype", "fused_step",
-                "aux_k_coeff", "aux_k", "jumprelu_bandwidth", "init_threshold", "threshold_decay",
-                "sparse_decoder", "decoder_bias")
+
+def _knob_flags() -> tuple[list, list]:
+    """(the training options' flags: TrainConfig's and ResampleConfig's under the names recipes
+    use, the run options' flags)."""
+    from sae_jax import knobs, resample, run
+    from sae_jax.config import TrainConfig
+
+    by_field = {v: k for k, v in resample.FIELDS.items()}
+    train = [*knobs.flags(TrainConfig), *knobs.flags(resample.ResampleConfig, by_field.__getitem__)]
+    return train, list(knobs.flags(run.RunOptions))
 
 
 def flag(field: str) -> str:
-    return FLAGS.get(field, "--" + field.replace("_", "-"))
-
-
-def _dest(field: str) -> str:
-    return flag(field)[2:].replace("-", "_")
+    """The command-line flag of an option, as library errors name it."""
+    if field in FLAGS:
+        return FLAGS[field]
+    train, opts = _knob_flags()
+    return next((f.flag for f in train + opts if f.name == field), "--" + field.replace("_", "-"))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,79 +81,37 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="comma list of architectures: relu_l1 (default, the report's), topk, batchtopk, jumprelu")
     g.add_argument("--k", type=ints, help="comma list of k (active latents) for topk and batchtopk")
     g.add_argument("--l0", type=floats, help="comma list of L0 coefficients lambda for jumprelu")
-    t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--l1-convention", choices=("report", "sum"), default="report")
-    t.add_argument("--seed", type=int, default=0, help="master PRNG seed")
-    t.add_argument("--recipe", choices=("report", "fast"), default=None,
-                   help="report: Adam 1e-3 (default); fast: issue-7 recipe with resampling")
-    t.add_argument("--adam-b1", type=float)
-    t.add_argument("--adam-b2", type=float)
-    t.add_argument("--lr-warmup", type=int)
-    t.add_argument("--lr-decay-steps", type=int, help="cosine decay to 0 over this many steps")
-    t.add_argument("--l1-warmup", type=int)
-    t.add_argument("--tied-init", action=argparse.BooleanOptionalAction, default=None,
-                   help="start the encoder as the decoder, W_e = D (on in --recipe fast)")
-    t.add_argument("--dead-window", type=int, default=10)
-    t.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
-                   help="matmul operands (float32 accumulation; weights, Adam, loss stay float32)")
-    t.add_argument("--fused-step", action="store_true", default=None,
-                   help="the group's gradients by hand in fast layouts (always on in bfloat16)")
-    t.add_argument("--decoder-bias", choices=("none", "zero", "mean", "median"),
-                   help="a trained decoder bias b_dec (x - b_dec into the encoder, + b_dec after the "
-                        "decoder) and its initial value: zero, the data mean or geometric median; "
-                        "none: no bias (default for toy, the report's SAE; grid: mean)")
-    a = p.add_argument_group("architectures other than relu_l1")
-    a.add_argument("--aux-k-coeff", type=float, help="AuxK dead-latent loss coefficient (0: off; Gao et al.: 1/32)")
-    a.add_argument("--aux-k", type=int, help="AuxK's k_aux (default d/2)")
-    a.add_argument("--jumprelu-bandwidth", type=float, help="JumpReLU straight-through kernel width")
-    a.add_argument("--init-threshold", type=float, help="JumpReLU's initial threshold")
-    a.add_argument("--threshold-decay", type=float, help="BatchTopK threshold average decay")
-    a.add_argument("--sparse-decoder", choices=("auto", "on", "off"),
-                   help="topk and batchtopk groups through the sparse gather/scatter decoder: auto "
-                        "(default: on the CPU with the native kernels; without them topk where "
-                        "k <= m/64), on, off; never with AuxK")
-    r = p.add_argument_group("resampling (on in --recipe fast)")
-    r.add_argument("--resample-every", type=int)
-    r.add_argument("--resample-pool", type=int,
-                   help="K: the pool keeps each of the last K steps' worst-reconstructed input "
-                        "(default: the period)")
-    r.add_argument("--resample-worst", type=int,
-                   help="new atoms come from the pool's n currently worst (default: all)")
-    r.add_argument("--resample-dead-window", type=int)
-    r.add_argument("--dedup-threshold", type=float)
-    r.add_argument("--resample-encoder-scale", type=float,
-                   help="new encoder row = scale x direction x mean live row norm (default 1)")
-    r.add_argument("--resample-until", type=int, help="last step that may resample")
-    o = p.add_argument_group("run")
-    o.add_argument("--out", default=None, help="output directory")
-    o.add_argument("--checkpoint-every", type=int, default=1000, help="0 turns checkpoints off")
-    o.add_argument("--keep-checkpoints", type=int, default=3)
-    o.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint (a larger --steps extends the run)")
-    o.add_argument("--check-every", type=int, default=250, help="MMCS recovery checks (toy)")
-    o.add_argument("--eval-samples", type=int, default=8192)
-    o.add_argument("--devices", type=int, help="use the first N devices (default: all)")
-    o.add_argument("--distributed", action="store_true",
-                   help="one process of several: jax.distributed.initialize() (docs/devices.md)")
-    o.add_argument("--no-progress", action="store_true")
-    o.add_argument("--no-figures", action="store_true")
+    from sae_jax import knobs, recipes
+
+    train, opts = _knob_flags()
+    groups = {knobs.TRAINING: p.add_argument_group(knobs.TRAINING)}
+    for f in opts:
+        if f.meta["group"] == knobs.TRAINING:  # --steps, --seed
+            knobs.add(p, groups, f)
+    groups[knobs.TRAINING].add_argument(
+        "--recipe", choices=tuple(recipes.RECIPES), default=None,
+        help="report: Adam 1e-3, no resampling (default); fast: tied init, resampling, cosine decay")
+    for f in train:
+        knobs.add(p, groups, f)
+    for f in opts:
+        if f.meta["group"] != knobs.TRAINING:
+            knobs.add(p, groups, f)
+    groups[knobs.RUN].add_argument("--distributed", action="store_true",
+                                   help="one process of several: jax.distributed.initialize() (docs/devices.md)")
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
-    return {f: getattr(args, _dest(f)) for f in TRAIN_FIELDS}
+    from sae_jax import knobs
+
+    return knobs.values(args, _knob_flags()[0])
 
 
 def _run_options(args: argparse.Namespace, default_out: str, steps: int, overrides: dict):
-    from sae_jax import recipes, run
+    from sae_jax import knobs, recipes, run
 
-    return run.RunOptions(
-        out=args.out or default_out, steps=steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, resume=args.resume, check_every=args.check_every,
-        eval_samples=args.eval_samples, progress=not args.no_progress, devices=args.devices,
-        figures=not args.no_figures, derived_from_steps=recipes.derived_from_steps(args.recipe, overrides))
+    given = knobs.values(args, _knob_flags()[1])
+    return run.RunOptions(**{**given, "out": args.out or default_out, "steps": steps,
+                             "derived_from_steps": recipes.derived_from_steps(args.recipe, overrides)})
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
@@ -245,12 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("toy", help="the report's toy reproduction")
     w = p.add_argument_group("toy world")
-    w.add_argument("--preset", choices=("small", "paper"), default="small")
-    w.add_argument("--d", type=int)
-    w.add_argument("--features", type=int)
-    w.add_argument("--mean-active", type=float)
-    w.add_argument("--decay", type=float)
-    w.add_argument("--no-correlation", action="store_true")
+    w.add_argument("--preset", choices=("small", "paper"), default="small",
+                   help="the world, grid and steps: small (CPU, d 64, default) or paper (the report's sizes)")
+    w.add_argument("--d", type=int, help="input dimension (default: the preset's)")
+    w.add_argument("--features", type=int, help="number of ground-truth features h")
+    w.add_argument("--mean-active", type=float, help="mean number of active features per sample")
+    w.add_argument("--decay", type=float, help="feature i fires with probability proportional to decay^i")
+    w.add_argument("--no-correlation", action="store_true", help="features fire independently")
     w.add_argument("--fixed-z", action="store_true", help="one z per world (the report) instead of per batch")
     w.add_argument("--corr-strength", type=float, default=1.0,
                    help="C = (1-s) I + s C_random: 0 independent firing, 1 the report (default)")

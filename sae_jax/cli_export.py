@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `sae-jax toy` or `sae-jax grid`")
     p.add_argument("--cell", type=int, required=True, help="cell index (results.json cells[i].index)")
-    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--format", choices=FORMATS, required=True, help="the target library's layout")
     p.add_argument("--out", required=True, help="directory to write")
     p.set_defaults(func=run_export)
 

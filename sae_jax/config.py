@@ -1,6 +1,7 @@
 """`TrainConfig`: the static training options every cell of a grid shares (the report's recipe
-by default). A new training knob is a field here (or of `resample.ResampleConfig`), checked in
-`validate`, used in `grid` (the step) or `fused` (the hand-written gradients)."""
+by default). A new training knob is a field here (or of `resample.ResampleConfig`) made with
+`knobs.knob` (its flag, help and choices come from there), checked in `validate`, used in `grid`
+(the step) or `fused` (the hand-written gradients)."""
 
 from __future__ import annotations
 
@@ -11,47 +12,57 @@ import optax
 
 from sae_jax import archs, resample, sae
 from sae_jax.errors import UsageError
+from sae_jax.knobs import ARCHS, fixed, knob
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Static training options shared by every cell (the report's recipe by default)."""
 
-    batch_size: int = 256
-    lr: float = 1e-3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    l1_convention: str = "report"
-    lr_warmup: int = 0  # linear learning-rate warm-up steps
-    lr_decay_steps: int = 0  # cosine decay to 0 over this many steps (0: constant)
-    tied_init: bool = False  # encoder starts as the decoder (W_e = D) instead of Xavier-uniform
+    batch_size: int = knob(256, "samples per step, shared by every cell", parse=int)
+    lr: float = knob(1e-3, "Adam's learning rate", parse=float)
+    b1: float = knob(0.9, "Adam's beta1", flag="--adam-b1", parse=float)
+    b2: float = knob(0.999, "Adam's beta2", flag="--adam-b2", parse=float)
+    eps: float = fixed(1e-8, "Adam's epsilon")
+    l1_convention: str = knob("report", "L1 = ||c||_1 / m (report) or ||c||_1 (sum)", choices=sae.L1_CONVENTIONS)
+    lr_warmup: int = knob(0, "linear learning-rate warm-up steps", parse=int)
+    lr_decay_steps: int = knob(0, "cosine decay to 0 over this many steps (0: constant)", parse=int)
+    tied_init: bool = knob(False, "start the encoder as the decoder, W_e = D (on in --recipe fast)",
+                           boolean="both")
     # Divergence check: every gradient and updated parameter element (True), or only the loss and
     # the gradient's squared norm (False: ~12% faster steps on 2 CPU cores, different XLA fusion,
     # so float results differ in the last bits; the report recipe keeps True and its numbers).
-    full_finite_check: bool = True
-    l1_warmup: int = 0  # alpha ramps linearly from 0 over this many steps
-    dead_window: int = 10  # dead = did not fire in the last N steps
-    denoise: bool = False  # add each cell's Gaussian input noise (noise * eps); target stays clean
-    resample: resample.ResampleConfig = resample.ResampleConfig()  # off by default
+    full_finite_check: bool = fixed(True, "the divergence check reads every element (recipes set it)")
+    l1_warmup: int = knob(0, "alpha ramps linearly from 0 over this many steps", parse=int)
+    dead_window: int = knob(10, "dead = did not fire in the last N steps", parse=int)
+    denoise: bool = fixed(False, "add each cell's Gaussian input noise; the target stays clean (the "
+                                 "denoising appendix sets it)")
+    resample: resample.ResampleConfig = fixed(resample.ResampleConfig(), "off by default; flags of its own")
     # Matmul operands in this dtype, float32 accumulation; parameters, Adam, loss and metrics stay
     # float32. bfloat16 always takes the fused step.
-    compute_dtype: str = "float32"
-    fused_step: bool = False  # the group's gradients by hand (sae_jax.fused), not autodiff
+    compute_dtype: str = knob("float32", "matmul operands (float32 accumulation; weights, Adam, loss stay "
+                                         "float32)", choices=sae.COMPUTE_DTYPES)
+    fused_step: bool = knob(False, "the group's gradients by hand in fast layouts (always on in bfloat16)",
+                            boolean="switch")
     # Architectures other than the report's relu_l1 (sae_jax.archs):
-    aux_k_coeff: float = 0.0  # AuxK loss coefficient (0: off; Gao et al. use 1/32)
-    aux_k: int = 0  # AuxK's k_aux: dead latents reconstructing the residual (0: d / 2)
-    # topk and batchtopk groups (without AuxK) through sae_jax.sparse's gather/scatter kernels:
-    # "on", "off", or "auto" (archs.uses_sparse: on the CPU with the native kernels; without them
-    # topk where k <= m / 64)
-    sparse_decoder: str = "auto"
-    jumprelu_bandwidth: float = 0.05  # the straight-through kernel width eps (pre-activation units)
-    init_threshold: float = 0.05  # jumprelu's initial theta (and batchtopk's before step 0)
-    threshold_decay: float = 0.99  # batchtopk: theta's exponential average (after 1/(1-decay) steps of a plain mean)
-    # A decoder bias b_dec for every cell (sae.SAEParams.b_dec_D), trained by Adam with the rest:
-    # "none" (the report's SAE: no bias, absent from the computation), or its initial value:
-    # "zero", "mean" (of a data sample), "median" (geometric median of a data sample)
-    decoder_bias: str = "none"
+    aux_k_coeff: float = knob(0.0, "AuxK dead-latent loss coefficient (0: off; Gao et al.: 1/32)",
+                              group=ARCHS, parse=float)
+    aux_k: int = knob(0, "AuxK's k_aux: dead latents reconstructing the residual (default d/2)",
+                      group=ARCHS, parse=int)
+    sparse_decoder: str = knob("auto", "topk and batchtopk groups through the sparse gather/scatter decoder: "
+                                       "auto (on the CPU with the native kernels; without them topk where "
+                                       "k <= m/64), on, off; never with AuxK", group=ARCHS,
+                               choices=archs.SPARSE_MODES)
+    jumprelu_bandwidth: float = knob(0.05, "JumpReLU's straight-through kernel width eps (pre-activation "
+                                           "units)", group=ARCHS, parse=float)
+    init_threshold: float = knob(0.05, "JumpReLU's initial threshold (and BatchTopK's before step 0)",
+                                 group=ARCHS, parse=float)
+    threshold_decay: float = knob(0.99, "BatchTopK: the inference threshold's exponential average "
+                                        "(after 1/(1-decay) steps of a plain mean)", group=ARCHS, parse=float)
+    decoder_bias: str = knob("none", "a trained decoder bias b_dec (x - b_dec into the encoder, + b_dec "
+                                     "after the decoder) and its initial value: zero, the data mean or "
+                                     "geometric median; none: no bias (toy's default, the report's SAE; "
+                                     "grid: mean)", choices=sae.DECODER_BIAS_INITS)
 
     def validate(self) -> "TrainConfig":
         checks = [(n, "must be finite", math.isfinite) for n in ("lr", "b1", "b2")] + [

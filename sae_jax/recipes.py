@@ -1,9 +1,8 @@
 """Presets and training recipes, as data, and the one function that turns them into a
 `grid.TrainConfig`.
 
-A new training knob goes in three places: a field of `grid.TrainConfig` (or of
-`resample.ResampleConfig` for resampling), its value in the recipes below that use it, and its
-flag in `cli.add_training_args` (the CLI maps flags onto fields by name).
+A new training knob is a field of `config.TrainConfig` (or of `resample.ResampleConfig`) made with
+`knobs.knob` (the CLI's flag comes from it), and its value in the recipes below that use it.
 """
 
 from __future__ import annotations

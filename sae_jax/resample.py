@@ -27,6 +27,9 @@ import jax.numpy as jnp
 
 from sae_jax import archs, sae
 from sae_jax.errors import UsageError
+from sae_jax.knobs import RESAMPLING, knob
+
+Array = jax.Array
 
 
 class GroupState(Protocol):
@@ -57,21 +60,24 @@ class GridState(Protocol):
 
     def replace(self, **changes: Any) -> "GridState": ...
 
-Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class ResampleConfig:
     """When and how dead and duplicate latents are recycled (`every` = 0: never)."""
 
-    every: int = 0  # resample at steps that are multiples of this
-    pool: int = 0  # K: the pool holds the worst-reconstructed input of each of the last K steps,
-    #               per cell (0: K = every)
-    worst: int = 0  # new atoms come from the `worst` currently worst pool rows (0: all K)
-    dead_window: int = 0  # dead = did not fire in this many steps (0: the whole period)
-    dedup_threshold: float = 0.0  # 0: off; else recycle atoms with cos > threshold to an earlier one
-    encoder_scale: float = 1.0  # new encoder row = scale * direction * mean live row norm
-    until: int = 0  # last step that may resample (0: no limit)
+    every: int = knob(0, "resample at steps that are multiples of this (0: never)", group=RESAMPLING, parse=int)
+    pool: int = knob(0, "K: the pool keeps each of the last K steps' worst-reconstructed input, per cell "
+                        "(default: the period)", group=RESAMPLING, parse=int)
+    worst: int = knob(0, "new atoms come from the pool's n currently worst (default: all)",
+                      group=RESAMPLING, parse=int)
+    dead_window: int = knob(0, "dead = did not fire in this many steps (default: the whole period)",
+                            group=RESAMPLING, parse=int)
+    dedup_threshold: float = knob(0.0, "also recycle atoms with cosine > this to an earlier atom (0: off)",
+                                  group=RESAMPLING, parse=float)
+    encoder_scale: float = knob(1.0, "new encoder row = scale x direction x mean live row norm (default 1)",
+                                group=RESAMPLING, parse=float)
+    until: int = knob(0, "last step that may resample (0: no limit)", group=RESAMPLING, parse=int)
 
     def validate(self) -> "ResampleConfig":
         for f in ("every", "pool", "worst", "dead_window", "until"):

@@ -25,6 +25,7 @@ import numpy as np
 
 from sae_jax import checkpoint, export, grid, report, results, sharding, toy
 from sae_jax.errors import UsageError
+from sae_jax.knobs import RUN, fixed, knob
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +38,26 @@ GROWABLE = ("steps", "denoise_steps")  # run_config keys an extended run (--resu
 class RunOptions:
     """How a run is driven (none of this changes its numbers, except seed and steps)."""
 
-    out: str
-    steps: int
-    seed: int = 0
-    checkpoint_every: int = 1000  # 0: no checkpoints
-    keep_checkpoints: int = 3
-    resume: bool = False
-    check_every: int = 250  # recovery checks against ground truth (0: off)
-    eval_samples: int = 8192
-    progress: bool = True
-    devices: int | None = None
-    figures: bool = True
-    phase: str = "grid"  # checkpoint sub-directory, for runs with several grids
+    out: str = knob(None, "output directory", group=RUN)
+    steps: int = knob(None, "training steps", parse=int)
+    seed: int = knob(0, "master PRNG seed", parse=int, cli_default=0)
+    checkpoint_every: int = knob(1000, "0 turns checkpoints off", group=RUN, parse=int, cli_default=1000)
+    keep_checkpoints: int = knob(3, "checkpoints kept", group=RUN, parse=int, cli_default=3)
+    resume: bool = knob(False, "continue from the newest complete checkpoint (a larger --steps extends the "
+                               "run)", group=RUN, boolean="switch", cli_default=False)
+    check_every: int = knob(250, "MMCS recovery checks against the ground truth (toy; 0: off)", group=RUN,
+                            parse=int, cli_default=250)
+    eval_samples: int = knob(8192, "evaluation samples", group=RUN, parse=int, cli_default=8192)
+    progress: bool = knob(True, "no progress bar", group=RUN, flag="--no-progress", boolean="switch")
+    devices: int | None = knob(None, "use the first N devices (default: all)", group=RUN, parse=int)
+    figures: bool = knob(True, "no figures", group=RUN, flag="--no-figures", boolean="switch")
+    phase: str = fixed("grid", "checkpoint sub-directory, for runs with several grids")
     # TrainConfig fields a recipe derived from `steps`: a run extended with `resume` to more
     # steps is refused while any is set, as it would no longer fit the new step count.
-    derived_from_steps: tuple[str, ...] = ()
+    derived_from_steps: tuple[str, ...] = fixed((), "set from the recipe")
 
     def validate(self) -> "RunOptions":
-        if self.steps < 1:
+        if not isinstance(self.steps, int) or self.steps < 1:
             raise UsageError(f"`steps` must be >= 1, got {self.steps}", field="steps")
         for name in ("checkpoint_every", "check_every"):
             if getattr(self, name) < 0:

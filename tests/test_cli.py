@@ -239,3 +239,33 @@ def test_grid_rejects_bad_activations(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2, err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_training_flag_comes_from_a_dataclass_field_and_has_help():
+    """The training and run options' flags are generated from TrainConfig, ResampleConfig and
+    RunOptions (one definition per knob); each has help text, and the flags users know keep
+    their names."""
+    import dataclasses
+
+    from sae_jax import config, resample, run
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        actions = [a for a in p._actions if a.option_strings and a.dest != "help"]
+        assert all(a.help for a in actions), (name, [a.option_strings for a in actions if not a.help])
+        if name not in ("toy", "grid"):
+            continue
+        flags = {s for a in actions for s in a.option_strings}
+        assert {"--l1", "--adam-b1", "--adam-b2", "--resample-every", "--dedup-threshold", "--no-figures",
+                "--no-progress", "--tied-init", "--no-tied-init", "--decoder-bias", "--steps", "--seed"} <= flags
+    train, opts = cli._knob_flags()
+    knobbed = {f.name for f in train + opts}
+    for cls, rename in ((config.TrainConfig, lambda n: n), (run.RunOptions, lambda n: n),
+                        (resample.ResampleConfig, {v: k for k, v in resample.FIELDS.items()}.__getitem__)):
+        for f in dataclasses.fields(cls):
+            meta = f.metadata.get("knob")
+            assert meta is not None, f"{cls.__name__}.{f.name} is not a knob"
+            assert (rename(f.name) in knobbed) == meta["cli"], f.name
+    assert cli.flag("b1") == "--adam-b1" and cli.flag("resample_every") == "--resample-every"
+    assert cli.flag("progress") == "--no-progress" and cli.flag("l1_coeff") == "--l1"
