@@ -39,7 +39,10 @@ class TrainConfig:
     compute_dtype: str = "float32"
     fused_step: bool = False  # the group's gradients by hand (sae_jax.fused), not autodiff
     # Architectures other than the report's relu_l1 (sae_jax.archs):
-    aux_k_coeff: float = 0.0  # AuxK loss coefficient (0: off; Gao et al. use 1/32)
+    # AuxK loss coefficient: None, each architecture's default (archs.aux_k_coeff: Gao et al.'s
+    # 1/32 for topk and batchtopk, whose dead latents get no other gradient; off for jumprelu);
+    # 0: off (topk and batchtopk may then take the sparse decoder)
+    aux_k_coeff: float | None = None
     aux_k: int = 0  # AuxK's k_aux: dead latents reconstructing the residual (0: d / 2)
     # topk and batchtopk groups (without AuxK) through sae_jax.sparse's gather/scatter kernels:
     # "on", "off", or "auto" (archs.uses_sparse: on the CPU with the native kernels; without them
@@ -57,7 +60,8 @@ class TrainConfig:
             ("dead_window", "must be >= 1", lambda v: v >= 1),
             ("compute_dtype", f"must be one of {', '.join(fused.COMPUTE_DTYPES)}",
              lambda v: v in fused.COMPUTE_DTYPES),
-            ("aux_k_coeff", "must be finite and >= 0", lambda v: math.isfinite(v) and v >= 0),
+            ("aux_k_coeff", "must be finite and >= 0",
+             lambda v: v is None or (math.isfinite(v) and v >= 0)),
             ("aux_k", "must be >= 0", lambda v: v >= 0),
             ("jumprelu_bandwidth", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),
             ("init_threshold", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),
