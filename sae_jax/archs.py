@@ -20,10 +20,11 @@ d/dtheta H(p - theta) = -(1/eps) K((p - theta)/eps) and d/dtheta [p H(p - theta)
 AuxK (Gao et al.), for topk, batchtopk and jumprelu: with e = t - x^ (no gradient) and the dead
 latents' codes ReLU(p) restricted to their k_aux largest, e^ = decode(those codes),
     L_aux = coeff * mean_b ||e - e^||^2 / mean_b ||e - mean(e)||^2      (0 when none is dead).
-TopK and BatchTopK take it by default (coeff 1/32, Gao et al.'s): their codes pass gradient only
-to the selected latents, so a latent that drops out of every sample's top k early in training
-never moves again, and on small worlds a quarter of the dictionary died that way (README:
-"Dead latents"). JumpReLU keeps it off unless asked. (A dead relu_l1 latent has ReLU(p) = 0 on
+TopK and BatchTopK take it by default (coeff 1/32, Gao et al.'s) where resampling is off
+(`TrainConfig.arch_options`): their codes pass gradient only to the selected latents, so a
+latent that drops out of every sample's top k early in training never moves again, and on small
+worlds a quarter of the dictionary died that way (README: "Dead latents"). JumpReLU keeps it off
+unless asked. (A dead relu_l1 latent has ReLU(p) = 0 on
 every input, so AuxK could not move it; relu_l1 cells keep the report's loss.)
 
 The static part of an architecture (its name and k) is an `Arch`; per-cell numbers (alpha or

@@ -99,7 +99,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="the group's gradients by hand in fast layouts (always on in bfloat16)")
     a = p.add_argument_group("architectures other than relu_l1")
     a.add_argument("--aux-k-coeff", type=float, help="AuxK dead-latent loss coefficient (default: "
-                   "Gao et al.'s 1/32 for topk and batchtopk, off for jumprelu; 0: off)")
+                   "Gao et al.'s 1/32 for topk and batchtopk without resampling, else off; 0: off)")
     a.add_argument("--aux-k", type=int, help="AuxK's k_aux (default d/2)")
     a.add_argument("--jumprelu-bandwidth", type=float, help="JumpReLU straight-through kernel width")
     a.add_argument("--init-threshold", type=float, help="JumpReLU's initial threshold")

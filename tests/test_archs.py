@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import archs, grid, metrics, native, resample, sae, toy
+from sae_jax import archs, grid, metrics, native, recipes, resample, sae, toy
 from sae_jax.errors import UsageError
 
 KEY = jax.random.PRNGKey(3)
@@ -181,15 +181,19 @@ def test_every_architecture_recovers_a_small_world():
     assert all(v >= 0.95 for v in best.values()), best
 
 
-def test_aux_k_is_on_by_default_for_topk_and_batchtopk_only():
-    """aux_k_coeff None (the default): Gao et al.'s 1/32 for topk and batchtopk, off for jumprelu;
-    a given value (0 included) holds for every architecture. None stays out of `to_dict`."""
+def test_aux_k_is_on_by_default_for_topk_and_batchtopk_without_resampling():
+    """aux_k_coeff None (the default): Gao et al.'s 1/32 for topk and batchtopk, off for jumprelu,
+    and off for all where resampling is on (the fast recipe keeps the sparse decoder); a given
+    value (0 included) holds for every architecture. None stays out of `to_dict`."""
     default = grid.TrainConfig().arch_options
     assert {a: archs.aux_k_coeff(archs.Arch(a, 2), default) for a in archs.ARCHS} == {
         "relu_l1": 0.0, "topk": 1 / 32, "batchtopk": 1 / 32, "jumprelu": 0.0}
+    fast = recipes.train_config("fast", 1000).arch_options
+    assert all(archs.aux_k_coeff(archs.Arch(a, 2), fast) == 0.0 for a in archs.ARCHS)
     for v in (0.0, 0.1):
-        opts = grid.TrainConfig(aux_k_coeff=v).arch_options
-        assert all(archs.aux_k_coeff(archs.Arch(a, 2), opts) == v for a in archs.ARCHS[1:])
+        for resampling in (resample.ResampleConfig(), resample.ResampleConfig(every=100)):
+            opts = grid.TrainConfig(aux_k_coeff=v, resample=resampling).arch_options
+            assert all(archs.aux_k_coeff(archs.Arch(a, 2), opts) == v for a in archs.ARCHS[1:])
     assert "aux_k_coeff" not in grid.TrainConfig().to_dict()
     assert grid.TrainConfig(aux_k_coeff=0.0).to_dict()["aux_k_coeff"] == 0.0
     with pytest.raises(UsageError) as e:
