@@ -18,11 +18,15 @@ Heaviside H gets the straight-through pseudo-derivatives of a rectangle kernel o
 d/dtheta H(p - theta) = -(1/eps) K((p - theta)/eps) and d/dtheta [p H(p - theta)] =
 -(theta/eps) K((p - theta)/eps), with K(u) = [|u| < 1/2]; H passes no gradient to p.
 
-AuxK (Gao et al.), an option for topk, batchtopk and jumprelu: with e = t - x^ (no gradient)
-and the dead latents' codes ReLU(p) restricted to their k_aux largest, e^ = decode(those codes),
+AuxK (Gao et al.), for topk, batchtopk and jumprelu: with e = t - x^ (no gradient) and the dead
+latents' codes ReLU(p) restricted to their k_aux largest, e^ = decode(those codes),
     L_aux = coeff * mean_b ||e - e^||^2 / mean_b ||e - mean(e)||^2      (0 when none is dead).
-(A dead relu_l1 latent has ReLU(p) = 0 on every input, so AuxK could not move it; relu_l1 cells
-keep the report's loss.)
+TopK and BatchTopK take it by default (coeff 1/32, Gao et al.'s) where resampling is off
+(`TrainConfig.arch_options`): their codes pass gradient only to the selected latents, so a
+latent that drops out of every sample's top k early in training never moves again, and on small
+worlds a quarter of the dictionary died that way (README: "Dead latents"). JumpReLU keeps it off
+unless asked. (A dead relu_l1 latent has ReLU(p) = 0 on
+every input, so AuxK could not move it; relu_l1 cells keep the report's loss.)
 
 The static part of an architecture (its name and k) is an `Arch`; per-cell numbers (alpha or
 lambda) are traced, so cells of one (arch, size, k) group train in one vmapped step.
@@ -72,11 +76,22 @@ class ArchOptions(NamedTuple):
     """Static training options of the architectures (from `TrainConfig`)."""
 
     bandwidth: float = 0.05  # JumpReLU's kernel width eps
-    aux_k_coeff: float = 0.0  # AuxK's coefficient (0: off)
+    aux_k_coeff: float | None = None  # AuxK's coefficient (0: off; None: `aux_k_coeff`'s default)
     aux_k: int = 0  # AuxK's k_aux (0: d / 2)
     sparse: str = "auto"  # topk and batchtopk without AuxK: the sparse decoder (sae_jax.sparse):
     #                       "on", "off", or "auto" (`uses_sparse`)
     compute_dtype: str = "float32"  # the sparse path's encoder GEMM operands and kernel rows
+
+
+DEFAULT_AUX_K_COEFF = {"topk": 1 / 32, "batchtopk": 1 / 32}  # Gao et al.'s; others: 0
+
+
+def aux_k_coeff(arch: Arch, opts: ArchOptions) -> float:
+    """The cell's AuxK coefficient: the one given, else its architecture's default
+    (`DEFAULT_AUX_K_COEFF`: 1/32 for topk and batchtopk, 0 (off) for the others)."""
+    if opts.aux_k_coeff is not None:
+        return opts.aux_k_coeff
+    return DEFAULT_AUX_K_COEFF.get(arch.name, 0.0)
 
 
 def pre_acts(params: sae.SAEParams, x_BxD: Array) -> Array:
@@ -217,12 +232,13 @@ SPARSE_AUTO_RATIO = 64  # "auto" with XLA's CPU kernels: sparse where k <= m / 6
 
 def uses_sparse(arch: Arch, m: int, opts: ArchOptions) -> bool:
     """Whether a topk or batchtopk cell of m latents trains through the sparse decoder (never
-    with AuxK, whose dead-latent codes need every pre-activation). "auto", measured with
+    with AuxK, whose dead-latent codes need every pre-activation: so only with an AuxK
+    coefficient of 0, `aux_k_coeff`). "auto", measured with
     benchmarks/grid_step.py: on the CPU always with the native kernels (TopK: 1.6x the dense
     TopK step's speed at k = m/8, 2.2x at m/16), else TopK where k <= m / 64; never on other
     backends (on an H200 the sparse step through XLA's gathers ran 4-10x slower than the dense
     one)."""
-    if arch.name not in TOPK_ARCHS or opts.aux_k_coeff or opts.sparse == "off":
+    if arch.name not in TOPK_ARCHS or aux_k_coeff(arch, opts) or opts.sparse == "off":
         return False
     if opts.sparse == "on":
         return True
@@ -296,7 +312,8 @@ def loss(params: sae.SAEParams, x_BxD: Array, coeff: Array, arch: Arch, conventi
     active = c > 0
     aux = _aux(t, x_hat, sae.l1_penalty(c, convention), active, jnp.any(active, axis=0))
     total = aux.mse + sparsity
-    if opts.aux_k_coeff and dead_M is not None:
+    aux_coeff = aux_k_coeff(arch, opts)
+    if aux_coeff and dead_M is not None:
         k_aux = opts.aux_k or max(1, x_BxD.shape[-1] // 2)
-        total = total + opts.aux_k_coeff * aux_k_loss(params, pre, t - x_hat, dead_M, k_aux)
+        total = total + aux_coeff * aux_k_loss(params, pre, t - x_hat, dead_M, k_aux)
     return total, (aux, kth)

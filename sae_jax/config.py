@@ -45,8 +45,13 @@ class TrainConfig:
     fused_step: bool = knob(False, "the group's gradients by hand in fast layouts (always on in bfloat16)",
                             boolean="switch")
     # Architectures other than the report's relu_l1 (sae_jax.archs):
-    aux_k_coeff: float = knob(0.0, "AuxK dead-latent loss coefficient (0: off; Gao et al.: 1/32)",
-                              group=ARCHS, parse=float)
+    # AuxK loss coefficient: None, each architecture's default (archs.aux_k_coeff: Gao et al.'s
+    # 1/32 for topk and batchtopk, whose dead latents get no other gradient; off for jumprelu),
+    # off wherever resampling is on (it recycles dead latents itself; `arch_options`);
+    # 0: off (topk and batchtopk may then take the sparse decoder)
+    aux_k_coeff: float | None = knob(None, "AuxK dead-latent loss coefficient (default: Gao et al.'s 1/32 "
+                                           "for topk and batchtopk without resampling, else off; 0: off)",
+                                     group=ARCHS, parse=float)
     aux_k: int = knob(0, "AuxK's k_aux: dead latents reconstructing the residual (default d/2)",
                       group=ARCHS, parse=int)
     sparse_decoder: str = knob("auto", "topk and batchtopk groups through the sparse gather/scatter decoder: "
@@ -72,7 +77,8 @@ class TrainConfig:
             ("dead_window", "must be >= 1", lambda v: v >= 1),
             ("compute_dtype", f"must be one of {', '.join(sae.COMPUTE_DTYPES)}",
              lambda v: v in sae.COMPUTE_DTYPES),
-            ("aux_k_coeff", "must be finite and >= 0", lambda v: math.isfinite(v) and v >= 0),
+            ("aux_k_coeff", "must be finite and >= 0",
+             lambda v: v is None or (math.isfinite(v) and v >= 0)),
             ("aux_k", "must be >= 0", lambda v: v >= 0),
             ("jumprelu_bandwidth", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),
             ("init_threshold", "must be finite and > 0", lambda v: math.isfinite(v) and v > 0),
@@ -106,8 +112,14 @@ class TrainConfig:
 
     @property
     def arch_options(self) -> "archs.ArchOptions":
-        return archs.ArchOptions(self.jumprelu_bandwidth, self.aux_k_coeff, self.aux_k,
-                                 self.sparse_decoder, self.compute_dtype)
+        """The architectures' options. AuxK's coefficient is left to each architecture's default
+        (None) only where resampling is off: resampling recycles dead latents itself, and AuxK on
+        top of it was mixed (README: the fast recipe on the report's world lost 0.04 MMCS in
+        TopK's and BatchTopK's best cells; a d 64 world with rarer features gained 0.06), while
+        without resampling it gained on every world tried."""
+        aux = 0.0 if self.aux_k_coeff is None and self.resample.every else self.aux_k_coeff
+        return archs.ArchOptions(self.jumprelu_bandwidth, aux, self.aux_k, self.sparse_decoder,
+                                 self.compute_dtype)
 
     def adam(self) -> optax.GradientTransformation:
         return optax.scale_by_adam(self.b1, self.b2, self.eps)

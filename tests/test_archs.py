@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import archs, grid, metrics, native, resample, sae, toy
+from sae_jax import archs, grid, metrics, native, recipes, resample, sae, toy
 from sae_jax.errors import UsageError
 
 KEY = jax.random.PRNGKey(3)
@@ -181,6 +181,49 @@ def test_every_architecture_recovers_a_small_world():
     assert all(v >= 0.95 for v in best.values()), best
 
 
+def test_aux_k_is_on_by_default_for_topk_and_batchtopk_without_resampling():
+    """aux_k_coeff None (the default): Gao et al.'s 1/32 for topk and batchtopk, off for jumprelu,
+    and off for all where resampling is on (the fast recipe keeps the sparse decoder); a given
+    value (0 included) holds for every architecture. None stays out of `to_dict`."""
+    default = grid.TrainConfig().arch_options
+    assert {a: archs.aux_k_coeff(archs.Arch(a, 2), default) for a in archs.ARCHS} == {
+        "relu_l1": 0.0, "topk": 1 / 32, "batchtopk": 1 / 32, "jumprelu": 0.0}
+    fast = recipes.train_config("fast", 1000).arch_options
+    assert all(archs.aux_k_coeff(archs.Arch(a, 2), fast) == 0.0 for a in archs.ARCHS)
+    for v in (0.0, 0.1):
+        for resampling in (resample.ResampleConfig(), resample.ResampleConfig(every=100)):
+            opts = grid.TrainConfig(aux_k_coeff=v, resample=resampling).arch_options
+            assert all(archs.aux_k_coeff(archs.Arch(a, 2), opts) == v for a in archs.ARCHS[1:])
+    assert "aux_k_coeff" not in grid.TrainConfig().to_dict()
+    assert grid.TrainConfig(aux_k_coeff=0.0).to_dict()["aux_k_coeff"] == 0.0
+    with pytest.raises(UsageError) as e:
+        grid.TrainConfig(aux_k_coeff=-0.1).validate()
+    assert e.value.field == "aux_k_coeff"
+
+
+def test_default_topk_and_batchtopk_recover_a_small_world_and_relu_l1_cells_are_unchanged():
+    """d = 32, h = 64, 3 active features on average, ratio 1, the report's recipe, 4,000 steps:
+    TopK and BatchTopK at k = 3 keep every latent alive and reach MMCS >= 0.95 (0.985 / 0.968
+    when written; with AuxK off, 0.864 / 0.834). The relu_l1 cell of the same grid is bit for bit
+    the cell trained with AuxK off (the behaviour before AuxK became their default)."""
+    world = toy.make_world(jax.random.PRNGKey(21), toy.ToyConfig(d=32, features=64, mean_active=3))
+    spec = grid.GridSpec.from_ratios((0.3,), (1,), 64, archs=("relu_l1", "topk", "batchtopk"), k=(3,))
+    x = grid.toy_batch(world, jax.random.PRNGKey(5), 2048)[0]
+    runs = {}
+    for cfg in (grid.TrainConfig(), grid.TrainConfig(aux_k_coeff=0.0)):
+        runs[cfg.aux_k_coeff] = grid.train(grid.init_grid(KEY, spec, 32, cfg), cfg, 4000, world=world,
+                                           chunk=4000, progress=False)
+    l1, *others = spec.cells()
+    on, off = (jax.tree.map(lambda v: v[l1.slot], runs[a].groups[l1.group]) for a in (None, 0.0))
+    for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for c in others:
+        p = grid.cell_params(runs[None], c)
+        alive = np.asarray(jnp.any(archs.encode(p, x, c.arch_spec) > 0, axis=0))
+        assert alive.all(), (c.arch, int(alive.sum()))
+        assert metrics.mmcs(sae.dictionary(p), world.features_HxD) >= 0.95, c.arch
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_sparse_decoder_step_equals_the_dense_step(tiny_world, arch):
     """A TopK or BatchTopK group's step through the sparse decoder (sae_jax.sparse, the default on
@@ -189,7 +232,8 @@ def test_sparse_decoder_step_equals_the_dense_step(tiny_world, arch):
     spec = grid.GridSpec((), (24, 32), seeds=(0, 1), archs=(arch,), k=(3,))
     runs = {}
     for sparse_on in (True, False):
-        cfg = grid.TrainConfig(batch_size=64, lr=3e-3, sparse_decoder="on" if sparse_on else "off")
+        cfg = grid.TrainConfig(batch_size=64, lr=3e-3, aux_k_coeff=0.0,
+                               sparse_decoder="on" if sparse_on else "off")
         runs[sparse_on] = grid.train(grid.init_grid(KEY, spec, 16, cfg), cfg, 40, world=tiny_world,
                                      chunk=40, progress=False)
     for a, b in zip(runs[True].groups, runs[False].groups, strict=True):
@@ -199,14 +243,16 @@ def test_sparse_decoder_step_equals_the_dense_step(tiny_world, arch):
     loss = lambda p, opts: archs.loss(p, tiny_world.features_HxD[:8] * 0.5, 0.0, archs.Arch(arch, 3),
                                       opts=opts)[0]
     p = grid.cell_params(runs[True], spec.cells()[0])
-    g1 = jax.grad(loss)(p, archs.ArchOptions(sparse="on"))
-    g2 = jax.grad(loss)(p, archs.ArchOptions(sparse="off"))
-    assert archs.uses_sparse(archs.Arch(arch, 4), 256, archs.ArchOptions())  # auto: any k, native
-    assert archs.uses_sparse(archs.Arch(arch, 5), 256, archs.ArchOptions())
+    g1 = jax.grad(loss)(p, archs.ArchOptions(aux_k_coeff=0.0, sparse="on"))
+    g2 = jax.grad(loss)(p, archs.ArchOptions(aux_k_coeff=0.0, sparse="off"))
+    no_aux = archs.ArchOptions(aux_k_coeff=0.0)
+    assert archs.uses_sparse(archs.Arch(arch, 4), 256, no_aux)  # auto: any k, native
+    assert archs.uses_sparse(archs.Arch(arch, 5), 256, no_aux)
     with pytest.MonkeyPatch.context() as mp:  # without the native kernels: TopK where k <= m / 64
         mp.setattr(native, "available", lambda: False)
-        assert not archs.uses_sparse(archs.Arch(arch, 5), 256, archs.ArchOptions())
-        assert archs.uses_sparse(archs.Arch(arch, 4), 256, archs.ArchOptions()) == (arch == "topk")
+        assert not archs.uses_sparse(archs.Arch(arch, 5), 256, no_aux)
+        assert archs.uses_sparse(archs.Arch(arch, 4), 256, no_aux) == (arch == "topk")
     assert not archs.uses_sparse(archs.Arch(arch, 2), 256, archs.ArchOptions(aux_k_coeff=0.1))
+    assert not archs.uses_sparse(archs.Arch(arch, 2), 256, archs.ArchOptions())  # AuxK by default
     for x, y in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)

@@ -178,7 +178,7 @@ def test_scatter_does_not_depend_on_the_thread_count():
 
 def test_topk_grid_trains_to_the_same_state_through_either_kernel_set():
     spec = grid.GridSpec((0.0,), (64,), archs=("topk",), k=(2, 4))
-    cfg = grid.TrainConfig(batch_size=64, sparse_decoder="on")
+    cfg = grid.TrainConfig(batch_size=64, aux_k_coeff=0.0, sparse_decoder="on")
     state = grid.init_grid(jax.random.PRNGKey(0), spec, 16, cfg)
     xs = jax.random.normal(jax.random.PRNGKey(1), (20, 64, 16))
     outs = {}
