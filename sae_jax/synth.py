@@ -1,0 +1,263 @@
+"""SynthSAEBench worlds (Chanin & Garriga-Alonso 2026, arXiv:2602.14687) sampled in JAX.
+
+A world is SAELens's `SyntheticModel` (`sae_lens.synthetic`) as arrays: F ground-truth
+feature vectors d_f in R^D (unit rows), a bias b, firing probabilities p_f, an optional
+low-rank Gaussian copula, a forest of features (hierarchy) and per-feature magnitude means
+mu_f and stds sigma_f. `sample(key, world, n)` draws
+
+    x = a @ W + b,    a in R^F the feature activations (N x F),
+
+with the same distribution as SAELens's `ActivationGenerator.sample` followed by
+`FeatureDictionary.forward`; pure and jittable (`n` static), so a grid can sample it inside
+its compiled scan. Build a world with `load_saelens(dir)` (a model saved by
+`SyntheticModel.save`) or `preset(name, seed=...)` (`sae_jax.synth_models`).
+
+SAELens semantics reproduced, in its order:
+
+1. firing: with the copula, z = eps @ L^T + eta * sqrt(c), eps ~ N(0, I_R), eta ~ N(0, I_F),
+   L the correlation factor (F x R), c its diagonal term (so corr(z) = L L^T + diag(c) has a unit
+   diagonal); feature f fires when z_f > Phi^-1(1 - p_f). Without it f fires with probability
+   p_f. The saved p_f are SAELens's, after its hierarchy compensation and clamp to 1.
+2. magnitude: a fired feature's value is relu(mu_f + sigma_f g), g ~ N(0, 1).
+3. hierarchy, level by level over the forest's breadth-first levels (organisational nodes,
+   without a feature, count as levels and pass their parent on): a child with effective parent
+   q is multiplied by [a_q > 0], or by a_q / mu_q where a_q > 0 when its parent node has
+   `scale_children_by_parent` (so the scale compounds down a tree); then, for each node at the
+   level whose children are mutually exclusive, where the node's feature is active (a node
+   without a feature: always), one of its active children (value > 0) chosen uniformly at
+   random keeps its value and the others are set to 0 (their subtrees follow at the next level).
+4. x = a @ W + b.
+
+How the draws differ from SAELens's (same distribution, fewer random numbers):
+
+- eta is not drawn. Given eps, f fires with probability q_f = Phi(eps . l_f / sqrt(c_f) - t_f),
+  t_f = Phi^-1(1 - p_f) / sqrt(c_f); one uniform u_f (32 random bits) per feature and sample
+  decides it (u_f < q_f), and, given that it fired, u_f / q_f ~ U(0, 1) is independent of the
+  firing, so g = Phi^-1(u_f / q_f) is the magnitude's normal: one draw per feature and sample
+  instead of SAELens's two normals (the firing uniform's low bits carry the magnitude:
+  resolution 2^-32 / q_f; g is clipped to about +-5.3 like `jax.random.normal`'s).
+- mutual exclusion draws one uniform r per group and sample and keeps the floor(r k)-th of
+  the k active children (SAELens: one uniform score per child, the highest wins): the same
+  uniform choice among the active children.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+
+
+class Level(NamedTuple):
+    """One breadth-first level of the forest, as index arrays (K gated features, G groups of at
+    most B mutually exclusive children, M = their count of valid children)."""
+
+    feat_K: Array  # int32: features at this level that have an (effective) parent
+    parent_K: Array  # int32: that parent
+    rescale_K: Array  # bool: the parent node scales its children by a_q / mu_q
+    sib_GxB: Array  # int32: mutually exclusive children of a node at this level (0-padded)
+    valid_GxB: Array  # bool: a real child, not padding
+    gparent_G: Array  # int32: the node's feature (0 where it has none)
+    has_parent_G: Array  # bool: the node has a feature (else the group is always live)
+    me_feat_M: Array  # int32: the valid children, flattened
+    me_pos_M: Array  # int32: their positions in the flattened G x B group array
+
+
+@struct.dataclass
+class SynthWorld:
+    """A SynthSAEBench world: dictionary W (F x D, unit rows), bias b, firing probabilities,
+    optional low-rank copula (pre-divided by sqrt(c): l_f / sqrt(c_f) and t_f), magnitude means
+    and stds, and the hierarchy's levels. Whether there is a copula, a hierarchy or magnitude
+    noise is static (part of the compiled program); every number is a leaf."""
+
+    features_FxD: Array
+    bias_D: Array
+    probs_F: Array  # p_f, SAELens's saved firing_probabilities
+    corr_FxR: Array  # l_f / sqrt(c_f); (F, 0) without a copula
+    thresh_F: Array  # Phi^-1(1 - p_f) / sqrt(c_f); unused without a copula
+    mean_F: Array  # mu_f
+    std_F: Array  # sigma_f
+    levels: tuple[Level, ...]
+    correlated: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def d(self) -> int:
+        return self.features_FxD.shape[1]
+
+    @property
+    def f(self) -> int:
+        return self.features_FxD.shape[0]
+
+
+# --------------------------------------------------------------------------------- hierarchy
+def hierarchy_levels(roots: Sequence[dict[str, Any]], num_features: int) -> tuple[Level, ...]:
+    """Encodes a forest of SAELens `HierarchyNode.to_dict` trees ({"feature_index",
+    "mutually_exclusive_children", "scale_children_by_parent", "children"}) as `Level`s, walked
+    breadth-first as SAELens's modifier walks it. Levels with nothing to do are dropped."""
+    feats: list[tuple[int, int, int, bool]] = []  # (feature, effective parent, level, rescale)
+    groups: list[tuple[int, int, list[int]]] = []  # (level, node feature or -1, children)
+    queue = [(r, -1, 0, False) for r in roots]
+    seen: set[int] = set()
+    head = 0
+    while head < len(queue):
+        node, parent, level, rescale = queue[head]
+        head += 1
+        fi = node.get("feature_index")
+        if fi is not None:
+            fi = int(fi)
+            if not 0 <= fi < num_features or fi in seen:
+                raise ValueError(f"hierarchy: feature index {fi} out of range or repeated")
+            seen.add(fi)
+            feats.append((fi, parent, level, rescale))
+            parent = fi
+        children = node.get("children") or []
+        if node.get("mutually_exclusive_children") and len(children) >= 2:
+            kids = [int(c["feature_index"]) for c in children if c.get("feature_index") is not None]
+            if len(kids) >= 2:
+                groups.append((level, -1 if fi is None else fi, kids))
+        for c in children:
+            queue.append((c, parent, level + 1, bool(node.get("scale_children_by_parent"))))
+    max_level = max([lv for _, _, lv, _ in feats] + [lv for lv, _, _ in groups], default=-1)
+    out = []
+    for level in range(max_level + 1):
+        here = [(f, p, r) for f, p, lv, r in feats if lv == level and p >= 0]
+        grp = [(q, kids) for lv, q, kids in groups if lv == level]
+        if not here and not grp:
+            continue
+        b = max((len(k) for _, k in grp), default=0)
+        sib = np.zeros((len(grp), b), np.int32)
+        valid = np.zeros((len(grp), b), bool)
+        for g, (_, kids) in enumerate(grp):
+            sib[g, :len(kids)] = kids
+            valid[g, :len(kids)] = True
+        gpar = np.array([q for q, _ in grp], np.int32).reshape(-1)
+        pos = np.flatnonzero(valid.reshape(-1)).astype(np.int32)
+        out.append(Level(
+            jnp.asarray(np.array([f for f, _, _ in here], np.int32).reshape(-1)),
+            jnp.asarray(np.array([p for _, p, _ in here], np.int32).reshape(-1)),
+            jnp.asarray(np.array([r for _, _, r in here], bool).reshape(-1)),
+            jnp.asarray(sib), jnp.asarray(valid), jnp.asarray(np.maximum(gpar, 0)),
+            jnp.asarray(gpar >= 0), jnp.asarray(sib.reshape(-1)[pos]), jnp.asarray(pos)))
+    return tuple(out)
+
+
+def make_world(features_FxD: np.ndarray, bias_D: np.ndarray, probs_F: np.ndarray,
+               mean_F: np.ndarray, std_F: np.ndarray, corr_factor_FxR: np.ndarray | None = None,
+               corr_diag_F: np.ndarray | None = None,
+               roots: Sequence[dict[str, Any]] | None = None) -> SynthWorld:
+    """A world from SAELens's quantities (host arrays): the copula's l_f and c_f are stored as
+    l_f / sqrt(c_f) and t_f = Phi^-1(1 - p_f) / sqrt(c_f) (float64 on the host, then float32)."""
+    from scipy.special import ndtri
+
+    w = np.asarray(features_FxD, np.float32)
+    f = w.shape[0]
+    p = np.asarray(probs_F, np.float64)
+    for name, a in (("bias_D", bias_D), ("probs_F", probs_F), ("mean_F", mean_F), ("std_F", std_F)):
+        want = (w.shape[1],) if name == "bias_D" else (f,)
+        if np.shape(a) != want:
+            raise ValueError(f"{name} has shape {np.shape(a)}, expected {want}")
+    if np.any(p < 0) or np.any(p > 1):
+        raise ValueError("firing probabilities must lie in [0, 1]")
+    correlated = corr_factor_FxR is not None
+    if correlated:
+        lf = np.asarray(corr_factor_FxR, np.float64)
+        c = np.asarray(corr_diag_F, np.float64)
+        if lf.shape[0] != f or c.shape != (f,) or np.any(c <= 0):
+            raise ValueError("correlation factor must be (F, R) and its diagonal (F,) positive")
+        sc = np.sqrt(c)
+        corr, thresh = lf / sc[:, None], ndtri(1.0 - p) / sc
+    else:
+        corr, thresh = np.zeros((f, 0)), np.zeros(f)
+    return SynthWorld(
+        jnp.asarray(w), jnp.asarray(bias_D, jnp.float32), jnp.asarray(p, jnp.float32),
+        jnp.asarray(corr, jnp.float32), jnp.asarray(thresh, jnp.float32),
+        jnp.asarray(mean_F, jnp.float32), jnp.asarray(std_F, jnp.float32),
+        hierarchy_levels(roots or [], f), bool(correlated))
+
+
+# ---------------------------------------------------------------------------------- sampling
+_TWO_M32 = 2.0 ** -32
+_OPEN = float(np.nextafter(np.float32(1), np.float32(0)))  # largest float32 below 1
+
+
+def _fire_and_magnitude(key: Array, world: SynthWorld, n: int) -> Array:
+    """Feature activations before the hierarchy: relu(mu_f + sigma_f g) where f fires, else 0
+    (steps 1 and 2 of the module docstring)."""
+    k_eps, k_u = jax.random.split(key)
+    bits = jax.random.bits(k_u, (n, world.f), jnp.uint32)
+    u = (bits.astype(jnp.float32) + 0.5) * _TWO_M32  # in (0, 1], exact below 2^-8
+    if world.correlated:
+        eps_NxR = jax.random.normal(k_eps, (n, world.corr_FxR.shape[1]))
+        q = jax.scipy.special.ndtr(eps_NxR @ world.corr_FxR.T - world.thresh_F)
+    else:
+        q = jnp.broadcast_to(world.probs_F, (n, world.f))
+    fired = u < q
+    v = jnp.clip(u / jnp.where(fired, q, 1.0), 0.0, 1.0)
+    g = jnp.sqrt(2.0).astype(jnp.float32) * jax.lax.erf_inv(jnp.clip(2.0 * v - 1.0, -_OPEN, _OPEN))
+    return jnp.where(fired, jax.nn.relu(world.mean_F + world.std_F * g), 0.0)
+
+
+def _apply_level(key: Array, world: SynthWorld, lv: Level, a_NxF: Array) -> Array:
+    """Step 3 for one level: gate (or rescale) its children by their parents, then keep one
+    uniformly chosen active child in each live mutually exclusive group."""
+    n = a_NxF.shape[0]
+    if lv.feat_K.shape[0]:
+        par = a_NxF[:, lv.parent_K]
+        on = par > 0
+        scale = jnp.where(on, par / jnp.where(on, world.mean_F[lv.parent_K], 1.0), 0.0)
+        factor = jnp.where(lv.rescale_K, scale, on.astype(a_NxF.dtype))
+        a_NxF = a_NxF.at[:, lv.feat_K].multiply(factor, unique_indices=True)
+    g, b = lv.sib_GxB.shape
+    if g:
+        live = a_NxF[:, lv.gparent_G] > 0
+        live = jnp.where(lv.has_parent_G, live, True)
+        act = (a_NxF[:, lv.sib_GxB] > 0) & lv.valid_GxB & live[:, :, None]  # N x G x B
+        count = act.sum(-1)
+        r = jax.random.uniform(key, (n, g))
+        pick = jnp.minimum((r * count).astype(jnp.int32), jnp.maximum(count - 1, 0))
+        rank = jnp.cumsum(act, -1, dtype=jnp.int32) - 1
+        keep = ~act | (rank == pick[:, :, None])
+        keep_NxM = keep.reshape(n, g * b)[:, lv.me_pos_M]
+        a_NxF = a_NxF.at[:, lv.me_feat_M].multiply(keep_NxM.astype(a_NxF.dtype), unique_indices=True)
+    return a_NxF
+
+
+def feature_acts(key: Array, world: SynthWorld, n: int) -> Array:
+    """n samples of the feature activations a (N x F), SAELens's `ActivationGenerator.sample`."""
+    k_fire, k_me = jax.random.split(key)
+    a = _fire_and_magnitude(k_fire, world, n)
+    for i, lv in enumerate(world.levels):
+        a = _apply_level(jax.random.fold_in(k_me, i), world, lv, a)
+    return a
+
+
+def sample(key: Array, world: SynthWorld, n: int) -> tuple[Array, Array]:
+    """Draws n samples: (x_NxD, feature_acts_NxF) with x = a @ W + b (module docstring)."""
+    a = feature_acts(key, world, n)
+    return a @ world.features_FxD + world.bias_D, a
+
+
+def hierarchy_violations(world: SynthWorld, a_NxF: Array) -> tuple[Array, Array]:
+    """(active children whose parent is inactive, live exclusive groups with more than one
+    active child), counted over the samples a_NxF; both 0 for `sample`'s output."""
+    on = a_NxF > 0
+    orphans = exclusive = jnp.zeros((), jnp.int32)
+    for lv in world.levels:
+        if lv.feat_K.shape[0]:
+            orphans += jnp.sum(on[:, lv.feat_K] & ~on[:, lv.parent_K], dtype=jnp.int32)
+        if lv.sib_GxB.shape[0]:
+            live = jnp.where(lv.has_parent_G, on[:, lv.gparent_G], True)
+            n_on = jnp.sum(on[:, lv.sib_GxB] & lv.valid_GxB, axis=-1)
+            exclusive += jnp.sum(live & (n_on > 1), dtype=jnp.int32)
+    return orphans, exclusive
+
+
+from sae_jax.synth_models import load_saelens, preset  # noqa: E402  (re-exported)
+
+__all__ = ["Level", "SynthWorld", "make_world", "hierarchy_levels", "feature_acts", "sample",
+           "hierarchy_violations", "load_saelens", "preset"]
