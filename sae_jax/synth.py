@@ -43,7 +43,7 @@ How the draws differ from SAELens's (same distribution, fewer random numbers):
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +53,15 @@ from flax import struct
 Array = jax.Array
 
 
-class Level(NamedTuple):
+Run = Optional[tuple[int, int]]  # (start, repeat): an index array equal to start + arange(K) // repeat
+
+
+@struct.dataclass
+class Level:
     """One breadth-first level of the forest, as index arrays (K gated features, G groups of at
-    most B mutually exclusive children, M = their count of valid children)."""
+    most B mutually exclusive children, M = their count of valid children). The static runs say
+    when an index array is a (repeated) range, so that a slice replaces the gather or scatter
+    (SAELens's trees number features breadth-first: every array here is one)."""
 
     feat_K: Array  # int32: features at this level that have an (effective) parent
     parent_K: Array  # int32: that parent
@@ -66,6 +72,39 @@ class Level(NamedTuple):
     has_parent_G: Array  # bool: the node has a feature (else the group is always live)
     me_feat_M: Array  # int32: the valid children, flattened
     me_pos_M: Array  # int32: their positions in the flattened G x B group array
+    feat_run: Run = struct.field(pytree_node=False, default=None)
+    parent_run: Run = struct.field(pytree_node=False, default=None)
+    sib_run: Run = struct.field(pytree_node=False, default=None)  # only when no padding
+    gparent_run: Run = struct.field(pytree_node=False, default=None)
+
+
+def _run(idx: np.ndarray) -> Run:
+    """(start, repeat) when idx = start + arange(K) // repeat, else None."""
+    idx = np.asarray(idx).reshape(-1)
+    if idx.size == 0:
+        return None
+    rep = int(np.sum(idx == idx[0]))
+    if idx.size % rep == 0 and np.array_equal(idx, idx[0] + np.arange(idx.size) // rep):
+        return int(idx[0]), rep
+    return None
+
+
+def _take(a_NxF: Array, idx: Array, run: Run) -> Array:
+    """a_NxF[:, idx], by a slice (repeated) when idx is a run."""
+    if run is None:
+        return a_NxF[:, idx]
+    start, rep = run
+    cols = a_NxF[:, start: start + idx.shape[0] // rep]
+    return cols if rep == 1 else jnp.repeat(cols, rep, axis=1, total_repeat_length=idx.shape[0])
+
+
+def _scale(a_NxF: Array, idx: Array, run: Run, factor: Array) -> Array:
+    """a_NxF with columns idx multiplied by factor (N x K), by a slice when idx is a range."""
+    if run is not None and run[1] == 1:
+        start = run[0]
+        cols = jax.lax.slice_in_dim(a_NxF, start, start + idx.shape[0], axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(a_NxF, cols * factor, start, axis=1)
+    return a_NxF.at[:, idx].multiply(factor, unique_indices=True)
 
 
 @struct.dataclass
@@ -137,12 +176,15 @@ def hierarchy_levels(roots: Sequence[dict[str, Any]], num_features: int) -> tupl
             valid[g, :len(kids)] = True
         gpar = np.array([q for q, _ in grp], np.int32).reshape(-1)
         pos = np.flatnonzero(valid.reshape(-1)).astype(np.int32)
+        feat = np.array([f for f, _, _ in here], np.int32).reshape(-1)
+        par = np.array([p for _, p, _ in here], np.int32).reshape(-1)
         out.append(Level(
-            jnp.asarray(np.array([f for f, _, _ in here], np.int32).reshape(-1)),
-            jnp.asarray(np.array([p for _, p, _ in here], np.int32).reshape(-1)),
+            jnp.asarray(feat), jnp.asarray(par),
             jnp.asarray(np.array([r for _, _, r in here], bool).reshape(-1)),
             jnp.asarray(sib), jnp.asarray(valid), jnp.asarray(np.maximum(gpar, 0)),
-            jnp.asarray(gpar >= 0), jnp.asarray(sib.reshape(-1)[pos]), jnp.asarray(pos)))
+            jnp.asarray(gpar >= 0), jnp.asarray(sib.reshape(-1)[pos]), jnp.asarray(pos),
+            _run(feat), _run(par), _run(sib) if valid.all() else None,
+            _run(gpar) if np.all(gpar >= 0) else None))
     return tuple(out)
 
 
@@ -190,10 +232,10 @@ def _fire_and_magnitude(key: Array, world: SynthWorld, n: int) -> Array:
     (steps 1 and 2 of the module docstring)."""
     k_eps, k_u = jax.random.split(key)
     bits = jax.random.bits(k_u, (n, world.f), jnp.uint32)
-    u = (bits.astype(jnp.float32) + 0.5) * _TWO_M32  # in (0, 1], exact below 2^-8
+    u = jnp.minimum((bits.astype(jnp.float32) + 0.5) * _TWO_M32, _OPEN)  # (0, 1), exact below 2^-8
     if world.correlated:
         eps_NxR = jax.random.normal(k_eps, (n, world.corr_FxR.shape[1]))
-        q = jax.scipy.special.ndtr(eps_NxR @ world.corr_FxR.T - world.thresh_F)
+        q = 0.5 * jax.lax.erfc((world.thresh_F - eps_NxR @ world.corr_FxR.T) * np.float32(np.sqrt(0.5)))
     else:
         q = jnp.broadcast_to(world.probs_F, (n, world.f))
     fired = u < q
@@ -207,23 +249,27 @@ def _apply_level(key: Array, world: SynthWorld, lv: Level, a_NxF: Array) -> Arra
     uniformly chosen active child in each live mutually exclusive group."""
     n = a_NxF.shape[0]
     if lv.feat_K.shape[0]:
-        par = a_NxF[:, lv.parent_K]
+        par = _take(a_NxF, lv.parent_K, lv.parent_run)
         on = par > 0
-        scale = jnp.where(on, par / jnp.where(on, world.mean_F[lv.parent_K], 1.0), 0.0)
+        mean = _take(world.mean_F[None], lv.parent_K, lv.parent_run)
+        scale = jnp.where(on, par / jnp.where(on, mean, 1.0), 0.0)
         factor = jnp.where(lv.rescale_K, scale, on.astype(a_NxF.dtype))
-        a_NxF = a_NxF.at[:, lv.feat_K].multiply(factor, unique_indices=True)
+        a_NxF = _scale(a_NxF, lv.feat_K, lv.feat_run, factor)
     g, b = lv.sib_GxB.shape
     if g:
-        live = a_NxF[:, lv.gparent_G] > 0
+        live = _take(a_NxF, lv.gparent_G, lv.gparent_run) > 0
         live = jnp.where(lv.has_parent_G, live, True)
-        act = (a_NxF[:, lv.sib_GxB] > 0) & lv.valid_GxB & live[:, :, None]  # N x G x B
-        count = act.sum(-1)
+        sib = _take(a_NxF, lv.sib_GxB.reshape(-1), lv.sib_run).reshape(n, g, b)
+        act = (sib > 0) & lv.valid_GxB & live[:, :, None]  # N x G x B
+        count = act.sum(-1, dtype=jnp.int32)
         r = jax.random.uniform(key, (n, g))
         pick = jnp.minimum((r * count).astype(jnp.int32), jnp.maximum(count - 1, 0))
         rank = jnp.cumsum(act, -1, dtype=jnp.int32) - 1
-        keep = ~act | (rank == pick[:, :, None])
-        keep_NxM = keep.reshape(n, g * b)[:, lv.me_pos_M]
-        a_NxF = a_NxF.at[:, lv.me_feat_M].multiply(keep_NxM.astype(a_NxF.dtype), unique_indices=True)
+        keep = (~act | (rank == pick[:, :, None])).astype(a_NxF.dtype).reshape(n, g * b)
+        if lv.sib_run is not None:
+            a_NxF = _scale(a_NxF, lv.sib_GxB.reshape(-1), lv.sib_run, keep)
+        else:
+            a_NxF = _scale(a_NxF, lv.me_feat_M, None, keep[:, lv.me_pos_M])
     return a_NxF
 
 

@@ -173,21 +173,20 @@ def compensate(p_F: np.ndarray, roots: list[dict[str, Any]]) -> np.ndarray:
 
 @jax.jit
 def _orthogonalize(w_FxD: jax.Array, lr: float, steps_mask: jax.Array) -> jax.Array:
-    """SAELens's `orthogonalize_embeddings` (Adam on sum_{i!=j} G_ij^2 + F sum_i (G_ii - 1)^2,
-    G = W W^T, via ||W^T W||_F^2 so that no F x F matrix is formed)."""
+    """SAELens's `orthogonalize_embeddings`: Adam on sum_{i!=j} G_ij^2 + F sum_i (G_ii - 1)^2,
+    G = W W^T, whose gradient G W = W (W^T W) needs no F x F matrix."""
     f = w_FxD.shape[0]
 
-    def loss(w):
-        gii = jnp.sum(w * w, axis=1)
-        wtw = w.T @ w
-        return jnp.sum(wtw * wtw) - jnp.sum(gii * gii) + f * jnp.sum((gii - 1.0) ** 2)
+    def grad(w):  # 4 W (W^T W) - 4 G_ii w_i + 4 F (G_ii - 1) w_i: two F x D x D matmuls
+        gii = jnp.sum(w * w, axis=1, keepdims=True)
+        return 4.0 * (w @ (w.T @ w)) + 4.0 * (f * (gii - 1.0) - gii) * w
 
     opt = optax.adam(lr)
     w = w_FxD / jnp.maximum(jnp.linalg.norm(w_FxD, axis=1, keepdims=True), 1e-8)
 
     def step(carry, _):
         w, s = carry
-        upd, s = opt.update(jax.grad(loss)(w), s, w)
+        upd, s = opt.update(grad(w), s, w)
         return (optax.apply_updates(w, upd), s), None
 
     (w, _), _ = jax.lax.scan(step, (w, opt.init(w)), steps_mask)
