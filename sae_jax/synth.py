@@ -28,17 +28,23 @@ SAELens semantics reproduced, in its order:
    random keeps its value and the others are set to 0 (their subtrees follow at the next level).
 4. x = a @ W + b.
 
-How the draws differ from SAELens's (same distribution, fewer random numbers):
+How the draws differ from SAELens's (the same distribution, fewer random numbers):
 
 - eta is not drawn. Given eps, f fires with probability q_f = Phi(eps . l_f / sqrt(c_f) - t_f),
   t_f = Phi^-1(1 - p_f) / sqrt(c_f); one uniform u_f (32 random bits) per feature and sample
   decides it (u_f < q_f), and, given that it fired, u_f / q_f ~ U(0, 1) is independent of the
-  firing, so g = Phi^-1(u_f / q_f) is the magnitude's normal: one draw per feature and sample
-  instead of SAELens's two normals (the firing uniform's low bits carry the magnitude:
-  resolution 2^-32 / q_f; g is clipped to about +-5.3 like `jax.random.normal`'s).
+  firing and of eps, so g = Phi^-1(u_f / q_f) is the magnitude's normal. SAELens draws a normal
+  eta per feature and sample and another normal per firing; this draws 32 bits per feature and
+  sample and nothing else per feature (u_f is exact to 2^-32, so u_f / q_f has about
+  2^32 q_f levels; g is clipped to +-5.4 like `jax.random.normal`'s).
 - mutual exclusion draws one uniform r per group and sample and keeps the floor(r k)-th of
-  the k active children (SAELens: one uniform score per child, the highest wins): the same
-  uniform choice among the active children.
+  the k active children (SAELens: one uniform score per child in a conflict, the highest
+  wins): the same uniform choice among the active children.
+- the output is dense (SAELens's `use_sparse_tensors` has no counterpart) and float32.
+
+`feature_acts` gives a alone; `hierarchy_violations` counts broken constraints in samples.
+Levels whose index arrays are ranges (SAELens numbers a generated forest breadth-first) gather
+and update slices, not scattered columns.
 """
 
 from __future__ import annotations
@@ -303,7 +309,14 @@ def hierarchy_violations(world: SynthWorld, a_NxF: Array) -> tuple[Array, Array]
     return orphans, exclusive
 
 
-from sae_jax.synth_models import load_saelens, preset  # noqa: E402  (re-exported)
+def __getattr__(name: str) -> Any:
+    """`load_saelens`, `from_config` and `preset` live in `sae_jax.synth_models` (which imports
+    this module); they are reachable from here too."""
+    if name in ("load_saelens", "from_config", "preset"):
+        from sae_jax import synth_models
+        return getattr(synth_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Level", "SynthWorld", "make_world", "hierarchy_levels", "feature_acts", "sample",
-           "hierarchy_violations", "load_saelens", "preset"]
+           "hierarchy_violations", "load_saelens", "from_config", "preset"]

@@ -183,6 +183,19 @@ def test_jit_determinism_and_x(saelens_world):
     assert np.all(np.asarray(a1) >= 0)
 
 
+def test_gathers_equal_slices(saelens_world):
+    """A forest numbered in any order (index arrays, no runs) samples what the breadth-first
+    numbering's slices sample."""
+    runs = [lv.feat_run for lv in saelens_world.levels] + [lv.sib_run for lv in saelens_world.levels]
+    assert sum(r is not None for r in runs) >= 4  # the fixture takes the slice paths
+    plain = saelens_world.replace(levels=tuple(
+        lv.replace(feat_run=None, parent_run=None, sib_run=None, gparent_run=None)
+        for lv in saelens_world.levels))
+    f = jax.jit(synth.feature_acts, static_argnums=2)
+    np.testing.assert_array_equal(f(jax.random.PRNGKey(2), saelens_world, 2048),
+                                  f(jax.random.PRNGKey(2), plain, 2048))
+
+
 def test_independent_features_rates_and_magnitudes():
     """No copula, no trees: f fires with p_f and its value is relu(mu_f + sigma_f g), whose
     mean given a_f > 0 is the truncated normal's mu + sigma phi(mu/sigma) / Phi(mu/sigma)."""
