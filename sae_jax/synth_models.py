@@ -193,6 +193,25 @@ def _orthogonalize(w_FxD: jax.Array, lr: float, steps_mask: jax.Array) -> jax.Ar
     return w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), 1e-8)
 
 
+def _correlation(cfg: dict[str, Any], seed: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """SAELens's `generate_random_low_rank_correlation_matrix`: L = scale randn(F, R), rows with
+    |l_f|^2 > 0.99 scaled to 0.99, c_f = 1 - |l_f|^2; (None, None) without a copula."""
+    corr = cfg.get("correlation")
+    if not corr:
+        return None, None
+    lf = _randn((int(cfg["num_features"]), int(corr["rank"])), seed=seed)[0]
+    lf = lf * np.float32(corr.get("correlation_scale", 0.1))
+    ss = (lf ** 2).sum(1)
+    cap = ss > 0.99
+    lf[cap] *= np.sqrt(0.99 / ss[cap])[:, None]
+    return lf, 1.0 - (lf ** 2).sum(1)
+
+
+def _forest(cfg: dict[str, Any], seed: int | None) -> list[dict[str, Any]]:
+    h = cfg.get("hierarchy")
+    return generate_hierarchy(int(cfg["num_features"]), h, seed) if h and h.get("total_root_nodes", 0) else []
+
+
 # ------------------------------------------------------------------------------ public API
 def from_config(cfg: dict[str, Any], orthogonalize: bool = True,
                 probs_F: np.ndarray | None = None) -> SynthWorld:
@@ -201,9 +220,7 @@ def from_config(cfg: dict[str, Any], orthogonalize: bool = True,
     `probs_F` replaces the firing probabilities (SAELens's load does so with the saved ones)."""
     f, d, seed = int(cfg["num_features"]), int(cfg["hidden_dim"]), cfg.get("seed")
     off = (lambda k: None) if seed is None else (lambda k: seed + k)
-    roots = generate_hierarchy(f, cfg["hierarchy"], off(3)) if cfg.get("hierarchy") else []
-    if cfg.get("hierarchy") and cfg["hierarchy"].get("total_root_nodes", 0) == 0:
-        roots = []
+    roots = _forest(cfg, off(3))
     if probs_F is None:
         probs_F = firing_probabilities(cfg["firing_probability"], f, seed)
         if roots and cfg["hierarchy"].get("compensate_probabilities"):
@@ -217,14 +234,7 @@ def from_config(cfg: dict[str, Any], orthogonalize: bool = True,
     if ortho and orthogonalize:
         w = np.asarray(_orthogonalize(jnp.asarray(w), float(ortho.get("lr", 0.01)),
                                       jnp.zeros(int(ortho.get("num_steps", 200)))))
-    corr = cfg.get("correlation")
-    lf = cd = None
-    if corr:
-        lf = _randn((f, int(corr["rank"])), seed=off(4))[0] * np.float32(corr.get("correlation_scale", 0.1))
-        ss = (lf ** 2).sum(1)
-        cap = ss > 0.99
-        lf[cap] *= np.sqrt(0.99 / ss[cap])[:, None]
-        cd = 1.0 - (lf ** 2).sum(1)
+    lf, cd = _correlation(cfg, off(4))
     return make_world(w, bias, probs_F,
                       magnitudes(cfg.get("mean_firing_magnitudes", 1.0), f, off(2)),
                       magnitudes(cfg.get("std_firing_magnitudes", 0.0), f, off(1)), lf, cd, roots)
@@ -235,22 +245,25 @@ def load_saelens(path: str | Path) -> SynthWorld:
     (`feature_vectors`, `bias`, `firing_probabilities`, optional `correlation_factor` and
     `correlation_diag`) and optional `hierarchy.json`, read with numpy. SAELens does not save
     the magnitude means and stds; its load redraws them from the config (std from seed + 1, mean
-    from seed + 2); so does this, with `torch_randn` (torch's own numbers for a seeded config)."""
+    from seed + 2); so does this, with `torch_randn` (torch's own numbers for a seeded config).
+    A missing hierarchy or copula that the config asks for is regenerated, as SAELens does."""
     path = Path(path)
     cfg = json.loads((path / CONFIG_FILE).read_text())
     t = st.load(path / WEIGHTS_FILE)
     f, seed = int(cfg["num_features"]), cfg.get("seed")
     off = (lambda k: None) if seed is None else (lambda k: seed + k)
-    roots = []
     if (path / HIERARCHY_FILE).exists():
         roots = json.loads((path / HIERARCHY_FILE).read_text())["roots"]
-    corr = "correlation_factor" in t
+    else:  # SAELens's load regenerates what it does not find
+        roots = _forest(cfg, off(3))
+    if "correlation_factor" in t:
+        lf, cd = np.asarray(t["correlation_factor"]), np.asarray(t["correlation_diag"])
+    else:
+        lf, cd = _correlation(cfg, off(4))
     return make_world(np.asarray(t["feature_vectors"]), np.asarray(t["bias"]),
                       np.asarray(t["firing_probabilities"]),
                       magnitudes(cfg.get("mean_firing_magnitudes", 1.0), f, off(2)),
-                      magnitudes(cfg.get("std_firing_magnitudes", 0.0), f, off(1)),
-                      np.asarray(t["correlation_factor"]) if corr else None,
-                      np.asarray(t["correlation_diag"]) if corr else None, roots)
+                      magnitudes(cfg.get("std_firing_magnitudes", 0.0), f, off(1)), lf, cd, roots)
 
 
 SYNTH_16K: dict[str, Any] = {

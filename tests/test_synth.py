@@ -103,6 +103,20 @@ def test_from_config_rebuilds_the_saved_model(saelens_world):
         np.testing.assert_array_equal(u, v)
 
 
+def test_load_regenerates_what_is_missing(saelens_world, tmp_path):
+    """Without hierarchy.json and the copula's tensors, SAELens's load regenerates both from the
+    config (seed + 3, seed + 4); so does ours: the same world."""
+    t = st.load(FIXTURE / "model" / "synthetic_model.safetensors")
+    st.save(tmp_path / "synthetic_model.safetensors",
+            {k: np.asarray(t[k]) for k in ("feature_vectors", "bias", "firing_probabilities")})
+    (tmp_path / "synthetic_model_config.json").write_text(
+        (FIXTURE / "model" / "synthetic_model_config.json").read_text())
+    w = synth.load_saelens(tmp_path)
+    for u, v in zip(jax.tree.leaves(w), jax.tree.leaves(saelens_world)):
+        np.testing.assert_allclose(u, v, atol=1e-6)
+    assert jax.tree.structure(w) == jax.tree.structure(saelens_world)
+
+
 def test_firing_rates_match_saelens(our_stats, saelens_stats):
     p1, p2 = our_stats["rate_F"], saelens_stats["rate_F"]
     se = np.sqrt(p1 * (1 - p1) / our_stats["n"] + p2 * (1 - p2) / saelens_stats["n"])
