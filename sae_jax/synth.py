@@ -250,9 +250,9 @@ def _fire_and_magnitude(key: Array, world: SynthWorld, n: int) -> Array:
     return jnp.where(fired, jax.nn.relu(world.mean_F + world.std_F * g), 0.0)
 
 
-def _apply_level(key: Array, world: SynthWorld, lv: Level, a_NxF: Array) -> Array:
-    """Step 3 for one level: gate (or rescale) its children by their parents, then keep one
-    uniformly chosen active child in each live mutually exclusive group."""
+def _apply_level(r_NxG: Array, world: SynthWorld, lv: Level, a_NxF: Array) -> Array:
+    """Step 3 for one level: gate (or rescale) its children by their parents, then keep the
+    floor(r k)-th of the k active children in each live mutually exclusive group."""
     n = a_NxF.shape[0]
     if lv.feat_K.shape[0]:
         par = _take(a_NxF, lv.parent_K, lv.parent_run)
@@ -268,8 +268,7 @@ def _apply_level(key: Array, world: SynthWorld, lv: Level, a_NxF: Array) -> Arra
         sib = _take(a_NxF, lv.sib_GxB.reshape(-1), lv.sib_run).reshape(n, g, b)
         act = (sib > 0) & lv.valid_GxB & live[:, :, None]  # N x G x B
         count = act.sum(-1, dtype=jnp.int32)
-        r = jax.random.uniform(key, (n, g))
-        pick = jnp.minimum((r * count).astype(jnp.int32), jnp.maximum(count - 1, 0))
+        pick = jnp.minimum((r_NxG * count).astype(jnp.int32), jnp.maximum(count - 1, 0))
         rank = jnp.cumsum(act, -1, dtype=jnp.int32) - 1
         keep = (~act | (rank == pick[:, :, None])).astype(a_NxF.dtype).reshape(n, g * b)
         if lv.sib_run is not None:
@@ -279,13 +278,21 @@ def _apply_level(key: Array, world: SynthWorld, lv: Level, a_NxF: Array) -> Arra
     return a_NxF
 
 
+def apply_hierarchy(world: SynthWorld, a_NxF: Array, r_levels: Sequence[Array]) -> Array:
+    """Step 3 (SAELens's hierarchy modifier) on activations a_NxF; r_levels[i] (N x G_i, in
+    [0, 1)) chooses the winners of level i's exclusive groups: the floor(r k)-th of the k active
+    children (r uniform: a uniform choice; r = 0: the first active child)."""
+    for r, lv in zip(r_levels, world.levels, strict=True):
+        a_NxF = _apply_level(r, world, lv, a_NxF)
+    return a_NxF
+
+
 def feature_acts(key: Array, world: SynthWorld, n: int) -> Array:
     """n samples of the feature activations a (N x F), SAELens's `ActivationGenerator.sample`."""
     k_fire, k_me = jax.random.split(key)
-    a = _fire_and_magnitude(k_fire, world, n)
-    for i, lv in enumerate(world.levels):
-        a = _apply_level(jax.random.fold_in(k_me, i), world, lv, a)
-    return a
+    r = [jax.random.uniform(jax.random.fold_in(k_me, i), (n, lv.sib_GxB.shape[0]))
+         for i, lv in enumerate(world.levels)]
+    return apply_hierarchy(world, _fire_and_magnitude(k_fire, world, n), r)
 
 
 def sample(key: Array, world: SynthWorld, n: int) -> tuple[Array, Array]:
@@ -318,5 +325,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Level", "SynthWorld", "make_world", "hierarchy_levels", "feature_acts", "sample",
-           "hierarchy_violations", "load_saelens", "from_config", "preset"]
+__all__ = ["Level", "SynthWorld", "make_world", "hierarchy_levels", "apply_hierarchy", "feature_acts",
+           "sample", "hierarchy_violations", "load_saelens", "from_config", "preset"]

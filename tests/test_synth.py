@@ -117,6 +117,23 @@ def test_load_regenerates_what_is_missing(saelens_world, tmp_path):
     assert jax.tree.structure(w) == jax.tree.structure(saelens_world)
 
 
+def test_hierarchy_is_saelens_modifier_exactly(saelens_world):
+    """On fixed activations (make_synth_fixture.hierarchy_input: 128 x 391, 70% active), with
+    the first active exclusive child winning, SAELens's modifier and `apply_hierarchy` give the
+    same numbers: gating, scaling by a_q / mu_q compounded down the trees, exclusion at every
+    level, in SAELens's order."""
+    rs = np.random.RandomState(0)  # make_synth_fixture.hierarchy_input
+    u, g = rs.random_sample((128, saelens_world.f)), rs.standard_normal((128, saelens_world.f))
+    a = np.where(u < 0.7, np.maximum(4.5 + 1.5 * g, 0.0), 0.0).astype(np.float32)
+    case = np.load(FIXTURE / "hierarchy_case.npz")
+    want = np.zeros_like(a)
+    want[case["rows"], case["cols"]] = case["vals"]
+    first = [jnp.zeros((128, lv.sib_GxB.shape[0])) for lv in saelens_world.levels]
+    got = np.asarray(synth.apply_hierarchy(saelens_world, jnp.asarray(a), first))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.sum(want > 0) < 0.5 * np.sum(a > 0)  # the hierarchy removed much
+
+
 def test_firing_rates_match_saelens(our_stats, saelens_stats):
     p1, p2 = our_stats["rate_F"], saelens_stats["rate_F"]
     se = np.sqrt(p1 * (1 - p1) / our_stats["n"] + p2 * (1 - p2) / saelens_stats["n"])
