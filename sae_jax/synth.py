@@ -67,7 +67,7 @@ class Level:
     """One breadth-first level of the forest, as index arrays (K gated features, G groups of at
     most B mutually exclusive children, M = their count of valid children). The static runs say
     when an index array is a (repeated) range, so that a slice replaces the gather or scatter
-    (SAELens's trees number features breadth-first: every array here is one)."""
+    (SAELens numbers a generated forest breadth-first, so there every array is a run)."""
 
     feat_K: Array  # int32: features at this level that have an (effective) parent
     parent_K: Array  # int32: that parent
@@ -117,8 +117,8 @@ def _scale(a_NxF: Array, idx: Array, run: Run, factor: Array) -> Array:
 class SynthWorld:
     """A SynthSAEBench world: dictionary W (F x D, unit rows), bias b, firing probabilities,
     optional low-rank copula (pre-divided by sqrt(c): l_f / sqrt(c_f) and t_f), magnitude means
-    and stds, and the hierarchy's levels. Whether there is a copula, a hierarchy or magnitude
-    noise is static (part of the compiled program); every number is a leaf."""
+    and stds, and the hierarchy's levels. Whether there is a copula and the forest's shape
+    (levels, sizes, runs) are static, part of the compiled program; every number is a leaf."""
 
     features_FxD: Array
     bias_D: Array
