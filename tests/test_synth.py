@@ -212,6 +212,10 @@ def test_jit_determinism_and_x(saelens_world):
     w, b = np.asarray(saelens_world.features_FxD, np.float64), np.asarray(saelens_world.bias_D)
     np.testing.assert_allclose(x1, np.asarray(a1, np.float64) @ w + b, atol=1e-4)
     assert np.all(np.asarray(a1) >= 0)
+    # inside a compiled scan, the world an argument (as the grid samples it): the same batches
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    scan = jax.jit(lambda w: jax.lax.scan(lambda c, k: (c, synth.sample(k, w, 64)[0]), 0, keys)[1])
+    np.testing.assert_allclose(scan(saelens_world)[2], f(keys[2], saelens_world, 64)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_gathers_equal_slices(saelens_world):
