@@ -49,7 +49,8 @@ and update slices, not scattered columns.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ from flax import struct
 Array = jax.Array
 
 
-Run = Optional[tuple[int, int]]  # (start, repeat): an index array equal to start + arange(K) // repeat
+Run = tuple[int, int] | None  # (start, repeat): an index array equal to start + arange(K) // repeat
 
 
 @struct.dataclass
@@ -325,5 +326,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Level", "SynthWorld", "make_world", "hierarchy_levels", "apply_hierarchy", "feature_acts",
-           "sample", "hierarchy_violations", "load_saelens", "from_config", "preset"]
+__all__ = ["Level", "SynthWorld", "apply_hierarchy", "feature_acts", "hierarchy_levels",
+           "hierarchy_violations", "make_world", "sample"]  # and, lazily, load_saelens, from_config, preset

@@ -87,7 +87,8 @@ def magnitudes(spec: float | dict[str, Any], f: int, seed: int | None) -> np.nda
     if name == "exponential":
         return (spec["start"] * (spec["end"] / spec["start"]) ** t).astype(np.float32)
     if name == "folded_normal":
-        z = np.abs(np.float32(spec.get("mean", 0.0)) + _randn((f,), seed=seed)[0] * np.float32(spec.get("std", 0.1)))
+        g = _randn((f,), seed=seed)[0]
+        z = np.abs(np.float32(spec.get("mean", 0.0)) + g * np.float32(spec.get("std", 0.1)))
         lo, hi = spec.get("min_value"), spec.get("max_value")
         return np.clip(z, lo, hi) if lo is not None or hi is not None else z
     raise ValueError(f"unknown magnitude generator {name!r}")
