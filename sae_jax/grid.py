@@ -136,6 +136,22 @@ def initial_decoder_bias(cfg: TrainConfig, d: int, x_init: Array | None) -> np.n
     return np.asarray(sae.decoder_bias_init(x_init, cfg.decoder_bias), np.float32)
 
 
+DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
+
+
+def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, world: toy.ToyWorld | None,
+                        batches: Callable | None) -> np.ndarray | None:
+    """The (N, d) sample b_dec's initial value is computed from: the toy world's inputs from a key
+    no training step uses, or the first training batches of the stream; None without a bias."""
+    if cfg.decoder_bias in ("none", "zero"):
+        return None
+    if world is not None:
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xB1A5)
+        return np.asarray(toy.sample_inputs(key, world, DECODER_BIAS_SAMPLES)).reshape(-1, d)
+    n = -(-DECODER_BIAS_SAMPLES // cfg.batch_size)
+    return np.asarray(batches(0, n), np.float32).reshape(-1, d)
+
+
 def pad(state: GridState, multiple: int) -> GridState:
     """Pads each group with copies of its last cell made inert (lr 0, valid False) up to a
     multiple of `multiple` cells. Inert cells never show in results. (On the host: a padded

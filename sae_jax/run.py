@@ -215,22 +215,6 @@ def checkpointed_train_value(out: str, field: str, phase: str = "grid") -> Any:
     return None if train is None else train.get("train", {}).get(field, getattr(grid.TrainConfig, field))
 
 
-DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
-
-
-def _decoder_bias_sample(cfg: grid.TrainConfig, seed: int, d: int, world: toy.ToyWorld | None,
-                         batches: Callable | None) -> np.ndarray | None:
-    """The (N, d) sample b_dec's initial value is computed from: the toy world's inputs from a key
-    no training step uses, or the first training batches of the stream; None without a bias."""
-    if cfg.decoder_bias in ("none", "zero"):
-        return None
-    if world is not None:
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xB1A5)
-        return np.asarray(toy.sample_inputs(key, world, DECODER_BIAS_SAMPLES)).reshape(-1, d)
-    n = -(-DECODER_BIAS_SAMPLES // cfg.batch_size)
-    return np.asarray(batches(0, n), np.float32).reshape(-1, d)
-
-
 def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: int,
                run_config: dict, *, world: toy.ToyWorld | None = None, batches: Callable | None = None,
                ground_truth: jax.Array | None = None) -> tuple[grid.GridState, Trained]:
@@ -244,7 +228,7 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
 
     sparse.native_in_use()  # without the native kernels on the CPU: their line now, before the bar
     mesh = sharding.make_mesh(opts.devices)
-    x_init = _decoder_bias_sample(cfg, opts.seed, d, world, batches)
+    x_init = grid.decoder_bias_sample(cfg, opts.seed, d, world, batches)
     state = grid.init_grid(jax.random.PRNGKey(opts.seed), spec, d, cfg, x_init=x_init)  # unpadded
     writer = jax.process_index() == 0
     ckpt = None

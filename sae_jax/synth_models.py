@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from sae_jax import st
-from sae_jax.synth import SynthWorld, make_world
+from sae_jax.synth_world import SynthWorld, make_world
 
 CONFIG_FILE = "synthetic_model_config.json"
 WEIGHTS_FILE = "synthetic_model.safetensors"
