@@ -1,6 +1,6 @@
 """Where the grid step's time goes, side by side in one run on this machine.
 
-The grid: d, dictionary sizes, alphas per size, batch B (default: the 16-cell grid of issue 11,
+The grid: d, dictionary sizes, alphas per size, batch B (default: a 16-cell grid,
 d 256, sizes 256-2048, 4 alphas, batch 1024). Printed, each in ms per step and GFLOP/s
 (10 d m B FLOPs per cell and step: five matmuls of 2 d m B):
 

@@ -66,7 +66,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # The report's: Adam 1e-3, no resampling.
     "report": Recipe(dict(lr=1e-3, b1=0.9, b2=0.999)),
-    # The fast one of issue #7: cosine decay over the run, tied init, resampling until 75%.
+    # The fast one: cosine decay over the run, tied init, resampling until 75% of the steps.
     "fast": Recipe(dict(lr=5e-3, b1=0.9, b2=0.99, batch_size=64, tied_init=True, full_finite_check=False,
                         resample_every=100, resample_worst=16, resample_dead_window=500,
                         dedup_threshold=0.9, resample_encoder_scale=0.2),
