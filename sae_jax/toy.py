@@ -1,6 +1,6 @@
 """The report's toy data: sparse, correlated, frequency-decayed combinations of h features in d dims.
 
-Generator (Sharkey, Braun & Millidge 2022, section 2):
+Generator (Sharkey, Braun & Millidge 2022, "Toy dataset generation"):
 
 - ground-truth features g_i, i = 0..h-1, uniform on the unit sphere in R^d;
 - correlation (Gaussian copula): a random correlation matrix C, z ~ N(0, C), p~_i = Phi(z_i);
