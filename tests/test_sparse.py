@@ -59,17 +59,12 @@ def dense_loss(p, x, k, batch_top):
 
 
 def sparse_loss(p, x, k, batch_top, dtype="float32"):
-    """batch_top: False (TopK), "coo" or "rows" (BatchTopK's two layouts)."""
+    """batch_top: False (TopK) or "rows" (BatchTopK's row layout)."""
     if batch_top == "rows":
         c = sparse_coo.batchtopk_rows(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
         x_hat = sparse_coo.decode_rows(sae.unit_rows(p.D_MxD), c.vals_RxJ, c.latent_RxJ, c.sample_R,
                                        x.shape[0], dtype)
         return _loss(x_hat, jnp.sum(c.vals_RxJ ** 2), x)
-    if batch_top:
-        codes = sparse_coo.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
-        x_hat = sparse_coo.decode_coo(sae.unit_rows(p.D_MxD), codes.vals_N, codes.sample_N,
-                                  codes.latent_N, x.shape[0])
-        return _loss(x_hat, jnp.sum(codes.vals_N ** 2), x)
     vals, idx = sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, x, k, dtype)
     return _loss(sparse.decode(sae.unit_rows(p.D_MxD), vals, idx, dtype), jnp.sum(vals ** 2), x)
 
@@ -78,7 +73,7 @@ def _close(a, b, rtol):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(b))))
 
 
-LAYOUTS = pytest.mark.parametrize("batch_top", [False, "coo", "rows"], ids=["topk", "batchtopk_coo", "batchtopk_rows"])
+LAYOUTS = pytest.mark.parametrize("batch_top", [False, "rows"], ids=["topk", "batchtopk_rows"])
 
 
 @LAYOUTS
@@ -141,20 +136,6 @@ def test_tied_latents_select_exactly_k():
     c = jnp.zeros((B, M)).at[jnp.arange(B)[:, None], idx].set(vals)
     atoms = sae.unit_rows(p.D_MxD)
     _close(sparse.decode(atoms, vals, idx), c @ atoms, 1e-5)
-
-
-def test_batchtopk_selects_the_batch_top_and_its_threshold():
-    p = jax.tree.map(lambda a: a[0], _params())
-    x = _x()
-    codes = jax.jit(sparse_coo.batchtopk_codes, static_argnums=3)(p.W_enc_MxD, p.b_enc_M, x, K)
-    c = _dense_codes(p, x, K, True)
-    counts = np.bincount(np.asarray(codes.sample_N)[np.asarray(codes.vals_N) > 0], minlength=B)
-    np.testing.assert_array_equal(counts, np.count_nonzero(c, axis=1))
-    assert counts.min() != counts.max()  # samples hold different numbers of latents
-    _close(codes.vals_N, c[codes.sample_N, codes.latent_N], 1e-6)
-    np.testing.assert_allclose(codes.min_active, np.min(c[c > 0]), rtol=1e-6)
-    atoms = sae.unit_rows(p.D_MxD)
-    _close(sparse_coo.decode_coo(atoms, codes.vals_N, codes.sample_N, codes.latent_N, B), c @ atoms, 1e-5)
 
 
 def _rows_entries(v, i, s, m):
@@ -262,7 +243,7 @@ def test_bad_compute_dtype_or_k_is_a_usage_error():
         sparse.topk_codes(p.W_enc_MxD, p.b_enc_M, _x(), K, "float16")
     for bad in (0, M + 1):
         with pytest.raises(UsageError, match=r"`k` must be an integer in \[1, 32\]"):
-            sparse_coo.batchtopk_codes(p.W_enc_MxD, p.b_enc_M, _x(), bad)
+            sparse_coo.batchtopk_rows(p.W_enc_MxD, p.b_enc_M, _x(), bad)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
