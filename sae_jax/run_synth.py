@@ -31,8 +31,8 @@ from sae_jax.errors import UsageError
 EVAL_KEY = 0x5E7A1  # folded into the seed's key: the evaluation samples, a key no training step uses
 EVAL_BATCH = 4096  # evaluation samples per streamed batch
 USUAL_EVAL_SAMPLES = 16384  # the evaluation samples of the usual per-cell metrics (results.evaluate)
-TABLE = [("index", "cell", ""), ("arch", "arch", ""), ("l1", "alpha", ".3g"), ("k", "k", ""),
-         ("l0_coeff", "lambda", ".3g"), ("ratio", "ratio", "g"), ("dict_size", "width", ""),
+TABLE = [("index", "cell", ""), ("arch", "arch", ""), ("setting", "setting", ""), ("ratio", "ratio", ".3g"),
+         ("dict_size", "width", ""),
          ("l0", "L0", ".2f"), ("f1", "F1", ".3f"), ("mcc", "MCC", ".3f"), ("uniqueness", "uniqueness", ".3f"),
          ("explained_variance", "expl. var.", ".3f"), ("dead_latents", "dead latents", "")]
 
@@ -132,7 +132,9 @@ def run(spec: grid.GridSpec, train: grid.TrainConfig, opts: run_.RunOptions, dat
 def synth_table(res: dict) -> list[str]:
     """REPORT.md's SynthSAEBench section: every cell's metrics (from results.json)."""
     n = res["config"]["eval_samples"]
+    rows = [{**c, "setting": f"{archs.SPARSITY_NAME[c['arch']]} {c[archs.SPARSITY_KEY[c['arch']]]:g}"}
+            for c in res["cells"]]
     return ["## SynthSAEBench metrics", "",
             f"SAELens's definitions (`sae_jax.synth_eval`) on {n:,} evaluation samples, with each cell's "
             "inference-time encoder; dead latents never fired on them.", "",
-            *report.table(res["cells"], TABLE)]
+            *report.table(rows, TABLE)]
