@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("SynthSAEBench world (exactly one of --model, --preset)")
     w.add_argument("--model", help="a directory saved by SAELens's SyntheticModel.save")
     w.add_argument("--preset", help="synth-16k (16,384 features in 768 dimensions) or synth-small (4,096 in 256)")
-    w.add_argument("--world-seed", type=int, default=42, help="the preset's seed (default 42)")
+    w.add_argument("--world-seed", type=int, help="the preset's seed (default 42)")
     add_training_args(p)
     p.set_defaults(func=cmd_synth, eval_samples=100_000)
 

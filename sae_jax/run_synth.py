@@ -46,16 +46,20 @@ class SynthData:
     source: dict
 
     @classmethod
-    def open(cls, model: str | None = None, preset: str | None = None, world_seed: int = 42) -> "SynthData":
-        """The world of a SAELens model directory (`synth.load_saelens`) or of a preset; exactly
-        one of the two."""
+    def open(cls, model: str | None = None, preset: str | None = None,
+             world_seed: int | None = None) -> "SynthData":
+        """The world of a SAELens model directory (`synth.load_saelens`) or of a preset (drawn
+        with `world_seed`, default 42); exactly one of the two."""
         if (model is None) == (preset is None):
             raise UsageError("give exactly one of --model (a SAELens synthetic model directory) or --preset")
         if preset is not None:
+            world_seed = 42 if world_seed is None else world_seed
             try:
                 return cls(synth.preset(preset, seed=world_seed), {"preset": preset, "world_seed": world_seed})
             except ValueError as e:
                 raise UsageError(f"--preset: {e}") from None
+        if world_seed is not None:
+            raise UsageError("--world-seed draws a preset; a saved model (--model) has its own")
         path = Path(model).expanduser().absolute()
         if not path.is_dir():
             raise UsageError(f"--model {model}: no such directory")

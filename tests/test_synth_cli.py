@@ -55,6 +55,15 @@ def test_metrics_equal_synth_eval_on_the_exported_cells(synth_run):
 
 
 @pytest.mark.slow
+def test_export_writes_a_saelens_sae_of_a_synth_cell(synth_run, tmp_path):
+    out, res = synth_run
+    assert cli.main(["export", out, "--cell", "1", "--format", "saelens", "--out", str(tmp_path / "e")]) == 0
+    cfg = json.loads((tmp_path / "e" / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["k"], cfg["d_sae"], cfg["d_in"]) == ("topk", 5, res["cells"][1]["dict_size"], 40)
+    assert cfg["apply_b_dec_to_input"]  # the synth recipe trains a decoder bias
+
+
+@pytest.mark.slow
 def test_topk_recovers_features_well_above_a_random_dictionary(synth_run):
     _, res = synth_run
     topk = res["cells"][1]
@@ -89,6 +98,7 @@ def test_resume_extends_a_shorter_run_to_the_same_weights(synth_run, tmp_path, c
     (["--preset", "synth-1m"], "--preset: unknown preset 'synth-1m'"),
     ([], "give exactly one of --model"),
     (["--model", MODEL, "--preset", "synth-small"], "give exactly one of --model"),
+    (["--model", MODEL, "--world-seed", "3"], "--world-seed draws a preset"),
 ])
 def test_bad_worlds_are_one_line_errors(argv, says, tmp_path, capsys):
     code = cli.main(["synth", *argv, "--arch", "topk", "--k", "4", "--steps", "2", "--out", str(tmp_path)])
