@@ -139,11 +139,10 @@ def initial_decoder_bias(cfg: TrainConfig, d: int, x_init: Array | None) -> np.n
 DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
 
 
-def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, world: toy.ToyWorld | World | None,
+def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, world: World | None,
                         batches: Callable | None) -> np.ndarray | None:
-    """The (N, d) sample b_dec's initial value is computed from: the (toy or SynthSAEBench)
-    world's inputs from a key no training step uses, or the first training batches of the
-    stream; None without a bias."""
+    """The (N, d) sample b_dec's initial value is computed from: the world's inputs (toy or
+    SynthSAEBench) from a key no training step uses, or the stream's first batches; else None."""
     if cfg.decoder_bias in ("none", "zero"):
         return None
     if world is not None:
@@ -303,8 +302,7 @@ def sample_inputs(key: Array, world: World, n: int) -> Array:
     return toy.sample_inputs(key, world, n)
 
 
-def toy_batch(world: World, key: Array, batch_size: int,
-              denoise: bool = False) -> tuple[Array, Array | None]:
+def toy_batch(world: World, key: Array, batch_size: int, denoise: bool = False) -> tuple[Array, Array | None]:
     """(x, eps): a batch of the world ((V, B, d) for a world axis's toy worlds) and, when
     denoising, standard normal noise of the same shape."""
     k_x, k_n = jax.random.split(key)
@@ -317,8 +315,8 @@ def _chunk_metrics(metrics: StepMetrics) -> StepMetrics:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "mesh"))
-def run_toy_chunk(state: GridState, world: World, cfg: TrainConfig,
-                  n_steps: int, mesh: jax.sharding.Mesh | None = None) -> tuple[GridState, StepMetrics]:
+def run_toy_chunk(state: GridState, world: World, cfg: TrainConfig, n_steps: int,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[GridState, StepMetrics]:
     """n_steps grid steps with the world's sampler (toy or SynthSAEBench) fused in (one compiled
     lax.scan; the world is a traced argument)."""
     def body(s, _):
