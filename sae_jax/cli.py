@@ -72,7 +72,7 @@ def names(text: str) -> tuple[str, ...]:
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by every grid-training command (toy and grid)."""
+    """Options shared by every grid-training command (toy, grid and synth)."""
     g = p.add_argument_group("grid")
     g.add_argument("--l1", type=floats, help="comma list of L1 coefficients alpha")
     g.add_argument("--ratios", type=floats, help="comma list of dictionary size / features")
@@ -90,7 +90,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
             knobs.add(p, groups, f)
     groups[knobs.TRAINING].add_argument(
         "--recipe", choices=tuple(recipes.RECIPES), default=None,
-        help="report: Adam 1e-3, no resampling (default); fast: tied init, resampling, cosine decay")
+        help="report: Adam 1e-3, no resampling (default; synth's: synth); fast: tied init, resampling, "
+             "cosine decay; synth: SynthSAEBench's Adam 3e-4, batch 1024, a decoder bias")
     for f in train:
         knobs.add(p, groups, f)
     for f in opts:
@@ -164,6 +165,23 @@ def cmd_grid(args: argparse.Namespace) -> int:
     train = recipes.train_config(args.recipe, steps, overrides)
     opts = _run_options(args, "runs/grid", steps, overrides)
     _summary(run.run(spec, train, opts, data, compare_toy=args.compare_toy), opts.out, opts.figures)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from sae_jax import grid, recipes, run_synth
+
+    data = run_synth.SynthData.open(args.model, args.preset, args.world_seed)
+    steps = 5000 if args.steps is None else args.steps
+    axes = _arch_axes(args)
+    if args.l1 is None and "relu_l1" in axes["archs"]:
+        raise UsageError("--l1 is required for relu_l1 cells (a comma list of L1 coefficients)")
+    spec = grid.GridSpec.from_ratios(args.l1 or (), args.ratios or (0.25,), data.world.f, args.seeds or 1, **axes)
+    args.recipe = args.recipe or "synth"
+    overrides = _train_overrides(args)
+    train = recipes.train_config(args.recipe, steps, overrides)
+    opts = _run_options(args, "runs/synth", steps, overrides)
+    _summary(run_synth.run(spec, train, opts, data), opts.out, opts.figures)
     return 0
 
 
@@ -243,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-toy", help="a toy run directory to show beside figures 11-13")
     add_training_args(p)
     p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("synth", help="train an SAE grid on a SynthSAEBench world, scored with its metrics")
+    w = p.add_argument_group("SynthSAEBench world (exactly one of --model, --preset)")
+    w.add_argument("--model", help="a directory saved by SAELens's SyntheticModel.save")
+    w.add_argument("--preset", help="synth-16k (16,384 features in 768 dimensions) or synth-small (4,096 in 256)")
+    w.add_argument("--world-seed", type=int, help="the preset's seed (default 42)")
+    add_training_args(p)
+    p.set_defaults(func=cmd_synth, eval_samples=100_000)
 
     from sae_jax import cli_lm  # train-lm and harvest
 

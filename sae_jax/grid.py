@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from sae_jax import adam, archs, fused, resample, sae, toy
+from sae_jax import adam, archs, fused, resample, sae, synth_world, toy
 from sae_jax.config import TrainConfig  # noqa: F401  (re-exported: grid.TrainConfig)
 from sae_jax.errors import UsageError
 from sae_jax.spec import CellSpec, GridSpec  # noqa: F401  (re-exported: grid.CellSpec, grid.GridSpec)
@@ -139,15 +139,15 @@ def initial_decoder_bias(cfg: TrainConfig, d: int, x_init: Array | None) -> np.n
 DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
 
 
-def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, world: toy.ToyWorld | None,
+def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, world: World | None,
                         batches: Callable | None) -> np.ndarray | None:
-    """The (N, d) sample b_dec's initial value is computed from: the toy world's inputs from a key
-    no training step uses, or the first training batches of the stream; None without a bias."""
+    """The (N, d) sample b_dec's initial value is computed from: the world's inputs (toy or
+    SynthSAEBench) from a key no training step uses, or the stream's first batches; else None."""
     if cfg.decoder_bias in ("none", "zero"):
         return None
     if world is not None:
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xB1A5)
-        return np.asarray(toy.sample_inputs(key, world, DECODER_BIAS_SAMPLES)).reshape(-1, d)
+        return np.asarray(sample_inputs(key, world, DECODER_BIAS_SAMPLES)).reshape(-1, d)
     n = -(-DECODER_BIAS_SAMPLES // cfg.batch_size)
     return np.asarray(batches(0, n), np.float32).reshape(-1, d)
 
@@ -291,12 +291,22 @@ def train_step(state: GridState, x_BxD: Array, cfg: TrainConfig, eps_BxD: Array 
     return state.replace(groups=groups, step=state.step + 1), metrics
 
 
-def toy_batch(world: toy.ToyWorld | tuple[toy.ToyWorld, ...], key: Array, batch_size: int,
-              denoise: bool = False) -> tuple[Array, Array | None]:
-    """(x, eps): a toy batch ((V, B, d) for a world axis's worlds) and, when denoising, standard
-    normal noise of the same shape."""
+World = toy.ToyWorld | tuple[toy.ToyWorld, ...] | synth_world.SynthWorld  # what the scan samples
+
+
+def sample_inputs(key: Array, world: World, n: int) -> Array:
+    """The inputs x (n, d) of a toy world (`toy.sample_inputs`; (V, n, d) for a world axis's
+    worlds) or of a SynthSAEBench world (`synth_world.sample`'s x)."""
+    if isinstance(world, synth_world.SynthWorld):
+        return synth_world.sample(key, world, n)[0]
+    return toy.sample_inputs(key, world, n)
+
+
+def toy_batch(world: World, key: Array, batch_size: int, denoise: bool = False) -> tuple[Array, Array | None]:
+    """(x, eps): a batch of the world ((V, B, d) for a world axis's toy worlds) and, when
+    denoising, standard normal noise of the same shape."""
     k_x, k_n = jax.random.split(key)
-    x = toy.sample_inputs(k_x, world, batch_size)
+    x = sample_inputs(k_x, world, batch_size)
     return x, (jax.random.normal(k_n, x.shape) if denoise else None)
 
 
@@ -305,9 +315,10 @@ def _chunk_metrics(metrics: StepMetrics) -> StepMetrics:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "mesh"))
-def run_toy_chunk(state: GridState, world: toy.ToyWorld | tuple[toy.ToyWorld, ...], cfg: TrainConfig,
-                  n_steps: int, mesh: jax.sharding.Mesh | None = None) -> tuple[GridState, StepMetrics]:
-    """n_steps grid steps with the toy sampler fused in (one compiled lax.scan)."""
+def run_toy_chunk(state: GridState, world: World, cfg: TrainConfig, n_steps: int,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[GridState, StepMetrics]:
+    """n_steps grid steps with the world's sampler (toy or SynthSAEBench) fused in (one compiled
+    lax.scan; the world is a traced argument)."""
     def body(s, _):
         key = jax.random.fold_in(s.data_key, s.step)
         x, eps = toy_batch(world, key, cfg.batch_size, cfg.denoise)
@@ -344,13 +355,13 @@ def _mean_loss(losses: tuple[Array, ...], valid: tuple[Array, ...]) -> Array:
 
 
 def train(state: GridState, cfg: TrainConfig, n_steps: int, *,
-          world: toy.ToyWorld | tuple[toy.ToyWorld, ...] | None = None,
+          world: World | None = None,
           batches: Callable[[int, int], np.ndarray] | None = None, chunk: int = 250,
           callback: Callable[[GridState, StepMetrics], None] | None = None,
           progress: bool = True) -> GridState:
     """Trains until state.step == n_steps, in jitted chunks of `chunk` steps.
 
-    Data come from the toy `world` (sampled on device) or from `batches(start_step, T)`, which
+    Data come from the toy or SynthSAEBench `world` (sampled on device) or from `batches(start_step, T)`, which
     returns a (T, B, d) array of the batches for steps start_step .. start_step+T-1. After each
     chunk `callback(state, chunk_metrics)` runs on the host (checkpoints, recovery tracking).
     """

@@ -71,6 +71,10 @@ RECIPES: dict[str, Recipe] = {
                         resample_every=100, resample_worst=16, resample_dead_window=500,
                         dedup_threshold=0.9, resample_encoder_scale=0.2),
                    of_steps={"resample_until": 0.75, "lr_decay_steps": 1.0}),
+    # SynthSAEBench's training (Adam 3e-4, batch 1024) with a decoder bias started at the data's
+    # mean (its worlds have a bias of norm ~0.5); TopK and BatchTopK keep AuxK (1/32) for dead
+    # latents, as everywhere without resampling.
+    "synth": Recipe(dict(lr=3e-4, b1=0.9, b2=0.999, batch_size=1024, decoder_bias="mean")),
 }
 
 

@@ -16,7 +16,8 @@ def _fmt(v, spec: str = ".3f") -> str:
     return format(v, spec) if isinstance(v, float) else str(v)
 
 
-def _table(cells: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
+def table(cells: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
+    """A markdown table of the cells, one column per (key, header, format)."""
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for c in cells:
         lines.append("| " + " | ".join(_fmt(c.get(k), f) for k, _, f in cols) + " |")
@@ -124,10 +125,10 @@ def write(out_dir: str, results: dict, figures: dict[str, str], title: str,
     for fig, path in figures.items():
         lines += [f"### {fig}", "", f"![{fig}]({os.path.relpath(path, out_dir)})", ""]
     cols = CELL_COLUMNS if names == ["relu_l1"] else CELL_COLUMNS[:1] + ARCH_COLUMNS + CELL_COLUMNS[1:]
-    lines += ["## The grid", "", *_table(results["cells"], cols), ""]
+    lines += ["## The grid", "", *table(results["cells"], cols), ""]
     if results.get("denoising"):
         lines += ["## Denoising appendix", "",
-                  *_table(results["denoising"]["cells"],
+                  *table(results["denoising"]["cells"],
                           [("l1", "alpha", ".3g"), ("noise", "noise std", "g"), ("mmcs", "MMCS", ".3f"),
                            ("dead", "dead", ""), ("fvu", "FVU", ".3f")]), ""]
     path = os.path.join(out_dir, "REPORT.md")
