@@ -140,7 +140,8 @@ def test_mixed_grid_cell_equals_the_cell_trained_alone(tiny_world):
     for cell in [cells[a % len(cells)] for a, cells in enumerate(by_arch)]:
         alone_spec = grid.GridSpec(l1_coeff=(cell.l1_coeff,) if cell.arch == "relu_l1" else (),
                                    dict_sizes=(cell.dict_size,), archs=(cell.arch,),
-                                   k=(cell.k,) if cell.k else (), l0_coeff=(cell.l0_coeff,) if cell.arch == "jumprelu" else ())
+                                   k=(cell.k,) if cell.k else (),
+                                   l0_coeff=(cell.l0_coeff,) if cell.arch == "jumprelu" else ())
         alone = grid.train(grid.init_grid(KEY, alone_spec, 16, cfg), cfg, 60, world=tiny_world, chunk=60,
                            progress=False)
         a = jax.tree.map(lambda v: v[cell.slot], full.groups[cell.group])
