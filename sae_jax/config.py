@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
+import numpy as np
 import optax
 
 from sae_jax import archs, resample, sae
@@ -120,6 +122,18 @@ class TrainConfig:
         aux = 0.0 if self.aux_k_coeff is None and self.resample.every else self.aux_k_coeff
         return archs.ArchOptions(self.jumprelu_bandwidth, aux, self.aux_k, self.sparse_decoder,
                                  self.compute_dtype)
+
+    def initial_decoder_bias(self, d: int, x_init: Any = None) -> np.ndarray | None:
+        """b_dec's initial value (d,) under `decoder_bias` from the data sample x_init (N, d);
+        None without a decoder bias."""
+        if self.decoder_bias == "none":
+            return None
+        if self.decoder_bias == "zero":
+            return np.zeros((d,), np.float32)
+        if x_init is None or np.ndim(x_init) != 2 or np.shape(x_init)[-1] != d:
+            raise UsageError(f"`decoder_bias` {self.decoder_bias!r} needs a data sample x_init of shape "
+                             f"(N, {d}) to start from", field="decoder_bias")
+        return np.asarray(sae.decoder_bias_init(x_init, self.decoder_bias), np.float32)
 
     def adam(self) -> optax.GradientTransformation:
         return optax.scale_by_adam(self.b1, self.b2, self.eps)

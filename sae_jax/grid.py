@@ -83,12 +83,12 @@ def _init_group(keys: Array, d: int, m: int, tied: bool) -> sae.SAEParams:
 def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig(),
               pad_multiple: int = 1, x_init: Array | None = None) -> GridState:
     """Initial state: every cell's SAE, Adam moments, counters; each group padded with inert
-    cells (lr = 0, valid = False) to a multiple of `pad_multiple`. With a decoder bias
-    (`cfg.decoder_bias` "mean" or "median") every cell's b_dec starts at that statistic of the
-    data sample `x_init` (N, d)."""
+    cells (lr = 0, valid = False) to a multiple of `pad_multiple` (`padded_size`). With a
+    decoder bias (`cfg.decoder_bias` "mean" or "median") every cell's b_dec starts at that
+    statistic of the data sample `x_init` (N, d)."""
     spec.validate()
     cfg.validate()
-    b_dec = initial_decoder_bias(cfg, d, x_init)
+    b_dec = cfg.initial_decoder_bias(d, x_init)
     init_key, data_key = jax.random.split(key)
     cells = spec.cells()
     groups = []
@@ -124,18 +124,6 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
     return jax.device_put(pad(state, pad_multiple))
 
 
-def initial_decoder_bias(cfg: TrainConfig, d: int, x_init: Array | None) -> np.ndarray | None:
-    """b_dec's initial value (d,) under `cfg.decoder_bias` (None: no decoder bias)."""
-    if cfg.decoder_bias == "none":
-        return None
-    if cfg.decoder_bias == "zero":
-        return np.zeros((d,), np.float32)
-    if x_init is None or np.ndim(x_init) != 2 or np.shape(x_init)[-1] != d:
-        raise UsageError(f"`decoder_bias` {cfg.decoder_bias!r} needs a data sample x_init of shape "
-                         f"(N, {d}) to start from", field="decoder_bias")
-    return np.asarray(sae.decoder_bias_init(x_init, cfg.decoder_bias), np.float32)
-
-
 DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
 
 
@@ -152,12 +140,23 @@ def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, world: World | None
     return np.asarray(batches(0, n), np.float32).reshape(-1, d)
 
 
+def padded_size(n_cells: int, n_real: int, multiple: int) -> int:
+    """A group's cell count on `multiple` devices: the next multiple of `multiple`, and at least
+    2 x `multiple` for a group of several real cells. A device then holds one cell of a group only
+    where the group has one: XLA compiles a vmapped step of one cell without its cell axis (a
+    plain GEMM where several cells make a batched one), which rounds differently, so a cell of
+    several on one device of a sharded grid would drift from the same cell on one device."""
+    size = -(-n_cells // multiple) * multiple
+    return 2 * multiple if multiple > 1 and n_real > 1 and size == multiple else size
+
+
 def pad(state: GridState, multiple: int) -> GridState:
-    """Pads each group with copies of its last cell made inert (lr 0, valid False) up to a
-    multiple of `multiple` cells. Inert cells never show in results. (On the host: a padded
-    group's leaves come back as NumPy arrays.)"""
+    """Pads each group with copies of its last cell made inert (lr 0, valid False) up to
+    `padded_size` cells (a multiple of `multiple`). Inert cells never show in results. (On the
+    host: a padded group's leaves come back as NumPy arrays.)"""
     def one(g: GroupState) -> GroupState:
-        n_pad = (-g.valid.shape[0]) % multiple
+        n = g.valid.shape[0]
+        n_pad = padded_size(n, int(np.count_nonzero(np.asarray(g.valid))), multiple) - n
         if not n_pad:
             return g
         g = jax.device_get(g)

@@ -73,11 +73,35 @@ def init(key: Array, d: int, m: int, tied: bool = False) -> SAEParams:
 
 
 def unit_rows(w: Array, eps: float = 1e-8) -> Array:
-    """Each row divided by its Euclidean norm (computed as s * ||w / s||, s = max |w_i|, so that
-    huge rows do not overflow the norm)."""
-    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(w), axis=-1, keepdims=True))
-    scale = jnp.where(scale > 0, scale, 1.0)
-    return w / (scale * jnp.linalg.norm(w / scale, axis=-1, keepdims=True) + eps)
+    """Each row divided by its Euclidean norm: a = w / n, n = s ||w / s|| + eps, s = max |w_i|
+    (held constant), so that huge rows do not overflow the norm. Its VJP is autodiff's,
+    dL/dw = g / n - (g . w / n^2) (s / (2 r)) 2 u / s with u = w / s, r = ||u||, written out with
+    every division by a row statistic as a product with its reciprocal: XLA:CPU rewrites such
+    divisions in some programs and not in others (the per-device programs of a sharded grid), so
+    the explicit form keeps a cell's gradient the same wherever it is compiled."""
+    return _unit_rows(w, eps)
+
+
+def _unit_rows_fwd(w: Array, eps: float) -> tuple[Array, tuple[Array, ...]]:
+    s = jnp.max(jnp.abs(w), axis=-1, keepdims=True)
+    s = jnp.where(s > 0, s, 1.0)
+    inv_s = 1.0 / s
+    r = jnp.sqrt(jnp.sum(jnp.square(w * inv_s), axis=-1, keepdims=True))
+    n = s * r + eps
+    return w * (1.0 / n), (w, s, inv_s, r, n)
+
+
+def _unit_rows_bwd(eps: float, res: tuple[Array, ...], g: Array) -> tuple[Array]:
+    del eps
+    w, s, inv_s, r, n = res
+    gw = jnp.sum(g * (1.0 / (n * n)) * w, axis=-1, keepdims=True)  # g . w / n^2
+    d_r2 = s * -gw * (0.5 / r)  # the cotangent of r^2 = sum u^2
+    u = w * inv_s
+    return (g * (1.0 / n) + (u * d_r2 + u * d_r2) * inv_s,)
+
+
+_unit_rows = jax.custom_vjp(lambda w, eps: _unit_rows_fwd(w, eps)[0], nondiff_argnums=(1,))
+_unit_rows.defvjp(_unit_rows_fwd, _unit_rows_bwd)
 
 
 def centred(params: SAEParams, x_BxD: Array) -> Array:

@@ -1,7 +1,8 @@
 """Spreading a grid over devices: a 1-D mesh ('grid',), per-cell leaves sharded on it.
 
 Every leaf of a size group has a leading cell axis; groups are padded (grid.init_grid's
-`pad_multiple`) to a multiple of the device count, so that axis splits evenly. The step counter,
+`pad_multiple`, `grid.padded_size`) to a multiple of the device count, so that axis splits
+evenly, and so that a device holds a single cell only of a group that has one. The step counter,
 the data key and the toy world are replicated, so every device draws the same batch and no
 collective is needed: the cells never communicate.
 """
@@ -12,7 +13,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sae_jax import grid
 from sae_jax.errors import UsageError

@@ -253,6 +253,19 @@ def test_padding_cells_are_inert_and_change_nothing(tiny_world, baseline):
                         tuple(jax.tree.map(lambda a: a[:6], g) for g in state.groups))
 
 
+def test_a_device_holds_a_lone_cell_only_of_a_one_cell_group():
+    """On n > 1 devices a group of several cells gets at least 2 per device (XLA compiles one
+    vmapped cell without its cell axis, which rounds differently); padding twice adds nothing."""
+    assert [grid.padded_size(n, n, 4) for n in (1, 2, 3, 4, 5, 13)] == [4, 8, 8, 8, 8, 16]
+    assert [grid.padded_size(n, n, 1) for n in (1, 2, 3)] == [1, 2, 3]
+    state = grid.init_grid(KEY, grid.GridSpec(l1_coeff=(0.1,), dict_sizes=(8, 16), seeds=(0, 1, 2)), 16)
+    state = state.replace(groups=(state.groups[0], jax.tree.map(lambda a: a[:1], state.groups[1])))
+    once = grid.pad(state, 4)
+    assert [g.valid.shape[0] for g in once.groups] == [8, 4]
+    assert [int(np.sum(g.valid)) for g in once.groups] == [3, 1]
+    assert [g.valid.shape[0] for g in grid.pad(once, 4).groups] == [8, 4]
+
+
 # ----------------------------------------------------------------------------- recovery
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_small_world_recovered_to_mmcs_095(dtype):

@@ -99,6 +99,30 @@ def test_gradient_has_no_radial_component_on_decoder():
     np.testing.assert_allclose(grads2.D_MxD, grads.D_MxD / 2, rtol=1e-4, atol=1e-7)
 
 
+def test_unit_rows_gradient_is_autodiffs_of_the_formula():
+    """unit_rows' hand-written VJP (reciprocals, so that XLA cannot compile it differently per
+    device) equals autodiff's of w / (s ||w / s|| + eps), s = max |w| held constant, under vmap,
+    for huge rows; a zero row's is NaN, as autodiff's."""
+    def formula(w, eps=1e-8):
+        s = jax.lax.stop_gradient(jnp.max(jnp.abs(w), axis=-1, keepdims=True))
+        s = jnp.where(s > 0, s, 1.0)
+        return w / (s * jnp.linalg.norm(w / s, axis=-1, keepdims=True) + eps)
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    w = jax.random.normal(k1, (3, 20, 9)).at[1, 4].multiply(1e30).at[2, 7].set(0.0)
+    g = jax.random.normal(k2, w.shape)
+    want_a = jax.vmap(formula)(w)
+    want = jax.grad(lambda w: jnp.sum(jax.vmap(formula)(w) * g))(w)
+    a = jax.jit(jax.vmap(sae.unit_rows))(w)
+    got = jax.jit(jax.grad(lambda w: jnp.sum(jax.vmap(sae.unit_rows)(w) * g)))(w)
+    np.testing.assert_allclose(a, want_a, rtol=1e-6, atol=1e-7)
+    finite = np.isfinite(np.asarray(want))
+    assert (~finite).sum() == 9 and np.array_equal(finite, np.isfinite(np.asarray(got)))
+    scale = np.max(np.abs(np.asarray(want)[finite].reshape(-1, 9)), axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(got)[finite].reshape(-1, 9) / scale,
+                               np.asarray(want)[finite].reshape(-1, 9) / scale, atol=1e-6)
+
+
 @pytest.mark.parametrize("m", [8, 16, 40])
 def test_init_is_orthogonal_decoder_xavier_encoder_zero_bias(m):
     p = sae.init(jax.random.PRNGKey(3), D, m)

@@ -24,7 +24,8 @@ for n in (1, 2, 8):  # 8: every group padded; 2: some groups padded
     out["shardings"][n] = [str(g.params.D_MxD.sharding.spec) for g in state.groups]
     # the program that trains below (the call finds it compiled: one compilation, not two)
     hlo = grid.run_toy_chunk.lower(state, world, cfg, 50, grid.mesh_of(state)).compile().as_text()
-    out["collectives"][n] = sorted(set(re.findall(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo)))
+    ops = r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
+    out["collectives"][n] = sorted(set(re.findall(ops, hlo)))
     state = grid.train(state, cfg, 150, world=world, chunk=50, progress=False)
     out["params"][n] = [np.asarray(grid.cell_params(state, c).D_MxD).tolist() for c in spec.cells()]
     out["cells"][n] = results.evaluate(state, spec, cfg, x_eval, world.features_HxD)
