@@ -20,7 +20,7 @@ def _params(rng, m=12, d=6, theta=None):
                       jnp.asarray(rng.standard_normal((m, d)), jnp.float32))
     if theta is None:
         return p
-    return sae.ThresholdSAEParams(*p, jnp.full((m,), np.log(theta), jnp.float32))
+    return sae.with_threshold(p, jnp.full((m,), np.log(theta), jnp.float32))
 
 
 # ----------------------------------------------------------------------------- codes
@@ -255,5 +255,5 @@ def test_sparse_decoder_step_equals_the_dense_step(tiny_world, arch):
         assert archs.uses_sparse(archs.Arch(arch, 4), 256, no_aux) == (arch == "topk")
     assert not archs.uses_sparse(archs.Arch(arch, 2), 256, archs.ArchOptions(aux_k_coeff=0.1))
     assert not archs.uses_sparse(archs.Arch(arch, 2), 256, archs.ArchOptions())  # AuxK by default
-    for x, y in zip(g1, g2):
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
