@@ -195,23 +195,17 @@ def cell_update(cell: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: 
                 cfg: TrainConfig, step: Array) -> tuple[GroupState, tuple[Array, Array]]:
     """One Adam step of one cell (unbatched leaves) on input x + noise * eps, target x, with the
     gradient of its architecture's loss (`archs.loss`; `sae.loss` for the report's SAE) by
-    autodiff. BatchTopK's threshold then moves towards the batch's smallest kept activation."""
+    autodiff; then its record's `track_threshold` (BatchTopK's moves towards the batch's
+    smallest kept activation)."""
     x_in = x_BxD if eps_BxD is None else x_BxD + cell.noise * eps_BxD
     coeff = cell.l1_coeff * l1_mult
-    if cell.arch == archs.RELU_L1:  # (AuxK gives a ReLU cell's dead latents no gradient: ReLU(p) = 0)
-        (total, aux), grads = jax.value_and_grad(sae.loss, has_aux=True)(
-            cell.params, x_in, coeff, cfg.l1_convention, x_BxD)
-        return apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
     dead = cell.since_fired >= cfg.dead_window
-    (total, (aux, kth)), grads = jax.value_and_grad(archs.loss, has_aux=True)(
+    (total, (aux, stat)), grads = jax.value_and_grad(archs.loss, has_aux=True)(
         cell.params, x_in, coeff, cell.arch, cfg.l1_convention, x_BxD, cfg.arch_options, dead)
     new, out = apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
-    if cell.arch.name == "batchtopk":  # running mean, then an exponential one
-        theta = jnp.exp(cell.params.log_threshold_M)
-        w = jnp.maximum(1.0 - cfg.threshold_decay, 1.0 / (step.astype(jnp.float32) + 1.0))
-        theta = jnp.where(new.diverged, theta, theta + w * (kth - theta))
-        new = new.replace(params=new.params._replace(log_threshold_M=jnp.log(jnp.maximum(theta, 1e-30))))
-    return new, out
+    params = cell.arch.record.track_threshold(cell.params, new.params, stat, new.diverged,
+                                              cfg.threshold_decay, step)
+    return new.replace(params=params), out
 
 
 def apply_grads(cell: GroupState, grads: sae.SAEParams, total: Array, aux: sae.LossAux,
@@ -247,13 +241,14 @@ def apply_grads(cell: GroupState, grads: sae.SAEParams, total: Array, aux: sae.L
 def group_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array,
                  l1_mult: Array, cfg: TrainConfig,
                  step: Array) -> tuple[GroupState, tuple[Array, Array]]:
-    """One Adam step of every cell of a group. With `cfg.fused_step` (always in bfloat16) a
-    relu_l1 group's gradients come from `fused.group_loss_and_grad`; otherwise from autodiff,
-    cell by cell under vmap. A world axis's x is (V, B, d): each cell trains on its value's."""
+    """One Adam step of every cell of a group. With `cfg.fused_step` (always in bfloat16) the
+    gradients of a group whose record has `fused_step` (relu_l1's) come from
+    `fused.group_loss_and_grad`; otherwise from autodiff, cell by cell under vmap. A world
+    axis's x is (V, B, d): each cell trains on its value's."""
     if group.world_index is not None:
         x_BxD = x_BxD[group.world_index]  # (C, B, d)
     per_cell = 0 if x_BxD.ndim == 3 else None
-    if not cfg.uses_fused_step or group.arch != archs.RELU_L1:
+    if not (cfg.uses_fused_step and group.arch.record.fused_step):
         return jax.vmap(cell_update, in_axes=(0, per_cell, None, None, None, None, None))(
             group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
     x_in = x_BxD if eps_BxD is None else x_BxD + group.noise[:, None, None] * eps_BxD

@@ -176,10 +176,7 @@ def resample_cell(cell: GroupState, pool_PxD: Array, key: Array, dead_window: in
         b_enc_M=jnp.where(mask, bias, p.b_enc_M),
         D_MxD=jnp.where(col, direction, p.D_MxD),
     )
-    if cell.arch.name == "jumprelu":  # a recycled latent starts at the live latents' mean log threshold
-        t = p.log_threshold_M
-        mean_t = jnp.where(any_live, jnp.sum(t * live) / n_live, jnp.mean(t))
-        params = params._replace(log_threshold_M=jnp.where(mask, mean_t, t))
+    params = cell.arch.record.recycle(params, p, mask, live)  # e.g. JumpReLU's threshold
     opt = cell.opt._replace(mu=_zero_rows(cell.opt.mu, mask), nu=_zero_rows(cell.opt.nu, mask))
     return cell.replace(params=params, opt=opt,
                         since_fired=jnp.where(mask, 0, cell.since_fired),
