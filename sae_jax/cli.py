@@ -14,7 +14,7 @@ from sae_jax.errors import UsageError
 
 # Grid axes (GridSpec fields, as library errors name them) whose flag is not --field-name; the
 # training and run options' flags come from their dataclasses (`knobs`, `_knob_flags`).
-FLAGS = {"l1_coeff": "--l1", "l0_coeff": "--l0"}
+FLAGS = {"l1_coeff": "--l1", "l0_coeff": "--l0", "arch_options": "--arch-option"}
 
 
 def _knob_flags() -> tuple[list, list]:
@@ -61,14 +61,29 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 def names(text: str) -> tuple[str, ...]:
-    """A comma-separated list of architecture names."""
-    from sae_jax import archs
+    """A comma-separated list of registered architecture names."""
+    from sae_jax import architectures
 
     vals = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [v for v in vals if v not in archs.ARCHS]
+    bad = [v for v in vals if v not in architectures.names()]
     if not vals or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(archs.ARCHS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(architectures.names())}, "
+                                         f"got {text!r}")
     return vals
+
+
+def arch_option(text: str) -> tuple[str, str, object]:
+    """NAME.KEY=VALUE: a registered architecture's declared option (its record parses VALUE)."""
+    from sae_jax import architectures
+
+    head, eq, value = text.partition("=")
+    name, dot, key = head.strip().partition(".")
+    if not (eq and dot and key):
+        raise argparse.ArgumentTypeError(f"expected ARCH.OPTION=VALUE, got {text!r}")
+    try:
+        return name, key.strip(), architectures.get(name).parse_option(key.strip(), value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("`arch_options`: ", "").replace("`arch`", "--arch")) from None
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -77,11 +92,19 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--l1", type=floats, help="comma list of L1 coefficients alpha")
     g.add_argument("--ratios", type=floats, help="comma list of dictionary size / features")
     g.add_argument("--seeds", type=int, help="SAE initialisations per cell (default 1)")
+    from sae_jax import architectures, knobs, recipes
+
+    known = architectures.names()
+    which = lambda has: ", ".join(r.name for r in architectures.REGISTRY if has(r))
     g.add_argument("--arch", type=names, default=None,
-                   help="comma list of architectures: relu_l1 (default, the report's), topk, batchtopk, jumprelu")
-    g.add_argument("--k", type=ints, help="comma list of k (active latents) for topk and batchtopk")
-    g.add_argument("--l0", type=floats, help="comma list of L0 coefficients lambda for jumprelu")
-    from sae_jax import knobs, recipes
+                   help=f"comma list of architectures: {known[0]} (default, the report's), {', '.join(known[1:])}")
+    g.add_argument("--k", type=ints, help=f"comma list of k (active latents) for {which(lambda r: r.uses_k)}")
+    g.add_argument("--l0", type=floats, help=f"comma list of L0 coefficients lambda for "
+                                             f"{which(lambda r: r.coeff == 'l0')}")
+    optional = [f"{r.name}.{k}" for r in architectures.REGISTRY for k, _ in r.options]
+    g.add_argument("--arch-option", type=arch_option, action="append", default=None,
+                   help="ARCH.OPTION=VALUE (repeatable): an architecture's static option"
+                        + (f" ({', '.join(optional)})" if optional else " (none registered declares any)"))
 
     train, opts = _knob_flags()
     groups = {knobs.TRAINING: p.add_argument_group(knobs.TRAINING)}
@@ -147,7 +170,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     d = data.store.d
     steps = 5000 if args.steps is None else args.steps
     axes = _arch_axes(args)
-    if args.l1 is None and "relu_l1" in axes["archs"]:
+    if args.l1 is None and _reads_l1(axes["archs"]):
         raise UsageError("--l1 is required (a comma list of L1 coefficients)")
     if (args.ratios is None) == (args.dict_sizes is None):
         raise UsageError("give exactly one of --ratios (of the activation width) or --dict-sizes")
@@ -174,8 +197,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     data = run_synth.SynthData.open(args.model, args.preset, args.world_seed)
     steps = 5000 if args.steps is None else args.steps
     axes = _arch_axes(args)
-    if args.l1 is None and "relu_l1" in axes["archs"]:
-        raise UsageError("--l1 is required for relu_l1 cells (a comma list of L1 coefficients)")
+    if args.l1 is None and _reads_l1(axes["archs"]):
+        raise UsageError(f"--l1 is required for {', '.join(_reads_l1(axes['archs']))} cells "
+                         "(a comma list of L1 coefficients)")
     spec = grid.GridSpec.from_ratios(args.l1 or (), args.ratios or (0.25,), data.world.f, args.seeds or 1, **axes)
     args.recipe = args.recipe or "synth"
     overrides = _train_overrides(args)
@@ -186,9 +210,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _arch_axes(args: argparse.Namespace) -> dict:
-    """GridSpec's architecture fields from --arch, --k and --l0."""
-    archs = args.arch or ("relu_l1",)
-    return {"archs": archs, "k": args.k or (), "l0_coeff": args.l0 or ()}
+    """GridSpec's architecture fields from --arch, --k, --l0 and --arch-option."""
+    from sae_jax import architectures
+
+    return {"archs": args.arch or (architectures.DEFAULT,), "k": args.k or (), "l0_coeff": args.l0 or (),
+            "arch_options": tuple(args.arch_option or ())}
+
+
+def _reads_l1(names: tuple[str, ...]) -> list[str]:
+    """The architectures among `names` whose cells read alpha (--l1)."""
+    from sae_jax import architectures
+
+    return [n for n in names if architectures.get(n).coeff == "l1"]
 
 
 def _summary(out: dict, path: str, figures: bool) -> None:
@@ -211,8 +244,8 @@ def _print_selection(res: dict, head: str) -> None:
     one = {"suggested": res.get("suggested"), "ground_truth_optimum": res.get("ground_truth_optimum")}
     for a, r in (res.get("by_arch") or {"": one}).items():
         s, opt = r.get("suggested") or {}, r.get("ground_truth_optimum")
-        arch = s.get("arch") or "relu_l1"
-        key, name = archs.SPARSITY_KEY[arch], archs.SPARSITY_NAME[arch]
+        record = archs.get(s.get("arch") or archs.DEFAULT)
+        key, name = record.sparsity_key, record.sparsity_name
         pre = head + (f"{a}: " if a else "")
         if opt:
             print(f"{pre}best MMCS {opt['mmcs']:.4f} at ratio {opt['ratio']:g}, {name} {opt[key]:.3g}")

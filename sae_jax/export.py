@@ -26,7 +26,8 @@ The codes c of each architecture (`sae_jax.archs.encode`):
     x_hat = decode(encode(x))                        # jitted; x is (..., d)
 
 Exports compute exactly this reconstruction, c(x) W_dec + b_dec with W_dec = D_unit and b_dec the
-cell's decoder bias (zeros when it has none), the encoder reading x - b_dec:
+cell's decoder bias (zeros when it has none), the encoder reading x - b_dec; each architecture's
+record names its targets (`saelens_arch`, `saelens_config`, `dl_class`, `dictionary_learning`):
 - SAELens 6.x (`saelens`): cfg.json (apply_b_dec_to_input true when the cell has a decoder bias,
   false otherwise; normalize_activations "none";
   architecture "standard" for relu_l1, "topk" with k and rescale_acts_by_decoder_norm true for
@@ -61,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import archs, sae, st
+from sae_jax.architectures.base import decoder_bias
 from sae_jax.errors import UsageError
 
 WEIGHTS = "weights.safetensors"
@@ -68,10 +70,6 @@ FORMAT = "sae_jax.weights/1"
 FORMATS = ("saelens", "dictionary-learning")
 SAELENS_VERSION = "6.0.0"  # the cfg.json layout written here is SAELens >= 6's
 _FIELDS = ("W_enc", "b_enc", "D", "D_unit", "threshold", "firing_freq", "b_dec")
-# SAELens's architecture for each of ours (a trained BatchTopK SAE is saved as JumpReLU there)
-SAELENS_ARCH = {"relu_l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
-DL_CLASS = {"relu_l1": "AutoEncoderNew", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
-            "jumprelu": "JumpReluAutoEncoder"}
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -109,7 +107,8 @@ def write_weights(out_dir: str | os.PathLike, state, spec, x_eval: jax.Array | N
     d = int(tensors[f"cell_{cells[0].index}.W_enc"].shape[1])
     meta = {"format": FORMAT, "n_cells": str(len(cells)), "d": str(d),
             "cells": json.dumps([{"index": c.index, "arch": c.arch, "l1": c.l1_coeff, "k": c.k,
-                                  "l0_coeff": c.l0_coeff, "dict_size": c.dict_size, "seed": c.seed}
+                                  "l0_coeff": c.l0_coeff, "dict_size": c.dict_size, "seed": c.seed,
+                                  **({"options": dict(c.arch_options)} if c.arch_options else {})}
                                  for c in cells])}
     os.makedirs(out_dir, exist_ok=True)
     st.save(path, tensors, meta)
@@ -134,10 +133,11 @@ def read_cell(run_dir: str | os.PathLike, cell: int) -> dict[str, np.ndarray]:
 def cell_arch(run_dir: str | os.PathLike, cell: int) -> archs.Arch:
     """Cell `cell`'s architecture from the weights file's metadata (relu_l1 when it records none)."""
     info = _cell_info(Path(run_dir).expanduser(), cell)
-    name = info.get("arch", "relu_l1")
-    if name not in archs.ARCHS:
-        raise UsageError(f"cell {cell} has architecture {name!r}; this sae_jax knows {', '.join(archs.ARCHS)}")
-    return archs.Arch(name, int(info.get("k", 0)) if name in archs.TOPK_ARCHS else 0)
+    name = info.get("arch", archs.DEFAULT)
+    if name not in archs.names():
+        raise UsageError(f"cell {cell} has architecture {name!r}; this sae_jax knows {', '.join(archs.names())}")
+    options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in info.get("options", {}).items()))
+    return archs.Arch(name, int(info.get("k", 0)) if archs.get(name).uses_k else 0, options)
 
 
 def _read(run_dir: Path, cell: int) -> tuple[dict[str, np.ndarray], archs.Arch]:
@@ -191,42 +191,14 @@ def _cell_info(run_dir: Path, cell: int) -> dict:
 def _saelens(w: dict[str, np.ndarray], arch: archs.Arch, meta: dict) -> tuple[dict, dict[str, np.ndarray]]:
     """SAELens's cfg.json and sae_weights.safetensors for one cell."""
     m, d = w["W_enc"].shape
-    cfg = {"architecture": SAELENS_ARCH[arch.name], "d_in": int(d), "d_sae": int(m), "dtype": "float32",
+    cfg = {"architecture": arch.record.saelens_arch, "d_in": int(d), "d_sae": int(m), "dtype": "float32",
            "device": "cpu", "apply_b_dec_to_input": "b_dec" in w, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta}
-    tensors = {"W_enc": w["W_enc"].T, "W_dec": w["D_unit"], "b_enc": w["b_enc"], "b_dec": _b_dec(w)}
-    if arch.name == "topk":
-        cfg.update(k=arch.k, rescale_acts_by_decoder_norm=True)
+    tensors = {"W_enc": w["W_enc"].T, "W_dec": w["D_unit"], "b_enc": w["b_enc"], "b_dec": decoder_bias(w)}
+    cfg.update(arch.record.saelens_config(arch))
     if arch.has_threshold:
         tensors["threshold"] = w["threshold"]
     return cfg, tensors
-
-
-def _b_dec(w: dict[str, np.ndarray]) -> np.ndarray:
-    """The cell's decoder bias, zeros when it has none."""
-    return w["b_dec"] if "b_dec" in w else np.zeros(w["W_enc"].shape[1], np.float32)
-
-
-def _dictionary_learning(w: dict[str, np.ndarray], arch: archs.Arch) -> dict[str, np.ndarray]:
-    """The state dict of dictionary_learning's class for the cell's architecture (`DL_CLASS`)."""
-    b_dec = _b_dec(w)
-    # for the classes that do not subtract b_dec before the encoder: b_enc - W_enc b_dec
-    folded = (w["b_enc"] - w["W_enc"].astype(np.float64) @ b_dec).astype(np.float32)
-    if arch.name == "relu_l1":
-        return {"encoder.weight": w["W_enc"], "encoder.bias": folded,
-                "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "decoder.bias": b_dec}
-    if arch.name == "jumprelu":
-        return {"W_enc": np.ascontiguousarray(w["W_enc"].T), "b_enc": folded, "W_dec": w["D_unit"],
-                "b_dec": b_dec, "threshold": w["threshold"]}
-    theta = np.float32(-1.0)  # AutoEncoderTopK's "no threshold"
-    if arch.name == "batchtopk":
-        theta = w["threshold"][0]
-        if not np.allclose(w["threshold"], theta, rtol=1e-6, atol=0):
-            raise UsageError("dictionary_learning's BatchTopKSAE holds one threshold; "
-                             "this cell's thresholds differ by latent")
-    return {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"],
-            "decoder.weight": np.ascontiguousarray(w["D_unit"].T), "b_dec": b_dec,
-            "k": np.array(arch.k, np.int32), "threshold": np.array(theta, np.float32)}
 
 
 def export(run_dir: str | os.PathLike, cell: int, fmt: str, out: str | os.PathLike) -> Path:
@@ -245,10 +217,11 @@ def export(run_dir: str | os.PathLike, cell: int, fmt: str, out: str | os.PathLi
                 "sae_jax": info}
         cfg, tensors = _saelens(w, arch, meta)
     else:
-        tensors = _dictionary_learning(w, arch)
-        sparsity = {"relu_l1": {"l1_penalty": info.get("l1")}, "jumprelu": {"sparsity_penalty": info.get("l0_coeff")}}
-        trainer = {"dict_class": DL_CLASS[arch.name], "trainer_class": "sae_jax", "activation_dim": int(d),
-                   "dict_size": int(m), **sparsity.get(arch.name, {"k": arch.k}), "seed": info.get("seed"),
+        record = arch.record
+        tensors = record.dictionary_learning(w, arch)
+        setting = arch.k if record.uses_k else info.get(record.sparsity_key)
+        trainer = {"dict_class": record.dl_class, "trainer_class": "sae_jax", "activation_dim": int(d),
+                   "dict_size": int(m), record.dl_sparsity_field: setting, "seed": info.get("seed"),
                    "lm_name": prov.get("model_name"), "submodule_name": prov.get("hook_name"), "sae_jax": info}
     try:
         out.mkdir(parents=True, exist_ok=True)
