@@ -102,15 +102,15 @@ def _save(fig, path: str) -> str:
 def _per_arch(results: dict, fig_dir: str, draw) -> dict[str, str]:
     """draw(cells, mark, sub_dir, arch) -> {name: path} for each architecture's cells: the first
     architecture's figures in fig_dir, the others' in fig_dir/<arch>/ (names prefixed "<arch>/")."""
-    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
+    names = list(dict.fromkeys(c.get("arch", archs.DEFAULT) for c in results["cells"]))
     out = {}
     for i, arch in enumerate(names):
         mark = results.get("suggested") if i == 0 else results["by_arch"][arch]["suggested"]
-        cells = [c for c in results["cells"] if c.get("arch", "relu_l1") == arch]
+        cells = [c for c in results["cells"] if c.get("arch", archs.DEFAULT) == arch]
         sub = fig_dir if i == 0 else os.path.join(fig_dir, arch)
         figs = draw(cells, mark, sub, arch)
-        figs.update(quality.density_figure({"cells": cells}, sub, archs.SPARSITY_KEY[arch],
-                                           archs.SPARSITY_NAME[arch]))
+        record = archs.get(arch)
+        figs.update(quality.density_figure({"cells": cells}, sub, record.sparsity_key, record.sparsity_name))
         out.update({(name if i == 0 else f"{arch}/{name}"): p for name, p in figs.items()})
     return out
 
@@ -128,8 +128,8 @@ def toy_figures(results: dict, fig_dir: str) -> dict[str, str]:
 
 def _arch_figures(cells: list[dict], mark: dict | None, fig_dir: str, arch: str) -> dict[str, str]:
     """The report's figures 1-10 for one architecture's cells, its sparsity setting as alpha."""
-    y, name, label = archs.SPARSITY_KEY[arch], archs.SPARSITY_NAME[arch], archs.SPARSITY_LABEL[arch]
-    pre = "" if arch == "relu_l1" else f"{arch}: "
+    record = archs.get(arch)
+    y, name, label, pre = record.sparsity_key, record.sparsity_name, record.sparsity_label, record.title
     out = {}
     ratios = sorted({c["ratio"] for c in cells})
     r1 = min(ratios, key=lambda r: abs(np.log(r)))
@@ -151,7 +151,8 @@ def _arch_figures(cells: list[dict], mark: dict | None, fig_dir: str, arch: str)
 def lm_figures(results: dict, fig_dir: str) -> dict[str, str]:
     """Figures 11-13 on activations without ground truth, plus the loss curves, per architecture."""
     def draw(cells: list[dict], mark: dict | None, sub: str, arch: str) -> dict[str, str]:
-        y, name, label = archs.SPARSITY_KEY[arch], archs.SPARSITY_NAME[arch], archs.SPARSITY_LABEL[arch]
+        record = archs.get(arch)
+        y, name, label = record.sparsity_key, record.sparsity_name, record.sparsity_label
         figs = {fig: heatmap(cells, key, f"LM activations: {title}", f"{sub}/{fig}.png", cmap,
                              mark=mark, y_key=y, y_label=label)
                 for fig, (key, title, cmap) in LM_HEATMAPS.items()}

@@ -97,14 +97,15 @@ def write(out_dir: str, results: dict, figures: dict[str, str], title: str,
     lines = [f"# {title}", ""]
     cfg = results.get("config", {})
     lines += ["## Configuration", "", "```", *(f"{k}: {v}" for k, v in cfg.items()), "```", ""]
-    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
+    names = list(dict.fromkeys(c.get("arch", archs.DEFAULT) for c in results["cells"]))
     per_arch = results.get("by_arch") or {names[0]: {"suggested": results.get("suggested"),
                                                      "ground_truth_optimum": results.get("ground_truth_optimum")}}
     if len(names) > 1:
         lines += ["## Architectures side by side", "", *architecture_table(results), ""]
     for arch in names:
-        key, name = archs.SPARSITY_KEY[arch], archs.SPARSITY_NAME[arch]
-        view = {**results, **per_arch[arch], "cells": [c for c in results["cells"] if c.get("arch", "relu_l1") == arch]}
+        key, name = archs.get(arch).sparsity_key, archs.get(arch).sparsity_name
+        view = {**results, **per_arch[arch],
+                "cells": [c for c in results["cells"] if c.get("arch", archs.DEFAULT) == arch]}
         head = "" if len(names) == 1 else f" ({arch})"
         lines += [f"## What the figures show{head}", "",
                   *(f"- {r}" for r in reading(view, key, name) + (notes if arch == names[0] and notes else [])), ""]
@@ -124,7 +125,7 @@ def write(out_dir: str, results: dict, figures: dict[str, str], title: str,
     lines += ["## Figures", ""]
     for fig, path in figures.items():
         lines += [f"### {fig}", "", f"![{fig}]({os.path.relpath(path, out_dir)})", ""]
-    cols = CELL_COLUMNS if names == ["relu_l1"] else CELL_COLUMNS[:1] + ARCH_COLUMNS + CELL_COLUMNS[1:]
+    cols = CELL_COLUMNS if names == [archs.DEFAULT] else CELL_COLUMNS[:1] + ARCH_COLUMNS + CELL_COLUMNS[1:]
     lines += ["## The grid", "", *table(results["cells"], cols), ""]
     if results.get("denoising"):
         lines += ["## Denoising appendix", "",
@@ -145,19 +146,19 @@ def architecture_table(results: dict) -> list[str]:
     it, its suggested cell) with dead latents, L0 and explained variance, and its suggestion."""
     from sae_jax import archs
 
-    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in results["cells"]))
+    names = list(dict.fromkeys(c.get("arch", archs.DEFAULT) for c in results["cells"]))
     by_arch = results.get("by_arch") or {}
     out = ["| architecture | best MMCS | at (ratio, setting) | dead | L0 | expl. var. "
            "| suggested (ratio, setting) | suggested MMCS |",
            "|---|---|---|---|---|---|---|---|"]
     for arch in names:
-        key = archs.SPARSITY_KEY[arch]
+        key, name = archs.get(arch).sparsity_key, archs.get(arch).sparsity_name
         res = by_arch.get(arch) or {"suggested": results.get("suggested"),
                                     "ground_truth_optimum": results.get("ground_truth_optimum")}
         opt, s = res.get("ground_truth_optimum"), res.get("suggested") or {}
         cell = next((c for c in results["cells"] if opt and c["index"] == opt["cell"]), None)
-        at = f"{opt['ratio']:g}, {archs.SPARSITY_NAME[arch]} {opt[key]:.3g}" if opt else "–"
-        sug = (f"{s['ratio']:g}, {archs.SPARSITY_NAME[arch]} {s[key]:.3g}" if s.get("ratio") is not None else "–")
+        at = f"{opt['ratio']:g}, {name} {opt[key]:.3g}" if opt else "–"
+        sug = (f"{s['ratio']:g}, {name} {s[key]:.3g}" if s.get("ratio") is not None else "–")
         out.append(f"| {arch} | {_fmt(opt and opt['mmcs'], '.4f')} | {at} | {_fmt(cell and cell['dead'])} | "
                    f"{_fmt(cell and cell['l0'], '.2f')} | {_fmt(cell and cell.get('explained_variance'), '.4f')} | "
                    f"{sug} | {_fmt(s.get('mmcs'), '.4f')} |")

@@ -70,7 +70,7 @@ def evaluate(state: grid.GridState, spec: grid.GridSpec, cfg: grid.TrainConfig, 
         out.append({
             "index": c.index, "l1": c.l1_coeff, "ratio": c.ratio, "dict_size": c.dict_size,
             "seed": c.seed, "noise": c.noise, "arch": c.arch, "k": c.k or None,
-            "l0_coeff": c.l0_coeff if c.arch == "jumprelu" else None,
+            "l0_coeff": c.l0_coeff if archs.get(c.arch).coeff == "l0" else None,
             "mmcs": None if mm is None or diverged else _f(mm[c.index]),
             "dead": int(g["dead"][c.slot]),
             "recon_loss": _f(s["recon_loss"]), "l1_loss": _f(s["l1_loss"]),
@@ -103,8 +103,8 @@ def analyse(cells: list[dict], dicts: list[np.ndarray], l1_convention: str = "re
     `by_arch` holds each one's."""
     for c in cells:
         c.update(mmcs_with_larger=None, std_log_recon=None, std_log_l1=None, ssll=None)
-    names = list(dict.fromkeys(c.get("arch", "relu_l1") for c in cells))
-    by_arch = {a: _analyse_arch([c for c in cells if c.get("arch", "relu_l1") == a], dicts, a,
+    names = list(dict.fromkeys(c.get("arch", archs.DEFAULT) for c in cells))
+    by_arch = {a: _analyse_arch([c for c in cells if c.get("arch", archs.DEFAULT) == a], dicts, a,
                                 l1_convention) for a in names}
     first = by_arch[names[0]]
     out = {"suggested": first["suggested"], "ground_truth_optimum": first["ground_truth_optimum"],
@@ -115,7 +115,8 @@ def analyse(cells: list[dict], dicts: list[np.ndarray], l1_convention: str = "re
 
 
 def _analyse_arch(cells: list[dict], dicts: list[np.ndarray], arch: str, l1_convention: str) -> dict:
-    key = archs.SPARSITY_KEY[arch]
+    record = archs.get(arch)
+    key = record.sparsity_key
     live = [c for c in cells if not c["diverged"]]
     by_key = {(c[key], c["dict_size"], c["seed"]): dicts[c["index"]] for c in live if c["noise"] == 0}
     larger = metrics.mmcs_with_larger(by_key)
@@ -124,26 +125,26 @@ def _analyse_arch(cells: list[dict], dicts: list[np.ndarray], arch: str, l1_conv
     for c, zr, zl in zip(live, z_recon, z_l1):
         c["mmcs_with_larger"] = _f(larger.get((c[key], c["dict_size"], c["seed"]), np.nan))
         c["std_log_recon"], c["std_log_l1"], c["ssll"] = _f(zr), _f(zl), _f(zr + zl)
-    # the sparsity axis runs from the densest to the sparsest setting
-    s_axis = sorted({c[key] for c in cells}, reverse=arch in archs.TOPK_ARCHS)
+    # the sparsity axis runs from the densest to the sparsest setting (a larger k is denser)
+    s_axis = sorted({c[key] for c in cells}, reverse=record.uses_k)
     ratio_axis = sorted({c["ratio"] for c in cells})
     plane = lambda name: metrics.plane([np.nan if c.get(name) is None else c[name] for c in live],
                                        [c[key] for c in live], [c["ratio"] for c in live],
                                        s_axis, ratio_axis)
     # the carried ridge keeps the penalty per latent: alpha / m or lambda / m under the report's
     # convention; k is a count per sample, so it carries unchanged
-    exponent = 1.0 if l1_convention == "report" and arch not in archs.TOPK_ARCHS else 0.0
+    exponent = 1.0 if l1_convention == "report" and record.penalty_per_latent else 0.0
     # a fixed-L0 architecture takes its ratio from the live latents (selection.by_live_latents)
-    alive = plane("frac_alive") if arch in archs.TOPK_ARCHS else None
+    alive = plane("frac_alive") if record.uses_k else None
     suggested = selection.suggest(plane("dead"), plane("ssll"), plane("mmcs_with_larger"),
                                   s_axis, ratio_axis, size_exponent=exponent, alive_AxR=alive)
     if key != "l1":  # name the sparsity setting for what it is
         for d in [suggested] + suggested["methods"]:
             v = d.pop("l1")
-            d[key] = None if v is None else (int(v) if key == "k" else v)
+            d[key] = None if v is None else (int(v) if record.uses_k else v)
             if "why" in d:
-                d["why"] = d["why"].replace("alpha", archs.SPARSITY_NAME[arch])
-        suggested["summary"] = suggested["summary"].replace("alpha", archs.SPARSITY_NAME[arch])
+                d["why"] = d["why"].replace("alpha", record.sparsity_name)
+        suggested["summary"] = suggested["summary"].replace("alpha", record.sparsity_name)
     if suggested["ratio"] is not None:
         match = [c for c in live if c["ratio"] == suggested["ratio"] and c[key] == suggested[key]]
         suggested["cell"] = match[0]["index"] if match else None

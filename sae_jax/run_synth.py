@@ -136,8 +136,8 @@ def run(spec: grid.GridSpec, train: grid.TrainConfig, opts: run_.RunOptions, dat
 def synth_table(res: dict) -> list[str]:
     """REPORT.md's SynthSAEBench section: every cell's metrics (from results.json)."""
     n = res["config"]["eval_samples"]
-    rows = [{**c, "setting": f"{archs.SPARSITY_NAME[c['arch']]} {c[archs.SPARSITY_KEY[c['arch']]]:g}"}
-            for c in res["cells"]]
+    setting = lambda c, r: f"{r.sparsity_name} {c[r.sparsity_key]:g}"
+    rows = [{**c, "setting": setting(c, archs.get(c["arch"]))} for c in res["cells"]]
     return ["## SynthSAEBench metrics", "",
             f"SAELens's definitions (`sae_jax.synth_eval`) on {n:,} evaluation samples, with each cell's "
             "inference-time encoder; dead latents never fired on them.", "",
