@@ -24,7 +24,7 @@ class CellSpec:
     group: int
     slot: int  # position inside its group
     noise: float = 0.0  # input-noise std (denoising grids)
-    arch: str = "relu_l1"
+    arch: str = architectures.DEFAULT
     k: int = 0  # topk / batchtopk: active latents per sample
     l0_coeff: float = 0.0  # jumprelu: lambda
     world_value: float | None = None  # the world knob's value (grids with a world axis)
@@ -61,7 +61,7 @@ class GridSpec:
     seeds: tuple[int, ...] = (0,)
     features: int | None = None  # h, when sizes came from ratios (for reporting only)
     noise: tuple[float, ...] = (0.0,)
-    archs: tuple[str, ...] = ("relu_l1",)
+    archs: tuple[str, ...] = (architectures.DEFAULT,)
     k: tuple[int, ...] = ()  # topk / batchtopk cells
     l0_coeff: tuple[float, ...] = ()  # lambda (jumprelu cells)
     world_axis: str = ""  # a toy-world knob swept in the same step (`toy.axis_worlds`); "": none
@@ -71,7 +71,7 @@ class GridSpec:
     @classmethod
     def from_ratios(cls, l1_coeff: Sequence[float], ratios: Sequence[float], features: int,
                     seeds: int | Sequence[int] = 1, noise: Sequence[float] = (0.0,),
-                    archs: Sequence[str] = ("relu_l1",), k: Sequence[int] = (),
+                    archs: Sequence[str] = (architectures.DEFAULT,), k: Sequence[int] = (),
                     l0_coeff: Sequence[float] = (), world_axis: str = "",
                     world_values: Sequence[float] = (),
                     arch_options: Iterable[tuple[str, str, Any]] = ()) -> "GridSpec":

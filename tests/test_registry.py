@@ -127,14 +127,18 @@ def test_a_registered_record_flows_through_validation_encode_and_loss(registered
     np.testing.assert_allclose(float(total), float(aux.mse) + 0.1 * float(aux.l1), rtol=1e-5)
 
 
-def test_a_registered_record_trains_in_a_grid(registered):
-    spec = grid.GridSpec.from_ratios((0.1,), (1,), 16, archs=("scaled",), k=(2,))
+def test_a_registered_record_trains_in_a_grid_and_exports_its_options(registered, tmp_path):
+    spec = grid.GridSpec.from_ratios((0.1,), (1,), 16, archs=("scaled",), k=(2,),
+                                     arch_options=[("scaled", "widths", (0.25, 1.0))])
     world = toy.make_world(jax.random.PRNGKey(0), toy.ToyConfig(d=8, features=16, mean_active=2))
     cfg = grid.TrainConfig(batch_size=16)
     state = grid.init_grid(jax.random.PRNGKey(1), spec, 8, cfg)
     state = grid.train(state, cfg, 3, world=world, progress=False)
-    assert int(state.step) == 3 and state.groups[0].arch == archs.Arch("scaled", 2)
+    arch = archs.Arch("scaled", 2, (("widths", (0.25, 1.0)),))
+    assert int(state.step) == 3 and state.groups[0].arch == arch
     assert not bool(state.groups[0].diverged.any())
+    export.write_weights(tmp_path, state, spec)
+    assert export.cell_arch(tmp_path, 0) == arch  # the same static architecture, options included
 
 
 def test_a_registered_records_options_reach_the_cli_and_are_checked(registered):
