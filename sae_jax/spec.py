@@ -86,7 +86,7 @@ class GridSpec:
                    tuple(float(n) for n in noise), tuple(archs),
                    tuple(int(v) if v == int(v) else v for v in k),
                    tuple(float(v) for v in l0_coeff), world_axis,
-                   tuple(float(v) for v in world_values), tuple(sorted(arch_options))).validate()
+                   tuple(float(v) for v in world_values), tuple(sorted(arch_options, key=lambda t: t[:2]))).validate()
 
     def validate(self) -> "GridSpec":
         known = architectures.names()
