@@ -86,6 +86,11 @@ def arch_option(text: str) -> tuple[str, str, object]:
         raise argparse.ArgumentTypeError(str(e).replace("`arch_options`: ", "").replace("`arch`", "--arch")) from None
 
 
+def option_flag(arch: str, key: str) -> str:
+    """The flag of a record's declared option: --ARCH-KEY (e.g. --matryoshka-widths)."""
+    return f"--{arch}-{key}".replace("_", "-")
+
+
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every grid-training command (toy, grid and synth)."""
     g = p.add_argument_group("grid")
@@ -105,6 +110,13 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch-option", type=arch_option, action="append", default=None,
                    help="ARCH.OPTION=VALUE (repeatable): an architecture's static option"
                         + (f" ({', '.join(optional)})" if optional else " (none registered declares any)"))
+    for r in architectures.REGISTRY:  # each declared option also as --ARCH-OPTION VALUE
+        helps = dict(r.option_help)
+        for key, _ in r.options:
+            g.add_argument(option_flag(r.name, key), dest=f"arch_option__{r.name}__{key}", default=None,
+                           metavar=key.upper(),
+                           type=lambda text, r=r, key=key: arch_option(f"{r.name}.{key}={text}"),
+                           help=helps.get(key, f"{r.name}'s option {key}") + f" (= --arch-option {r.name}.{key}=...)")
 
     train, opts = _knob_flags()
     groups = {knobs.TRAINING: p.add_argument_group(knobs.TRAINING)}
@@ -213,8 +225,9 @@ def _arch_axes(args: argparse.Namespace) -> dict:
     """GridSpec's architecture fields from --arch, --k, --l0 and --arch-option."""
     from sae_jax import architectures
 
+    flagged = [v for name, v in vars(args).items() if name.startswith("arch_option__") and v is not None]
     return {"archs": args.arch or (architectures.DEFAULT,), "k": args.k or (), "l0_coeff": args.l0 or (),
-            "arch_options": tuple(args.arch_option or ())}
+            "arch_options": tuple(args.arch_option or ()) + tuple(flagged)}
 
 
 def _reads_l1(names: tuple[str, ...]) -> list[str]:

@@ -43,7 +43,7 @@ def mixed(tmp_path_factory):
         p = jax.tree.map(lambda a: a * 1.7 + 0.1 * rng.normal(size=a.shape).astype(np.float32), g.params)
         if g.arch.name == "jumprelu":
             p = p._replace(log_threshold_M=np.log(rng.uniform(0.2, 1.0, p.b_enc_M.shape)).astype(np.float32))
-        if g.arch.name == "batchtopk":
+        if g.arch.name in ("batchtopk", "matryoshka"):
             p = p._replace(log_threshold_M=np.full(p.b_enc_M.shape, np.log(0.5), np.float32))
         return g.replace(params=p)
 
@@ -151,11 +151,11 @@ def test_every_architecture_round_trips_through_the_weights_file(mixed):
     out, state, spec, x = mixed
     cells = json.loads(st.metadata(out / export.WEIGHTS)["cells"])
     assert [(c["arch"], c["k"], c["l0_coeff"]) for c in cells] == [
-        ("relu_l1", 0, 0.0), ("topk", 2, 0.0), ("batchtopk", 2, 0.0), ("jumprelu", 0, 0.1)]
+        ("relu_l1", 0, 0.0), ("topk", 2, 0.0), ("batchtopk", 2, 0.0), ("jumprelu", 0, 0.1), ("matryoshka", 2, 0.0)]
     for c in spec.cells():
         p = grid.cell_params(state, c)
         w = export.read_cell(out, c.index)
-        assert ("threshold" in w) == (c.arch in ("batchtopk", "jumprelu"))
+        assert ("threshold" in w) == (c.arch in ("batchtopk", "jumprelu", "matryoshka"))
         if "threshold" in w:
             np.testing.assert_array_equal(w["threshold"], np.asarray(archs.threshold(p)))
         assert export.cell_arch(out, c.index) == c.arch_spec
@@ -227,6 +227,9 @@ def _dictionary_learning_forward(cls, w, x):
     if cls == "JumpReluAutoEncoder":
         pre = x @ w["W_enc"] + w["b_enc"]
         return _relu(pre * (pre > w["threshold"])) @ w["W_dec"] + w["b_dec"]
+    if cls == "MatryoshkaBatchTopKSAE":  # every group active
+        post = _relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+        return (post * (post > w["threshold"])) @ w["W_dec"] + w["b_dec"]
     if cls == "AutoEncoderNew":
         return _relu(x @ w["encoder.weight"].T + w["encoder.bias"]) @ w["decoder.weight"].T + w["decoder.bias"]
     post = _relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
@@ -241,7 +244,7 @@ def test_dictionary_learning_export_of_every_architecture_reconstructs_as_ours(m
         trainer = json.loads((tmp_path / c.arch / "config.json").read_text())["trainer"]
         w = st.load(tmp_path / c.arch / "ae.safetensors")
         cls = {"relu_l1": "AutoEncoderNew", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
-               "jumprelu": "JumpReluAutoEncoder"}[c.arch]
+               "jumprelu": "JumpReluAutoEncoder", "matryoshka": "MatryoshkaBatchTopKSAE"}[c.arch]
         assert trainer["dict_class"] == cls and (trainer["activation_dim"], trainer["dict_size"]) == (6, 8)
         if c.arch in ("topk", "batchtopk"):  # 0-d buffers, as torch's register_buffer holds them
             assert trainer["k"] == 2 and (w["k"].shape, w["k"].dtype, w["threshold"].shape) == ((), np.int32, ())

@@ -14,11 +14,12 @@ from typing import Any
 from sae_jax.architectures.base import Architecture, Options
 from sae_jax.architectures.batchtopk import BATCHTOPK
 from sae_jax.architectures.jumprelu import JUMPRELU
+from sae_jax.architectures.matryoshka import MATRYOSHKA
 from sae_jax.architectures.relu_l1 import RELU_L1
 from sae_jax.architectures.topk import TOPK
 from sae_jax.errors import UsageError
 
-REGISTRY: tuple[Architecture, ...] = (RELU_L1, TOPK, BATCHTOPK, JUMPRELU)
+REGISTRY: tuple[Architecture, ...] = (RELU_L1, TOPK, BATCHTOPK, JUMPRELU, MATRYOSHKA)
 DEFAULT = RELU_L1.name  # the report's; cells and files that name no architecture are its
 
 

@@ -78,6 +78,7 @@ class Architecture:
     dl_class: str = ""  # dictionary_learning's class
     dl_sparsity_field: str = "k"  # dictionary_learning's trainer-config name of its setting
     options: Options = ()  # declared static options and their defaults (`option`)
+    option_help: Options = ()  # (key, help) of each declared option: its flag --NAME-KEY's help
 
     # ------------------------------------------------------------------ static options
     def option(self, arch: CellArch, key: str) -> Any:
@@ -161,11 +162,20 @@ class Architecture:
         active = c > 0
         aux = loss_aux(t, x_hat, sae.l1_penalty(c, convention), active, jnp.any(active, axis=0))
         total = aux.mse + sparsity
+        extra = self.codes_loss(params, c, residual_target(params, t), arch)
+        if extra is not None:
+            total = total + extra
         aux_coeff = self.aux_k_coeff(opts)
         if aux_coeff and dead_M is not None:
             k_aux = opts.aux_k or max(1, x_BxD.shape[-1] // 2)
             total = total + aux_coeff * aux_k_loss(params, pre, t - x_hat, dead_M, k_aux)
         return total, (aux, stat)
+
+    def codes_loss(self, params: sae.SAEParams, c_BxM: Array, resid_BxD: Array,
+                   arch: CellArch) -> Array | None:
+        """Terms of the dense loss beyond (1/d)||t - x^||^2 + S that read the trained codes c and
+        r = t - b_dec (e.g. Matryoshka's nested prefixes); None (the default): none."""
+        return None
 
     # ------------------------------------------------------------------ training state
     def track_threshold(self, old: sae.SAEParams, new: sae.SAEParams, stat: Array,

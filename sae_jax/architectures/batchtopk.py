@@ -11,6 +11,7 @@ row layout) with the native kernels.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ from sae_jax.architectures.base import (
 )
 from sae_jax.architectures.topk import topk_state_dict
 from sae_jax.errors import UsageError
+
+if TYPE_CHECKING:
+    from sae_jax.sparse_coo import BatchTopKRows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +64,21 @@ class BatchTopK(Architecture):
         t_BxD = residual_target(params, t_BxD)
         x_hat = sparse_coo.decode_rows(sparse_unit.unit_rows(params.D_MxD), c.vals_RxJ, c.latent_RxJ,
                                        c.sample_R, batch, compute_dtype)
+        extra = self.rows_loss(params, c, t_BxD, batch, arch, compute_dtype)
         active = c.vals_RxJ > 0
         fired = jnp.zeros((m,), bool).at[c.latent_RxJ.reshape(-1)].max(active.reshape(-1))
         l1 = jnp.sum(c.vals_RxJ) / batch / (m if convention == "report" else 1)
         sq_B = jnp.sum(jnp.square(t_BxD - x_hat), axis=-1)
         aux = sae.LossAux(jnp.mean(sq_B) / t_BxD.shape[-1], l1,
                           jnp.sum(active).astype(jnp.float32) / batch, fired, sq_B)
-        return aux.mse, (aux, jnp.maximum(c.threshold, 0.0))
+        total = aux.mse if extra is None else aux.mse + extra
+        return total, (aux, jnp.maximum(c.threshold, 0.0))
+
+    def rows_loss(self, params: sae.SAEParams, c: BatchTopKRows, resid_BxD: jax.Array,
+                  batch: int, arch: CellArch, compute_dtype: str) -> jax.Array | None:
+        """`codes_loss` on the sparse path: terms beyond (1/d)||t - x^||^2 that read the codes in
+        `sparse_coo`'s row layout and r = t - b_dec; None (the default): none."""
+        return None
 
     def track_threshold(self, old: sae.SAEParams, new: sae.SAEParams, stat: jax.Array,
                         diverged: jax.Array, decay: float, step: jax.Array) -> sae.SAEParams:
