@@ -181,6 +181,11 @@ ffi::Error AdamApplyBody(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, F3
   return ffi::Error::Success();
 }
 
+// The arguments both targets start with, in order: p, g, m, v (.., P) and coef (.., 9), float32.
+auto BindAdam() {
+  return ffi::Ffi::Bind().Arg<F32Buf>().Arg<F32Buf>().Arg<F32Buf>().Arg<F32Buf>().Arg<F32Buf>();
+}
+
 ffi::Error AdamCheckImpl(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, int64_t rank, F32Ret ok) {
   return Guard("sae_adam_check", [&] { return AdamCheckBody(p, g, m, v, coef, rank, ok); });
 }
@@ -193,22 +198,12 @@ ffi::Error AdamApplyImpl(F32Buf p, F32Buf g, F32Buf m, F32Buf v, F32Buf coef, F3
 }  // namespace
 
 SAE_FFI_TARGET(sae_adam_check, SaeAdamCheck, AdamCheckImpl,
-               ffi::Ffi::Bind()
-                   .Arg<ffi::Buffer<ffi::F32>>()
-                   .Arg<ffi::Buffer<ffi::F32>>()
-                   .Arg<ffi::Buffer<ffi::F32>>()
-                   .Arg<ffi::Buffer<ffi::F32>>()
-                   .Arg<ffi::Buffer<ffi::F32>>()
+               BindAdam()
                    .Attr<int64_t>("rank")
                    .Ret<ffi::Buffer<ffi::F32>>());
 
 SAE_FFI_TARGET(sae_adam_apply, SaeAdamApply, AdamApplyImpl,
-               ffi::Ffi::Bind()
-                   .Arg<ffi::Buffer<ffi::F32>>()
-                   .Arg<ffi::Buffer<ffi::F32>>()
-                   .Arg<ffi::Buffer<ffi::F32>>()
-                   .Arg<ffi::Buffer<ffi::F32>>()
-                   .Arg<ffi::Buffer<ffi::F32>>()
+               BindAdam()
                    .Arg<ffi::Buffer<ffi::F32>>()
                    .Attr<int64_t>("rank")
                    .Ret<ffi::Buffer<ffi::F32>>()

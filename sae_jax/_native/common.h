@@ -154,6 +154,14 @@ struct AddTarget {
   AddTarget(const char* name, void* handler) { Targets().push_back({name, handler}); }
 };
 
+// The arguments the sae_gather_sum, sae_scatter* and sae_decode_err* targets start with, in order:
+// the codes' values w (float32), the rows or table of row type R that the codes index, and the
+// codes' latent indices idx (int32). Each target's binding adds its own after these.
+template <ffi::DataType R>
+auto BindCodes() {
+  return ffi::Ffi::Bind().Arg<F32Buf>().template Arg<RowBuf<R>>().template Arg<S32Buf>();
+}
+
 }  // namespace
 
 // The handler `symbol` (XLA_FFI_DEFINE_HANDLER_SYMBOL's) of the FFI target `name`, in the table.

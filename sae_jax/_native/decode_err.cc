@@ -178,19 +178,13 @@ ffi::Error DecodeErrScaledImpl(F32Buf w, RowBuf<R> table, S32Buf idx, F32Buf tar
 // The sae_decode_err, sae_decode_err_scaled targets, once per row type (float32, or bfloat16: _bf16).
 #define SAE_DECODE_ERR_TARGETS(suffix, Suffix, R)                                                         \
   SAE_FFI_TARGET(sae_decode_err##suffix, SaeDecodeErr##Suffix, DecodeErrImpl<ffi::R>,                     \
-                 ffi::Ffi::Bind()                                                                         \
-                     .Arg<ffi::Buffer<ffi::F32>>()                                                        \
-                     .Arg<ffi::Buffer<ffi::R>>()                                                          \
-                     .Arg<ffi::Buffer<ffi::S32>>()                                                        \
+                 BindCodes<ffi::R>()                                                                      \
                      .Arg<ffi::Buffer<ffi::F32>>()                                                        \
                      .Ret<ffi::Buffer<ffi::F32>>()                                                        \
                      .Ret<ffi::Buffer<ffi::F32>>()                                                        \
                      .Ret<ffi::Buffer<ffi::F32>>());                                                      \
   SAE_FFI_TARGET(sae_decode_err_scaled##suffix, SaeDecodeErrScaled##Suffix, DecodeErrScaledImpl<ffi::R>,  \
-                 ffi::Ffi::Bind()                                                                         \
-                     .Arg<ffi::Buffer<ffi::F32>>()                                                        \
-                     .Arg<ffi::Buffer<ffi::R>>()                                                          \
-                     .Arg<ffi::Buffer<ffi::S32>>()                                                        \
+                 BindCodes<ffi::R>()                                                                      \
                      .Arg<ffi::Buffer<ffi::F32>>()                                                        \
                      .Arg<ffi::Buffer<ffi::F32>>()                                                        \
                      .Ret<ffi::Buffer<ffi::F32>>()                                                        \

@@ -155,10 +155,7 @@ ffi::Error DotsImpl(RowBuf<R> rows, RowBuf<R> table, S32Buf idx, F32Ret out) {
 // The sae_gather_sum, sae_dots targets, once per row type (float32, or bfloat16: _bf16).
 #define SAE_GATHER_TARGETS(suffix, Suffix, R)                                          \
   SAE_FFI_TARGET(sae_gather_sum##suffix, SaeGatherSum##Suffix, GatherSumImpl<ffi::R>,  \
-                 ffi::Ffi::Bind()                                                      \
-                     .Arg<ffi::Buffer<ffi::F32>>()                                     \
-                     .Arg<ffi::Buffer<ffi::R>>()                                       \
-                     .Arg<ffi::Buffer<ffi::S32>>()                                     \
+                 BindCodes<ffi::R>()                                                   \
                      .Ret<ffi::Buffer<ffi::F32>>());                                   \
   SAE_FFI_TARGET(sae_dots##suffix, SaeDots##Suffix, DotsImpl<ffi::R>,                  \
                  ffi::Ffi::Bind()                                                      \

@@ -193,17 +193,11 @@ ffi::Error ScatterUnitImpl(F32Buf w, RowBuf<R> rows, S32Buf idx, F32Buf atoms, F
 // The sae_scatter, sae_scatter_unit targets, once per row type (float32, or bfloat16: _bf16).
 #define SAE_SCATTER_TARGETS(suffix, Suffix, R)                                               \
   SAE_FFI_TARGET(sae_scatter##suffix, SaeScatter##Suffix, ScatterImpl<ffi::R>,               \
-                 ffi::Ffi::Bind()                                                            \
-                     .Arg<ffi::Buffer<ffi::F32>>()                                           \
-                     .Arg<ffi::Buffer<ffi::R>>()                                             \
-                     .Arg<ffi::Buffer<ffi::S32>>()                                           \
+                 BindCodes<ffi::R>()                                                         \
                      .Ret<ffi::Buffer<ffi::F32>>()                                           \
                      .Ret<ffi::Buffer<ffi::F32>>());                                         \
   SAE_FFI_TARGET(sae_scatter_unit##suffix, SaeScatterUnit##Suffix, ScatterUnitImpl<ffi::R>,  \
-                 ffi::Ffi::Bind()                                                            \
-                     .Arg<ffi::Buffer<ffi::F32>>()                                           \
-                     .Arg<ffi::Buffer<ffi::R>>()                                             \
-                     .Arg<ffi::Buffer<ffi::S32>>()                                           \
+                 BindCodes<ffi::R>()                                                         \
                      .Arg<ffi::Buffer<ffi::F32>>()                                           \
                      .Arg<ffi::Buffer<ffi::F32>>()                                           \
                      .Attr<float>("eps")                                                     \
