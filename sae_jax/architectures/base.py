@@ -13,8 +13,9 @@ name, k, and per-grid overrides of the record's declared `options`); per-cell nu
 lambda) stay traced, so the cells of one (arch, size, k) group train in one vmapped step.
 
 Shared here: the pre-activations p = W_e (x - b_dec) + b_e, the top-k masks, the threshold
-theta = exp(log_theta), AuxK's loss, and the dense loss L = (1/d)||t - x^||^2 + S (+ L_aux) with
-x^ = D^ c + b_dec, into which each record puts its codes c and sparsity term S.
+theta = exp(log_theta) and its inference codes p * [p > theta] (`ThresholdEncode`), AuxK's
+loss, and the dense loss L = (1/d)||t - x^||^2 + S (+ L_aux) with x^ = D^ c + b_dec, into which
+each record puts its codes c and sparsity term S.
 """
 
 from __future__ import annotations
@@ -223,6 +224,16 @@ def residual_target(params: sae.SAEParams, t_BxD: Array) -> Array:
 def threshold(params: sae.SAEParams) -> Array:
     """theta = exp(log_theta) (per latent)."""
     return jnp.exp(params.log_threshold_M)
+
+
+class ThresholdEncode:
+    """Mixin for the records whose learned or tracked threshold gates the codes at inference
+    (JumpReLU's, BatchTopK's): c = p * [p > theta], theta = exp(log_theta) per latent."""
+
+    def encode(self, params: sae.SAEParams, x_BxD: Array, arch: CellArch) -> Array:
+        """Inference codes (B, m): c = p * [p > theta]."""
+        pre = pre_acts(params, x_BxD)
+        return jnp.where(pre > threshold(params), pre, 0.0)
 
 
 def topk_mask(pre_BxM: Array, k: int) -> Array:

@@ -22,11 +22,11 @@ from sae_jax.architectures.base import (
     Architecture,
     CellArch,
     LossOut,
+    ThresholdEncode,
     batch_topk_mask,
     folded_bias,
     pre_acts,
     residual_target,
-    threshold,
 )
 from sae_jax.architectures.topk import topk_state_dict
 from sae_jax.errors import UsageError
@@ -36,11 +36,7 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchTopK(Architecture):
-    def encode(self, params: sae.SAEParams, x_BxD: jax.Array, arch: CellArch) -> jax.Array:
-        pre = pre_acts(params, x_BxD)
-        return jnp.where(pre > threshold(params), pre, 0.0)
-
+class BatchTopK(ThresholdEncode, Architecture):
     def train_codes(self, params: sae.SAEParams, x_BxD: jax.Array, coeff: jax.Array, arch: CellArch,
                     convention: str, eps: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         pre = pre_acts(params, x_BxD)

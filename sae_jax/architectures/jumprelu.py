@@ -20,6 +20,7 @@ from sae_jax import sae
 from sae_jax.architectures.base import (
     Architecture,
     CellArch,
+    ThresholdEncode,
     decoder_bias,
     folded_encoder_bias,
     pre_acts,
@@ -72,11 +73,7 @@ step.defvjp(_step_fwd, _step_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
-class JumpReLU(Architecture):
-    def encode(self, params: sae.SAEParams, x_BxD: jax.Array, arch: CellArch) -> jax.Array:
-        pre = pre_acts(params, x_BxD)
-        return jnp.where(pre > threshold(params), pre, 0.0)
-
+class JumpReLU(ThresholdEncode, Architecture):
     def train_codes(self, params: sae.SAEParams, x_BxD: jax.Array, coeff: jax.Array, arch: CellArch,
                     convention: str, eps: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         pre = pre_acts(params, x_BxD)
