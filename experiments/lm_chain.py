@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from sae_jax import cli
+from _common import run_stages
 
 CHAIN_PRESETS = {
     "cpu": dict(lm=["--preset", "cpu"], tokens="262144", l1="0.03,0.1,0.3,1,3",
@@ -54,14 +54,9 @@ def main() -> int:
           *(["--resume"] if _has_checkpoint(os.path.join(grid_out, "checkpoints", "grid")) else []),
           *(["--compare-toy", args.compare_toy] if args.compare_toy else [])]),
     ]
-    for done, argv in stages:
-        if os.path.exists(done):
-            print(f"[lm_chain] {argv[0]}: {done} exists, skipping")
-            continue
-        print(f"[lm_chain] sae-jax {' '.join(argv)}", flush=True)
-        code = cli.main(argv)
-        if code:
-            return code
+    code = run_stages("lm_chain", stages)
+    if code:
+        return code
     print(f"[lm_chain] report: {os.path.join(grid_out, 'REPORT.md')}")
     return 0
 

@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from _common import run_stages
+
 from sae_jax import cli
 
 GRID = dict(l1="0.01,0.03,0.1,0.3,1", ratios="0.25,0.5,1", steps="1000", batch="128")
@@ -79,14 +81,9 @@ def main() -> int:
           *(["--compare-toy", args.toy] if os.path.isdir(os.path.join(args.toy, "figures")) else [])]),
     ]
     t0 = time.perf_counter()
-    for done, argv in stages:
-        if os.path.exists(done):
-            print(f"[minilm] {argv[0]}: {done} exists, skipping")
-            continue
-        print(f"[minilm] sae-jax {' '.join(argv)}", flush=True)
-        code = cli.main(argv)
-        if code:
-            return code
+    code = run_stages("minilm", stages)
+    if code:
+        return code
     with open(os.path.join(grid_out, "results.json")) as f:
         results = json.load(f)
     cell = (results.get("suggested") or {}).get("cell")
