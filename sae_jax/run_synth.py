@@ -16,6 +16,7 @@ its training-window meaning).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 from pathlib import Path
@@ -91,16 +92,16 @@ _decode = jax.jit(sae.decode)
 def cell_metrics(state: grid.GridState, spec: grid.GridSpec, world: synth.SynthWorld, seed: int,
                  n: int) -> list[dict]:
     """`synth_eval.evaluate` of every cell (in cell order) on the n evaluation samples, with the
-    cell's inference-time encode (`archs.encode`) and decode (c D_unit + b_dec)."""
+    cell's inference-time encode (`archs.encode`) and decode (c D_unit + b_dec); one pass over
+    the samples (`synth_eval.evaluate_many`: each batch drawn once, encoded by every cell)."""
     state = grid.unpad(sharding.to_host(state), spec)
     dicts = results.dictionaries(state, spec)
-    out = []
+    models = []
     for c in spec.cells():
         params, arch = jax.tree.map(jax.numpy.asarray, grid.cell_params(state, c)), c.arch_spec
-        m = synth_eval.evaluate(lambda x: _encode(params, x, arch), lambda z: _decode(params, z),
-                                dicts[c.index], world.features_FxD, eval_batches(world, seed, n))
-        out.append(m)
-    return out
+        models.append((lambda x, p=params, a=arch: _encode(p, x, a), functools.partial(_decode, params),
+                       dicts[c.index]))
+    return synth_eval.evaluate_many(models, world.features_FxD, eval_batches(world, seed, n))
 
 
 def run(spec: grid.GridSpec, train: grid.TrainConfig, opts: run_.RunOptions, data: SynthData) -> dict:

@@ -232,9 +232,17 @@ def test_gathers_equal_slices(saelens_world):
     plain = saelens_world.replace(levels=tuple(
         lv.replace(feat_run=None, parent_run=None, sib_run=None, gparent_run=None)
         for lv in saelens_world.levels))
+    slots = saelens_world.slots
+    assert sum(st.grp_parent_run is not None for st in slots.stages) >= 2  # the sampler's slices
+    plain = plain.replace(slots=slots.replace(stages=tuple(
+        st.replace(solo_run=None, solo_parent_run=None, grp_parent_run=None) for st in slots.stages)))
     f = jax.jit(synth.feature_acts, static_argnums=2)
     np.testing.assert_array_equal(f(jax.random.PRNGKey(2), saelens_world, 2048),
                                   f(jax.random.PRNGKey(2), plain, 2048))
+    first = [jnp.zeros((64, lv.sib_GxB.shape[0])) for lv in saelens_world.levels]
+    a = jax.random.uniform(jax.random.PRNGKey(3), (64, saelens_world.f)) * 5
+    np.testing.assert_array_equal(synth.apply_hierarchy(saelens_world, a, first),
+                                  synth.apply_hierarchy(plain, a, first))
 
 
 def test_independent_features_rates_and_magnitudes():
