@@ -30,7 +30,7 @@ from sae_jax import run as run_
 from sae_jax.errors import UsageError
 
 EVAL_KEY = 0x5E7A1  # folded into the seed's key: the evaluation samples, a key no training step uses
-EVAL_BATCH = 4096  # evaluation samples per streamed batch
+EVAL_BATCH = 1024  # evaluation samples per streamed batch (SynthSAEBench's training batch)
 USUAL_EVAL_SAMPLES = 16384  # the evaluation samples of the usual per-cell metrics (results.evaluate)
 TABLE = [("index", "cell", ""), ("arch", "arch", ""), ("setting", "setting", ""), ("ratio", "ratio", ".3g"),
          ("dict_size", "width", ""),
