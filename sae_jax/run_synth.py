@@ -5,8 +5,9 @@ SynthSAEBench's metrics (`synth_eval`, SAELens's definitions) beside the usual o
 `run(spec, train, opts, data)` trains (or resumes) with `run.train_grid`, evaluates with
 `run.evaluate` (MMCS and the rest against the world's feature vectors, on the first
 `USUAL_EVAL_SAMPLES` evaluation samples), then streams all `opts.eval_samples` evaluation samples,
-with their ground-truth feature activations, through each cell's inference-time encoder
-(`archs.encode`, what `export.load_cell` computes) for `synth_eval.evaluate`. Those metrics go
+with their ground-truth feature activations, once through every cell's inference-time encoder
+(`archs.encode`, what `export.load_cell` computes) for `synth_eval.evaluate_many`: each batch is
+drawn once and encoded by every cell. Those metrics go
 into each cell of results.json: `mcc` (SAELens's: |cos|, Hungarian, mean over the matched
 pairs), `uniqueness`, `precision`, `recall`, `f1`, `accuracy`, `explained_variance`, `l0`,
 `true_l0`, `shrinkage` and `dead_latents` (never fired on the evaluation samples; `dead` keeps
