@@ -190,7 +190,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="synth-race-")).absolute()
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "jax-cache"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "SAE_JAX_CACHE_DIR": str(cache)}
     sys.path.insert(0, str(ROOT))
     print(f"CPU: {cpu()}\nload average at the start: {load()}\nwork: {work}")
