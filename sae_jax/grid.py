@@ -135,7 +135,7 @@ def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, world: World | None
         return None
     if world is not None:
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xB1A5)
-        return np.asarray(sample_inputs(key, world, DECODER_BIAS_SAMPLES)).reshape(-1, d)
+        return np.asarray(jax.jit(sample_inputs, static_argnums=2)(key, world, DECODER_BIAS_SAMPLES)).reshape(-1, d)
     n = -(-DECODER_BIAS_SAMPLES // cfg.batch_size)
     return np.asarray(batches(0, n), np.float32).reshape(-1, d)
 

@@ -5,8 +5,9 @@ SynthSAEBench's metrics (`synth_eval`, SAELens's definitions) beside the usual o
 `run(spec, train, opts, data)` trains (or resumes) with `run.train_grid`, evaluates with
 `run.evaluate` (MMCS and the rest against the world's feature vectors, on the first
 `USUAL_EVAL_SAMPLES` evaluation samples), then streams all `opts.eval_samples` evaluation samples,
-with their ground-truth feature activations, through each cell's inference-time encoder
-(`archs.encode`, what `export.load_cell` computes) for `synth_eval.evaluate`. Those metrics go
+with their ground-truth feature activations, once through every cell's inference-time encoder
+(`archs.encode`, what `export.load_cell` computes) for `synth_eval.evaluate_many`: each batch is
+drawn once and encoded by every cell. Those metrics go
 into each cell of results.json: `mcc` (SAELens's: |cos|, Hungarian, mean over the matched
 pairs), `uniqueness`, `precision`, `recall`, `f1`, `accuracy`, `explained_variance`, `l0`,
 `true_l0`, `shrinkage` and `dead_latents` (never fired on the evaluation samples; `dead` keeps
@@ -16,6 +17,7 @@ its training-window meaning).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 from pathlib import Path
@@ -29,7 +31,7 @@ from sae_jax import run as run_
 from sae_jax.errors import UsageError
 
 EVAL_KEY = 0x5E7A1  # folded into the seed's key: the evaluation samples, a key no training step uses
-EVAL_BATCH = 4096  # evaluation samples per streamed batch
+EVAL_BATCH = 1024  # evaluation samples per streamed batch (SynthSAEBench's training batch)
 USUAL_EVAL_SAMPLES = 16384  # the evaluation samples of the usual per-cell metrics (results.evaluate)
 TABLE = [("index", "cell", ""), ("arch", "arch", ""), ("setting", "setting", ""), ("ratio", "ratio", ".3g"),
          ("dict_size", "width", ""),
@@ -91,16 +93,16 @@ _decode = jax.jit(sae.decode)
 def cell_metrics(state: grid.GridState, spec: grid.GridSpec, world: synth.SynthWorld, seed: int,
                  n: int) -> list[dict]:
     """`synth_eval.evaluate` of every cell (in cell order) on the n evaluation samples, with the
-    cell's inference-time encode (`archs.encode`) and decode (c D_unit + b_dec)."""
+    cell's inference-time encode (`archs.encode`) and decode (c D_unit + b_dec); one pass over
+    the samples (`synth_eval.evaluate_many`: each batch drawn once, encoded by every cell)."""
     state = grid.unpad(sharding.to_host(state), spec)
     dicts = results.dictionaries(state, spec)
-    out = []
+    models = []
     for c in spec.cells():
         params, arch = jax.tree.map(jax.numpy.asarray, grid.cell_params(state, c)), c.arch_spec
-        m = synth_eval.evaluate(lambda x: _encode(params, x, arch), lambda z: _decode(params, z),
-                                dicts[c.index], world.features_FxD, eval_batches(world, seed, n))
-        out.append(m)
-    return out
+        models.append((lambda x, p=params, a=arch: _encode(p, x, a), functools.partial(_decode, params),
+                       dicts[c.index]))
+    return synth_eval.evaluate_many(models, world.features_FxD, eval_batches(world, seed, n))
 
 
 def run(spec: grid.GridSpec, train: grid.TrainConfig, opts: run_.RunOptions, data: SynthData) -> dict:

@@ -20,12 +20,13 @@ cell's inference-time encoder) and reconstructions x^_n = decode(c_n):
   the sums accumulated in float64 over the batches.
 
 `evaluate` streams the samples in batches (one compiled program per batch shape), so 100,000
-samples never sit in memory at once.
+samples never sit in memory at once; `evaluate_many` scores several SAEs (a grid's cells) in
+one such pass, each batch drawn once and encoded by every SAE.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,23 +80,16 @@ def _batch_sums(c_BxM: Array, x_BxD: Array, x_hat_BxD: Array, acts_BxF: Array, m
             "sum_sq": jnp.sum(jnp.square(x_BxD)), "sum_res": jnp.sum(jnp.square(x_BxD - x_hat_BxD))}
 
 
-def evaluate(encode: Callable[[Array], Array], decode: Callable[[Array], Array], decoder_MxD,
-             features_FxD, batches: Iterable[tuple[Array, Array]]) -> dict[str, float]:
-    """Every metric of the module docstring, over the (x (B, d), feature activations (B, F))
-    batches; encode/decode are the cell's inference-time functions."""
-    match = jnp.asarray(best_matches(decoder_MxD, features_FxD), jnp.int32)
-    total: dict[str, np.ndarray] = {}
-    n = 0
-    for x, acts in batches:
-        x = jnp.asarray(x, jnp.float32)
-        c = encode(x)
-        sums = jax.device_get(_batch_sums(c, x, decode(c), jnp.asarray(acts), match))
-        for k, v in sums.items():
-            v = np.asarray(v, bool if k == "fired" else np.float64)
-            total[k] = v if k not in total else (total[k] | v if k == "fired" else total[k] + v)
-        n += x.shape[0]
-    if not n:
-        raise ValueError("evaluate needs at least one batch")
+Model = tuple[Callable[[Array], Array], Callable[[Array], Array], Any]  # (encode, decode, decoder_MxD)
+
+
+def _add(total: dict[str, np.ndarray], sums: dict) -> None:
+    for k, v in sums.items():
+        v = np.asarray(v, bool if k == "fired" else np.float64)
+        total[k] = v if k not in total else (total[k] | v if k == "fired" else total[k] + v)
+
+
+def _finish(total: dict[str, np.ndarray], n: int, decoder_MxD, features_FxD) -> dict[str, float]:
     tp, fp, fn, tn = (total[k] for k in ("tp", "fp", "fn", "tn"))
     div = lambda a, b: np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
     precision, recall = div(tp, tp + fp), div(tp, tp + fn)
@@ -108,3 +102,31 @@ def evaluate(encode: Callable[[Array], Array], decode: Callable[[Array], Array],
             "l0": float(total["l0"] / n), "true_l0": float(total["true_l0"] / n),
             "shrinkage": float(total["shrink"] / total["shrink_n"]) if total["shrink_n"] else 0.0,
             "dead_latents": int((~total["fired"]).sum())}
+
+
+def evaluate_many(models: Sequence[Model], features_FxD,
+                  batches: Iterable[tuple[Array, Array]]) -> list[dict[str, float]]:
+    """`evaluate` of several SAEs in one pass over the batches: each batch is drawn once and
+    encoded by every model (a grid's cells on the same samples); one dict per model, in order."""
+    matches = [jnp.asarray(best_matches(dec, features_FxD), jnp.int32) for _, _, dec in models]
+    totals: list[dict[str, np.ndarray]] = [{} for _ in models]
+    n = 0
+    for x, acts in batches:
+        x, acts = jnp.asarray(x, jnp.float32), jnp.asarray(acts)
+        pending = []
+        for (encode, decode, _), match in zip(models, matches):
+            c = encode(x)
+            pending.append(_batch_sums(c, x, decode(c), acts, match))  # dispatched, not yet waited on
+        for total, sums in zip(totals, jax.device_get(pending)):
+            _add(total, sums)
+        n += x.shape[0]
+    if not n:
+        raise ValueError("evaluate needs at least one batch")
+    return [_finish(t, n, dec, features_FxD) for t, (_, _, dec) in zip(totals, models)]
+
+
+def evaluate(encode: Callable[[Array], Array], decode: Callable[[Array], Array], decoder_MxD,
+             features_FxD, batches: Iterable[tuple[Array, Array]]) -> dict[str, float]:
+    """Every metric of the module docstring, over the (x (B, d), feature activations (B, F))
+    batches; encode/decode are the cell's inference-time functions."""
+    return evaluate_many([(encode, decode, decoder_MxD)], features_FxD, batches)[0]

@@ -28,19 +28,20 @@ SAELens semantics reproduced, in its order:
    random keeps its value and the others are set to 0 (their subtrees follow at the next level).
 4. x = a @ W + b.
 
-How the draws differ from SAELens's (the same distribution, fewer random numbers):
+How the draws differ from SAELens's (the same distribution, fewer random numbers; the details
+and the equations in `sae_jax.synth_slots`):
 
-- eta is not drawn. Given eps, f fires with probability q_f = Phi(eps . l_f / sqrt(c_f) - t_f),
-  t_f = Phi^-1(1 - p_f) / sqrt(c_f); one uniform u_f (32 random bits) per feature and sample
-  decides it (u_f < q_f), and, given that it fired, u_f / q_f ~ U(0, 1) is independent of the
-  firing and of eps, so g = Phi^-1(u_f / q_f) is the magnitude's normal. SAELens draws a normal
-  eta per feature and sample and another normal per firing; this draws 32 bits per feature and
-  sample and nothing else per feature (u_f is exact to 2^-32, so u_f / q_f has about
-  2^32 q_f levels; g is clipped to +-5.4 like `jax.random.normal`'s).
-- mutual exclusion draws one uniform r per group and sample and keeps the floor(r k)-th of
-  the k active children (SAELens: one uniform score per child in a conflict, the highest
-  wins): the same uniform choice among the active children.
-- the output is dense (SAELens's `use_sparse_tensors` has no counterpart) and float32.
+- eta is not drawn. Given eps, features fire independently, f with probability q_f =
+  Phi(eps . l_f / sqrt(c_f) - t_f), t_f = Phi^-1(1 - p_f) / sqrt(c_f). A feature outside any
+  mutually exclusive group draws one uniform u_f (32 random bits) per sample: it fires when
+  u_f < q_f, and, given that, u_f / q_f ~ U(0, 1) is independent of the firing and of eps, so
+  g = Phi^-1(u_f / q_f) is the magnitude's normal.
+- a mutually exclusive group draws one 32-bit word per sample and nothing per child: its winner
+  (the uniform choice among its active children) has a closed-form distribution given eps, and
+  the word's position inside the winner's interval gives the winner's (truncated) normal.
+- random words come two per Threefry-2x32 hash (`synth_slots.words`), not one.
+- the output is dense (SAELens's `use_sparse_tensors` has no counterpart) and float32; normals
+  are clipped to +-5.4 like `jax.random.normal`'s.
 
 `feature_acts` gives a alone; `hierarchy_violations` counts broken constraints in samples.
 Levels whose index arrays are ranges (SAELens numbers a generated forest breadth-first) gather
@@ -56,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from sae_jax import synth_slots
 
 Array = jax.Array
 
@@ -129,6 +132,7 @@ class SynthWorld:
     mean_F: Array  # mu_f
     std_F: Array  # sigma_f
     levels: tuple[Level, ...]
+    slots: synth_slots.Slots  # the sampler's layout of the same quantities (`synth_slots`)
     correlated: bool = struct.field(pytree_node=False, default=False)
 
     @property
@@ -222,33 +226,15 @@ def make_world(features_FxD: np.ndarray, bias_D: np.ndarray, probs_F: np.ndarray
         corr, thresh = lf / sc[:, None], ndtri(1.0 - p) / sc
     else:
         corr, thresh = np.zeros((f, 0)), np.zeros(f)
+    levels = hierarchy_levels(roots or [], f)
     return SynthWorld(
         jnp.asarray(w), jnp.asarray(bias_D, jnp.float32), jnp.asarray(p, jnp.float32),
         jnp.asarray(corr, jnp.float32), jnp.asarray(thresh, jnp.float32),
-        jnp.asarray(mean_F, jnp.float32), jnp.asarray(std_F, jnp.float32),
-        hierarchy_levels(roots or [], f), bool(correlated))
+        jnp.asarray(mean_F, jnp.float32), jnp.asarray(std_F, jnp.float32), levels,
+        synth_slots.plan(levels, w, corr, thresh, p, mean_F, std_F), bool(correlated))
 
 
 # ---------------------------------------------------------------------------------- sampling
-_TWO_M32 = 2.0 ** -32
-_OPEN = float(np.nextafter(np.float32(1), np.float32(0)))  # largest float32 below 1
-
-
-def _fire_and_magnitude(key: Array, world: SynthWorld, n: int) -> Array:
-    """Feature activations before the hierarchy: relu(mu_f + sigma_f g) where f fires, else 0
-    (steps 1 and 2 of the module docstring)."""
-    k_eps, k_u = jax.random.split(key)
-    bits = jax.random.bits(k_u, (n, world.f), jnp.uint32)
-    u = jnp.minimum((bits.astype(jnp.float32) + 0.5) * _TWO_M32, _OPEN)  # (0, 1), exact below 2^-8
-    if world.correlated:
-        eps_NxR = jax.random.normal(k_eps, (n, world.corr_FxR.shape[1]))
-        q = 0.5 * jax.lax.erfc((world.thresh_F - eps_NxR @ world.corr_FxR.T) * np.float32(np.sqrt(0.5)))
-    else:
-        q = jnp.broadcast_to(world.probs_F, (n, world.f))
-    fired = u < q
-    v = jnp.clip(u / jnp.where(fired, q, 1.0), 0.0, 1.0)
-    g = jnp.sqrt(2.0).astype(jnp.float32) * jax.lax.erf_inv(jnp.clip(2.0 * v - 1.0, -_OPEN, _OPEN))
-    return jnp.where(fired, jax.nn.relu(world.mean_F + world.std_F * g), 0.0)
 
 
 def _apply_level(r_NxG: Array, world: SynthWorld, lv: Level, a_NxF: Array) -> Array:
@@ -290,16 +276,14 @@ def apply_hierarchy(world: SynthWorld, a_NxF: Array, r_levels: Sequence[Array]) 
 
 def feature_acts(key: Array, world: SynthWorld, n: int) -> Array:
     """n samples of the feature activations a (N x F), SAELens's `ActivationGenerator.sample`."""
-    k_fire, k_me = jax.random.split(key)
-    r = [jax.random.uniform(jax.random.fold_in(k_me, i), (n, lv.sib_GxB.shape[0]))
-         for i, lv in enumerate(world.levels)]
-    return apply_hierarchy(world, _fire_and_magnitude(k_fire, world, n), r)
+    return synth_slots.values(key, world.slots, world.correlated, n)[:, world.slots.slot_F]
 
 
 def sample(key: Array, world: SynthWorld, n: int) -> tuple[Array, Array]:
-    """Draws n samples: (x_NxD, feature_acts_NxF) with x = a @ W + b (module docstring)."""
-    a = feature_acts(key, world, n)
-    return a @ world.features_FxD + world.bias_D, a
+    """Draws n samples: (x_NxD, feature_acts_NxF) with x = a @ W + b (module docstring), computed
+    in the sampler's slot order (x = V W_slots + b, `synth_slots`)."""
+    v = synth_slots.values(key, world.slots, world.correlated, n)
+    return v @ world.slots.w_PxD + world.bias_D, v[:, world.slots.slot_F]
 
 
 def hierarchy_violations(world: SynthWorld, a_NxF: Array) -> tuple[Array, Array]:

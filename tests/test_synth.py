@@ -232,9 +232,17 @@ def test_gathers_equal_slices(saelens_world):
     plain = saelens_world.replace(levels=tuple(
         lv.replace(feat_run=None, parent_run=None, sib_run=None, gparent_run=None)
         for lv in saelens_world.levels))
+    slots = saelens_world.slots
+    assert sum(st.grp_parent_run is not None for st in slots.stages) >= 2  # the sampler's slices
+    plain = plain.replace(slots=slots.replace(stages=tuple(
+        st.replace(solo_run=None, solo_parent_run=None, grp_parent_run=None) for st in slots.stages)))
     f = jax.jit(synth.feature_acts, static_argnums=2)
     np.testing.assert_array_equal(f(jax.random.PRNGKey(2), saelens_world, 2048),
                                   f(jax.random.PRNGKey(2), plain, 2048))
+    first = [jnp.zeros((64, lv.sib_GxB.shape[0])) for lv in saelens_world.levels]
+    a = jax.random.uniform(jax.random.PRNGKey(3), (64, saelens_world.f)) * 5
+    np.testing.assert_array_equal(synth.apply_hierarchy(saelens_world, a, first),
+                                  synth.apply_hierarchy(plain, a, first))
 
 
 def test_independent_features_rates_and_magnitudes():
@@ -333,3 +341,49 @@ def test_synth_16k_statistics():
     l0, top, rate = _check_l0(w, _preset_reference("synth-16k"), 10, 1024)
     assert 33 < l0 < 36 and 24 < top < 26.5, (l0, top)
     assert np.sort(rate)[::-1][:4096].sum() == pytest.approx(top, rel=0.03)
+
+
+def test_exclusive_groups_and_gating_are_exact_on_a_small_forest():
+    """The sampler's closed form for an exclusive group (one word per group: the winner and its
+    truncated normal) against the enumerated answer, with padding (groups of 3 and 2), a group
+    under a node without a feature (always live), a non-exclusive child and a free feature:
+    P(child c is active) = P(parent active) p_c r_c E[1 / (1 + K_c)], r = Phi(mu / sigma),
+    K_c the other children active before the exclusion; a winner's value given it is active is
+    the truncated normal's mean."""
+    import itertools
+
+    from scipy.stats import norm
+    p = np.array([0.6, 0.5, 0.3, 0.2, 0.5, 0.4, 0.3, 0.6, 0.2])
+    mu, sd = np.full(9, 2.0), np.full(9, 1.0)
+    leaf = lambda i: {"feature_index": i, "children": []}
+    roots = [{"feature_index": 0, "mutually_exclusive_children": True, "children": [
+                 {"feature_index": 1, "children": [leaf(4), leaf(5)]}, leaf(2), leaf(3)]},
+             {"feature_index": None, "mutually_exclusive_children": True, "children": [leaf(6), leaf(7)]}]
+    w = synth.make_world(np.eye(9, 4), np.zeros(4), p, mu, sd, roots=roots)
+    assert w.slots.groups == 2 and w.slots.width == 3 and w.slots.solo == 4
+    n = 400_000
+    _, a = jax.jit(synth.sample, static_argnums=2)(jax.random.PRNGKey(11), w, n)
+    on = np.asarray(a) > 0
+    r = norm.cdf(2.0)
+
+    def wins(qs):  # P(child c wins) for independent q'_c, enumerated
+        out = np.zeros(len(qs))
+        for act in itertools.product([0, 1], repeat=len(qs)):
+            pr = np.prod([q if x else 1 - q for q, x in zip(qs, act)])
+            for c in np.flatnonzero(act):
+                out[c] += pr / sum(act)
+        return out
+
+    want = np.zeros(9)
+    want[0], want[8] = p[0] * r, p[8] * r
+    want[[1, 2, 3]] = want[0] * wins(p[[1, 2, 3]] * r)
+    want[[6, 7]] = wins(p[[6, 7]] * r)
+    want[[4, 5]] = want[1] * p[[4, 5]] * r
+    got = on.mean(0)
+    assert np.all(np.abs(got - want) < 5 * np.sqrt(want * (1 - want) / n)), (got, want)
+    assert on[:, [1, 2, 3]].sum(1).max() == 1 and on[:, [6, 7]].sum(1).max() == 1
+    assert not np.any(on[:, [1, 2, 3]].any(1) & ~on[:, 0]) and not np.any(on[:, 4] & ~on[:, 1])
+    mean = 2.0 + norm.pdf(2.0) / norm.cdf(2.0)  # given active, unscaled
+    for i in (6, 2, 4):
+        v = np.asarray(a)[on[:, i], i]
+        assert abs(v.mean() - mean) < 5 * v.std() / np.sqrt(len(v)), (i, v.mean(), mean)

@@ -68,6 +68,31 @@ def test_batching_does_not_change_the_numbers(world):
         synth_eval.evaluate(enc, dec, w, g, [])
 
 
+def test_one_pass_over_many_saes_equals_one_pass_each(world):
+    """evaluate_many (a grid's cells: each batch drawn once, encoded by every SAE) gives each SAE
+    what evaluate gives it alone on the same batches, and draws every batch exactly once."""
+    g, acts, x = world
+    rng = np.random.default_rng(3)
+    saes = []
+    for i, m in enumerate((F, F + 3, 5)):
+        w = (np.resize(g, (m, D)) + 0.2 * (i + 1) * rng.normal(size=(m, D))).astype(np.float32)
+        saes.append((lambda x_, w=w, t=0.1 * i: jnp.maximum(x_ @ w.T - t, 0.0), lambda c, w=w: c @ w, w))
+    drawn = []
+
+    def batches():
+        for b in _batches(x, acts, 700):
+            drawn.append(1)
+            yield b
+
+    many = synth_eval.evaluate_many(saes, g, batches())
+    assert len(drawn) == -(-N // 700)
+    for (enc, dec, w), got in zip(saes, many):
+        want = synth_eval.evaluate(enc, dec, w, g, _batches(x, acts, 700))
+        assert got == want
+    with pytest.raises(ValueError, match="at least one batch"):
+        synth_eval.evaluate_many(saes, g, [])
+
+
 def test_agrees_with_saelens_functions(world):
     """Optional: only where sae_lens is installed (`pip install -e '.[bench]'`)."""
     pytest.importorskip("sae_lens")
