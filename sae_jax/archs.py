@@ -43,6 +43,7 @@ from sae_jax.architectures.base import (
     Architecture,
     ArchOptions,
     aux_k_loss,
+    aux_k_loss_gathered,
     batch_topk_mask,
     folded_bias,
     pre_acts,
@@ -51,7 +52,8 @@ from sae_jax.architectures.base import (
 )
 
 __all__ = ["ARCHS", "Arch", "ArchOptions", "Architecture", "DEFAULT", "RELU_L1", "SPARSE_AUTO_RATIO",
-           "SPARSE_MODES", "aux_k_coeff", "aux_k_loss", "batch_topk_mask", "encode", "folded_bias", "get",
+           "SPARSE_MODES", "aux_k_coeff", "aux_k_loss", "aux_k_loss_gathered",
+           "batch_topk_mask", "encode", "folded_bias", "get",
            "loss", "names", "pre_acts", "threshold", "topk_mask", "train_codes", "uses_sparse"]
 
 Array = jax.Array

@@ -192,16 +192,17 @@ def _sq_norm(tree: Any) -> Array:
 
 
 def cell_update(cell: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: Array, l1_mult: Array,
-                cfg: TrainConfig, step: Array) -> tuple[GroupState, tuple[Array, Array]]:
+                cfg: TrainConfig, step: Array,
+                opts: archs.ArchOptions | None = None) -> tuple[GroupState, tuple[Array, Array]]:
     """One Adam step of one cell (unbatched leaves) on input x + noise * eps, target x, with the
     gradient of its architecture's loss (`archs.loss`; `sae.loss` for the report's SAE) by
     autodiff; then its record's `track_threshold` (BatchTopK's moves towards the batch's
-    smallest kept activation)."""
+    smallest kept activation). opts: the architectures' options (default `cfg.arch_options`)."""
     x_in = x_BxD if eps_BxD is None else x_BxD + cell.noise * eps_BxD
     coeff = cell.l1_coeff * l1_mult
     dead = cell.since_fired >= cfg.dead_window
     (total, (aux, stat)), grads = jax.value_and_grad(archs.loss, has_aux=True)(
-        cell.params, x_in, coeff, cell.arch, cfg.l1_convention, x_BxD, cfg.arch_options, dead)
+        cell.params, x_in, coeff, cell.arch, cfg.l1_convention, x_BxD, opts or cfg.arch_options, dead)
     new, out = apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
     params = cell.arch.record.track_threshold(cell.params, new.params, stat, new.diverged,
                                               cfg.threshold_decay, step)
@@ -243,14 +244,19 @@ def group_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult
                  step: Array) -> tuple[GroupState, tuple[Array, Array]]:
     """One Adam step of every cell of a group. With `cfg.fused_step` (always in bfloat16) the
     gradients of a group whose record has `fused_step` (relu_l1's) come from
-    `fused.group_loss_and_grad`; otherwise from autodiff, cell by cell under vmap. A world
-    axis's x is (V, B, d): each cell trains on its value's."""
+    `fused.group_loss_and_grad`; otherwise from autodiff, cell by cell under vmap, in the AuxK
+    form exact for the group's dead latents (`Architecture.aux_forms`; picked outside the vmap,
+    so only that form runs). A world axis's x is (V, B, d): each cell trains on its value's."""
     if group.world_index is not None:
         x_BxD = x_BxD[group.world_index]  # (C, B, d)
     per_cell = 0 if x_BxD.ndim == 3 else None
     if not (cfg.uses_fused_step and group.arch.record.fused_step):
-        return jax.vmap(cell_update, in_axes=(0, per_cell, None, None, None, None, None))(
-            group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
+        forms = group.arch.record.aux_forms(cfg.arch_options, *group.params.W_enc_MxD.shape[-2:])
+        update = lambda opts: jax.vmap(functools.partial(cell_update, opts=opts), in_axes=(
+            0, per_cell, None, None, None, None, None))(group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
+        n_dead = jnp.max(jnp.where(group.valid, jnp.sum(group.since_fired >= cfg.dead_window, axis=-1), 0))
+        form = sum((n_dead > n).astype(jnp.int32) for n, _ in forms[:-1])
+        return jax.lax.switch(form, [functools.partial(update, o) for _, o in forms])
     x_in = x_BxD if eps_BxD is None else x_BxD + group.noise[:, None, None] * eps_BxD
     (total, aux), grads = fused.group_loss_and_grad(
         group.params, x_in, group.l1_coeff * l1_mult, cfg.l1_convention, x_BxD, cfg.compute_dtype)

@@ -33,6 +33,7 @@ from sae_jax.errors import UsageError
 Array = jax.Array
 Options = tuple[tuple[str, Any], ...]  # (key, value) pairs: hashable static options
 LossOut = tuple[Array, tuple[sae.LossAux, Array]]  # (L, (aux, the batch statistic a threshold tracks))
+SparseOut = tuple[Array, tuple[sae.LossAux, Array], Array]  # LossOut's, and the residual t - x^
 SPARSE_MODES = ("auto", "on", "off")
 SPARSE_AUTO_RATIO = 64  # "auto" with XLA's CPU kernels: TopK sparse where k <= m / 64
 
@@ -54,6 +55,8 @@ class ArchOptions(NamedTuple):
     sparse: str = "auto"  # records with a sparse path, without AuxK: the sparse decoder
     #                       (sae_jax.sparse): "on", "off", or "auto" (`Architecture.uses_sparse`)
     compute_dtype: str = "float32"  # the sparse path's encoder GEMM operands and kernel rows
+    aux_slots: int = 0  # AuxK over at most this many dead latents, gathered (`aux_k_loss_gathered`;
+    #                     the grid picks it per step where it is exact); 0: over every latent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +132,18 @@ class Architecture:
         """AuxK's coefficient: the one given, else the record's default."""
         return self.default_aux_k_coeff if opts.aux_k_coeff is None else opts.aux_k_coeff
 
+    def aux_forms(self, opts: ArchOptions, m: int, d: int) -> tuple[tuple[int, ArchOptions], ...]:
+        """AuxK's exact forms for a group of m latents in d dimensions, as (n, options) pairs in
+        order: the first whose n is at least the group's most dead latents in a cell is exact for
+        the step. Without dead latents the term is 0, so no AuxK (and the sparse decoder where the
+        record has one); up to S = min(m, 2 k_aux) the gathered form (`aux_k_loss_gathered`);
+        beyond, the dense one. One form where AuxK is off or its form is set."""
+        if not self.aux_k_coeff(opts) or opts.aux_slots:
+            return ((m, opts),)
+        slots = min(m, 2 * (opts.aux_k or max(1, d // 2)))
+        forms = ((0, opts._replace(aux_k_coeff=0.0)), (slots, opts._replace(aux_slots=slots)))
+        return forms if slots >= m else forms + ((m, opts),)
+
     def sparse_auto(self, arch: CellArch, m: int) -> bool:
         """`sparse` "auto" on the CPU: whether the sparse path is the faster (only asked of
         records with a sparse path)."""
@@ -136,40 +151,47 @@ class Architecture:
 
     def uses_sparse(self, arch: CellArch, m: int, opts: ArchOptions) -> bool:
         """Whether a cell of m latents trains through the sparse decoder: never without a sparse
-        path or with AuxK (whose dead-latent codes need every pre-activation); "on", "off", or
-        "auto": on the CPU the record's `sparse_auto`, never on other backends (on an H200 the
-        sparse step through XLA's gathers ran 4-10x slower than the dense one)."""
-        if not self.sparse_decoder or self.aux_k_coeff(opts) or opts.sparse == "off":
+        path or with the dense AuxK (whose dead-latent codes need every pre-activation; the
+        gathered one, `aux_slots`, recomputes its own); "on", "off", or "auto": on the CPU the
+        record's `sparse_auto`, never on other backends (on an H200 the sparse step through XLA's
+        gathers ran 4-10x slower than the dense one)."""
+        if not self.sparse_decoder or (self.aux_k_coeff(opts) and not opts.aux_slots) or opts.sparse == "off":
             return False
         if opts.sparse == "on":
             return True
         return jax.default_backend() == "cpu" and self.sparse_auto(arch, m)
 
     def sparse_loss(self, params: sae.SAEParams, x_BxD: Array, t_BxD: Array, arch: CellArch,
-                    convention: str, compute_dtype: str) -> LossOut:
-        """The loss through the sparse decoder: the dense formulation's values."""
+                    convention: str, compute_dtype: str) -> SparseOut:
+        """The loss through the sparse decoder: the dense formulation's values, and the residual
+        t - x^ (for AuxK; unused, it is never computed)."""
         raise NotImplementedError(self.name)
 
     def loss(self, params: sae.SAEParams, x_BxD: Array, coeff: Array, arch: CellArch,
              convention: str, target_BxD: Array | None, opts: ArchOptions,
              dead_M: Array | None) -> LossOut:
         """L = (1/d)||t - x^||^2 + S + coeff_aux * L_aux, through the sparse decoder where
-        `uses_sparse`; L_aux only with dead latents given and a nonzero AuxK coefficient."""
+        `uses_sparse`; L_aux only with dead latents given and a nonzero AuxK coefficient, over
+        every latent's pre-activation or, with `opts.aux_slots`, the gathered dead latents'."""
         t = x_BxD if target_BxD is None else target_BxD
         if self.uses_sparse(arch, params.W_enc_MxD.shape[0], opts):
-            return self.sparse_loss(params, x_BxD, t, arch, convention, opts.compute_dtype)
-        c, pre, sparsity, stat = self.train_codes(params, x_BxD, coeff, arch, convention, opts.bandwidth)
-        x_hat = sae.decode(params, c)
-        active = c > 0
-        aux = loss_aux(t, x_hat, sae.l1_penalty(c, convention), active, jnp.any(active, axis=0))
-        total = aux.mse + sparsity
-        extra = self.codes_loss(params, c, residual_target(params, t), arch)
-        if extra is not None:
-            total = total + extra
+            total, (aux, stat), resid = self.sparse_loss(params, x_BxD, t, arch, convention, opts.compute_dtype)
+            pre = None
+        else:
+            c, pre, sparsity, stat = self.train_codes(params, x_BxD, coeff, arch, convention, opts.bandwidth)
+            x_hat = sae.decode(params, c)
+            active = c > 0
+            aux = loss_aux(t, x_hat, sae.l1_penalty(c, convention), active, jnp.any(active, axis=0))
+            total, resid = aux.mse + sparsity, t - x_hat
+            extra = self.codes_loss(params, c, residual_target(params, t), arch)
+            if extra is not None:
+                total = total + extra
         aux_coeff = self.aux_k_coeff(opts)
         if aux_coeff and dead_M is not None:
             k_aux = opts.aux_k or max(1, x_BxD.shape[-1] // 2)
-            total = total + aux_coeff * aux_k_loss(params, pre, t - x_hat, dead_M, k_aux)
+            term = (aux_k_loss_gathered(params, x_BxD, resid, dead_M, k_aux, opts.aux_slots) if pre is None
+                    else aux_k_loss(params, pre, resid, dead_M, k_aux))
+            total = total + aux_coeff * term
         return total, (aux, stat)
 
     def codes_loss(self, params: sae.SAEParams, c_BxM: Array, resid_BxD: Array,
@@ -270,14 +292,39 @@ def aux_k_loss(params: sae.SAEParams, pre_BxM: Array, resid_BxD: Array, dead_M: 
                k_aux: int) -> Array:
     """||e - e^||^2 / ||e - mean e||^2 (batch means) with e^ decoded from the dead latents' k_aux
     largest ReLU pre-activations per sample; 0 when no latent is dead."""
-    e = jax.lax.stop_gradient(resid_BxD)
     dead_pre = jnp.where(dead_M, jax.nn.relu(pre_BxM), 0.0)
-    k_aux = min(k_aux, pre_BxM.shape[-1])
-    codes = jnp.where(topk_mask(dead_pre, k_aux) & dead_M, dead_pre, 0.0)
-    e_hat = codes @ sae.unit_rows(params.D_MxD)  # the residual's reconstruction: no decoder bias
+    return _aux_ratio(resid_BxD, dead_pre, dead_M, k_aux, params.D_MxD, jnp.any(dead_M))
+
+
+def aux_k_loss_gathered(params: sae.SAEParams, x_BxD: Array, resid_BxD: Array, dead_M: Array,
+                        k_aux: int, slots: int) -> Array:
+    """`aux_k_loss` over the first S = min(slots, m) dead latents (in index order) alone: their
+    pre-activations W_e[J] x + (b_e - W_e b_dec)[J] and atoms recomputed for those S rows J, so it
+    costs S/m of the dense form and needs no other latent's pre-activation (the sparse decoder's
+    steps have none). Equal to `aux_k_loss` whenever at most S latents are dead: each sample's
+    k_aux largest dead pre-activations are then among the S gathered ones."""
+    slots = min(slots, dead_M.shape[0])
+    rows = jnp.argsort(jnp.logical_not(dead_M).astype(jnp.int32), stable=True)[:slots]
+    dead_S = dead_M[rows]
+    w_SxD = params.W_enc_MxD[rows]
+    b_S = params.b_enc_M[rows] - (0.0 if params.b_dec_D is None else w_SxD @ params.b_dec_D)
+    dead_pre = jnp.where(dead_S, jax.nn.relu(x_BxD @ w_SxD.T + b_S), 0.0)
+    return _aux_ratio(resid_BxD, dead_pre, dead_S, k_aux, params.D_MxD[rows], jnp.any(dead_M))
+
+
+def _aux_ratio(resid_BxD: Array, dead_pre_BxN: Array, dead_N: Array, k_aux: int, d_NxD: Array,
+               any_dead: Array) -> Array:
+    """AuxK's ratio from the dead latents' ReLU pre-activations (0 on live ones) over N latents
+    and their decoder rows: each sample's k_aux largest decoded (unit rows, no decoder bias)."""
+    e = jax.lax.stop_gradient(resid_BxD)
+    k_aux = min(k_aux, dead_pre_BxN.shape[-1])
+    codes = dead_pre_BxN
+    if k_aux < dead_pre_BxN.shape[-1]:
+        codes = jnp.where(topk_mask(dead_pre_BxN, k_aux) & dead_N, dead_pre_BxN, 0.0)
+    e_hat = codes @ sae.unit_rows(d_NxD)
     var = jnp.mean(jnp.sum(jnp.square(e - jnp.mean(e, axis=0)), axis=-1))
     loss = jnp.mean(jnp.sum(jnp.square(e - e_hat), axis=-1)) / jnp.maximum(var, 1e-12)
-    return jnp.where(jnp.any(dead_M), loss, 0.0)
+    return jnp.where(any_dead, loss, 0.0)
 
 
 def decoder_bias(w: dict[str, np.ndarray]) -> np.ndarray:

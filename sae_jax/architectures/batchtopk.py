@@ -21,7 +21,7 @@ from sae_jax import sae
 from sae_jax.architectures.base import (
     Architecture,
     CellArch,
-    LossOut,
+    SparseOut,
     ThresholdEncode,
     batch_topk_mask,
     folded_bias,
@@ -51,7 +51,7 @@ class BatchTopK(ThresholdEncode, Architecture):
         return sparse.native_in_use()
 
     def sparse_loss(self, params: sae.SAEParams, x_BxD: jax.Array, t_BxD: jax.Array, arch: CellArch,
-                    convention: str, compute_dtype: str) -> LossOut:
+                    convention: str, compute_dtype: str) -> SparseOut:
         """The same values and batch statistic as the dense formulation."""
         from sae_jax import sparse_coo, sparse_unit
 
@@ -68,7 +68,7 @@ class BatchTopK(ThresholdEncode, Architecture):
         aux = sae.LossAux(jnp.mean(sq_B) / t_BxD.shape[-1], l1,
                           jnp.sum(active).astype(jnp.float32) / batch, fired, sq_B)
         total = aux.mse if extra is None else aux.mse + extra
-        return total, (aux, jnp.maximum(c.threshold, 0.0))
+        return total, (aux, jnp.maximum(c.threshold, 0.0)), t_BxD - x_hat
 
     def rows_loss(self, params: sae.SAEParams, c: BatchTopKRows, resid_BxD: jax.Array,
                   batch: int, arch: CellArch, compute_dtype: str) -> jax.Array | None:

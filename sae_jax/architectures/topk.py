@@ -18,7 +18,7 @@ from sae_jax.architectures.base import (
     SPARSE_AUTO_RATIO,
     Architecture,
     CellArch,
-    LossOut,
+    SparseOut,
     decoder_bias,
     folded_bias,
     pre_acts,
@@ -49,20 +49,22 @@ class TopK(Architecture):
         return sparse.native_in_use() or arch.k * SPARSE_AUTO_RATIO <= m
 
     def sparse_loss(self, params: sae.SAEParams, x_BxD: jax.Array, t_BxD: jax.Array, arch: CellArch,
-                    convention: str, compute_dtype: str) -> LossOut:
+                    convention: str, compute_dtype: str) -> SparseOut:
         """Gradients by scatter-adds into the k selected rows per sample."""
         from sae_jax import sparse, sparse_unit
 
         m = params.W_enc_MxD.shape[0]
         vals, idx = sparse.topk_codes(params.W_enc_MxD, folded_bias(params), x_BxD, min(arch.k, m), compute_dtype)
-        sq_B = sparse_unit.decode_sq_err_unit(params.D_MxD, vals, idx, residual_target(params, t_BxD),
-                                              compute_dtype)
+        r_BxD = residual_target(params, t_BxD)
+        sq_B = sparse_unit.decode_sq_err_unit(params.D_MxD, vals, idx, r_BxD, compute_dtype)
         active = vals > 0
         l1 = jnp.mean(jnp.sum(vals, axis=-1)) / (m if convention == "report" else 1)
         fired = jnp.zeros((m,), bool).at[idx.reshape(-1)].max(active.reshape(-1))
         aux = sae.LossAux(jnp.mean(sq_B) / t_BxD.shape[-1], l1,
                           jnp.mean(jnp.sum(active, axis=-1).astype(jnp.float32)), fired, sq_B)
-        return aux.mse, (aux, jnp.zeros((), jnp.float32))
+        atoms_BxKxD = jax.lax.stop_gradient(sparse_unit.unit_rows(params.D_MxD))[idx]
+        resid = r_BxD - jnp.einsum("bk,bkd->bd", jax.lax.stop_gradient(vals), atoms_BxKxD)  # AuxK's
+        return aux.mse, (aux, jnp.zeros((), jnp.float32)), resid
 
     def saelens_config(self, arch: CellArch) -> dict:
         """k, and rescale_acts_by_decoder_norm (a no-op on unit rows; SAELens saves its own TopK
