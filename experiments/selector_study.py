@@ -11,7 +11,11 @@ k x ratio grid of `k_grid` with the fast recipe, and the combined rule as result
 to TopK, beside its dead-latent form):
 
 - regret = the grid's best MMCS - MMCS of the chosen cell;
-- ratio hit = the chosen ratio is within one grid step of the best cell's ratio.
+- ratio hit = the chosen ratio is within one grid step of the best cell's ratio;
+- bound_dead_free (alpha grids) is not a rule but a bound on every rule: the grid's best cell
+  among those with no dead latents or at a ratio where every cell has some, i.e. the least regret
+  any selector can reach while its cell has no dead latents whenever its ratio has a dead-free
+  cell.
 
 Each world's run is kept in DIR/world_NN/ (rerunning skips finished worlds; --rescore only
 rescores them), with since_fired.npz, every cell's steps-since-last-fired counters. Writes
@@ -33,7 +37,7 @@ import numpy as np
 
 from sae_jax import archs, cli, metrics, results, selection
 
-RULES = ("dead_latents", "ssll", "mmcs_with_larger", "combined", "combined_dead_free")
+RULES = ("dead_latents", "ssll", "mmcs_with_larger", "combined", "combined_dead_free", "bound_dead_free")
 # --arch topk also scores the combined rule with the dead-latent ratio (the rule before fixed-L0
 # architectures took their ratio from the live latents)
 TOPK_RULES = RULES + ("combined_dead",)
@@ -142,7 +146,12 @@ def score(p: dict) -> dict:
     bi, bj = np.unravel_index(np.argmax(mm), mm.shape)
     row = {"best_mmcs": float(mm[bi, bj]), "best_ratio": p["ratio_axis"][bj],
            "best_l1": p["l1_axis"][int(bi)]}
-    for rule, ij in picks(p).items():
+    chosen = picks(p)
+    if not p.get("fixed_l0"):  # the bound: the best cell a dead-consistent selector may pick
+        free = np.nan_to_num(p["dead"], nan=np.inf) <= 0
+        allowed = np.where(free | ~free.any(axis=0, keepdims=True), mm, -np.inf)
+        chosen["bound_dead_free"] = tuple(int(v) for v in np.unravel_index(np.argmax(allowed), mm.shape))
+    for rule, ij in chosen.items():
         if ij is None:
             row[rule] = {"regret": None, "ratio_hit": False, "ratio": None, "l1": None, "dead": None}
             continue

@@ -47,6 +47,14 @@ def test_regret_and_ratio_hit_are_read_off_the_chosen_cells():
     # combined_dead_free: the same ratio, alpha moved to its dead-free cell nearest alpha 1.0: 0.1
     assert (row["combined_dead_free"]["ratio"], row["combined_dead_free"]["l1"]) == (2.0, 0.1)
     assert row["combined_dead_free"]["dead"] == 0
+    # The bound: the best cell that is dead-free or at a ratio with no dead-free cell: ratio 1,
+    # alpha 0.3 (0.95); with every cell of ratio 2 dead, the grid's best (2, 0.3) itself.
+    assert (row["bound_dead_free"]["ratio"], row["bound_dead_free"]["l1"]) == (1.0, 0.3)
+    assert row["bound_dead_free"]["regret"] == pytest.approx(0.99 - 0.95)
+    dead[0][2] = 1
+    row = selector_study.score(selector_study.planes(_results(mmcs, dead, larger, ssll)))
+    assert (row["bound_dead_free"]["ratio"], row["bound_dead_free"]["l1"], row["bound_dead_free"]["regret"]) == (
+        2.0, 0.3, 0.0)
 
 
 def test_topk_worlds_get_a_k_axis_and_the_live_latent_ratio():
