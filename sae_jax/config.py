@@ -58,7 +58,7 @@ class TrainConfig:
                       group=ARCHS, parse=int)
     sparse_decoder: str = knob("auto", "topk and batchtopk groups through the sparse gather/scatter decoder: "
                                        "auto (on the CPU with the native kernels; without them topk where "
-                                       "k <= m/64), on, off; with AuxK, in steps with at most 2 k_aux dead "
+                                       "k <= m/64), on, off; with AuxK, in steps with at most k_aux dead "
                                        "latents", group=ARCHS, choices=archs.SPARSE_MODES)
     jumprelu_bandwidth: float = knob(0.05, "JumpReLU's straight-through kernel width eps (pre-activation "
                                            "units)", group=ARCHS, parse=float)

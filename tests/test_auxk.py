@@ -42,30 +42,32 @@ def test_gathered_aux_k_equals_the_dense_form_when_its_slots_hold_every_dead_lat
 
 
 def test_aux_forms_by_the_number_of_dead_latents():
-    """The records with AuxK: none, gathered up to S = min(m, 2 k_aux), then dense where S < m;
+    """The records with AuxK: none, gathered up to S = min(m, k_aux), then dense where S < m;
     one form where AuxK is off (relu_l1, a zero coefficient) or its form is given."""
     opts = grid.TrainConfig().arch_options
     topk = archs.get("topk")
     forms = topk.aux_forms(opts, 384, 128)  # k_aux = d / 2 = 64
-    assert [n for n, _ in forms] == [0, 128, 384]
-    assert [(o.aux_k_coeff, o.aux_slots) for _, o in forms] == [(0.0, 0), (None, 128), (None, 0)]
-    assert [n for n, _ in topk.aux_forms(opts, 100, 128)] == [0, 100]
-    assert [n for n, _ in topk.aux_forms(opts._replace(aux_k=10), 384, 128)] == [0, 20, 384]
+    assert [n for n, _ in forms] == [0, 64, 384]
+    assert [(o.aux_k_coeff, o.aux_slots) for _, o in forms] == [(0.0, 0), (None, 64), (None, 0)]
+    assert [n for n, _ in topk.aux_forms(opts, 50, 128)] == [0, 50]
+    assert [n for n, _ in topk.aux_forms(opts._replace(aux_k=10), 384, 128)] == [0, 10, 384]
     assert archs.get("relu_l1").aux_forms(opts, 384, 128) == ((384, opts),)
     off = opts._replace(aux_k_coeff=0.0)
     assert topk.aux_forms(off, 384, 128) == ((384, off),)
     assert archs.uses_sparse(archs.Arch("topk", 4), 384, forms[1][1])  # gathered AuxK keeps it
 
 
+@pytest.mark.parametrize("sparse", ["auto", "off"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("n_dead", [0, 3, 20])
-def test_grid_step_in_the_form_it_picks_equals_the_dense_aux_k_step(rng, tiny_world, arch, n_dead):
-    """A group of two cells (d 16: k_aux 8, S 16 of m 24), one with n_dead dead latents, so the
-    step takes no AuxK (0), the gathered form with the sparse decoder (3) or the dense form (20):
+def test_grid_step_in_the_form_it_picks_equals_the_dense_aux_k_step(rng, tiny_world, arch, n_dead, sparse):
+    """A group of two cells (d 16: k_aux 8, S 8 of m 24), one with n_dead dead latents, so the
+    step takes no AuxK (0), the gathered form (3; beside the sparse decoder with `sparse` auto, the
+    dense codes with off) or the dense form (20):
     each equals the dense AuxK step by autodiff, parameters (thresholds included) and counters,
     where AuxK moves the parameters (the step without it differs)."""
     spec = grid.GridSpec((), (24,), seeds=(0, 1), archs=(arch,), k=(3,))
-    cfg = grid.TrainConfig(batch_size=64, lr=3e-3)
+    cfg = grid.TrainConfig(batch_size=64, lr=3e-3, sparse_decoder=sparse)
     state = grid.init_grid(KEY, spec, 16, cfg)
     group = state.groups[0]
     since = np.zeros(group.since_fired.shape, np.int32)

@@ -52,7 +52,7 @@ class ArchOptions(NamedTuple):
     bandwidth: float = 0.05  # JumpReLU's kernel width eps
     aux_k_coeff: float | None = None  # AuxK's coefficient (0: off; None: the record's default)
     aux_k: int = 0  # AuxK's k_aux (0: d / 2)
-    sparse: str = "auto"  # records with a sparse path, without AuxK: the sparse decoder
+    sparse: str = "auto"  # records with a sparse path, without the dense AuxK: the sparse decoder
     #                       (sae_jax.sparse): "on", "off", or "auto" (`Architecture.uses_sparse`)
     compute_dtype: str = "float32"  # the sparse path's encoder GEMM operands and kernel rows
     aux_slots: int = 0  # AuxK over at most this many dead latents, gathered (`aux_k_loss_gathered`;
@@ -136,11 +136,12 @@ class Architecture:
         """AuxK's exact forms for a group of m latents in d dimensions, as (n, options) pairs in
         order: the first whose n is at least the group's most dead latents in a cell is exact for
         the step. Without dead latents the term is 0, so no AuxK (and the sparse decoder where the
-        record has one); up to S = min(m, 2 k_aux) the gathered form (`aux_k_loss_gathered`);
-        beyond, the dense one. One form where AuxK is off or its form is set."""
+        record has one); up to S = min(m, k_aux) the gathered form (`aux_k_loss_gathered`, which
+        then needs no top-k: every dead latent is among each sample's k_aux largest); beyond, the
+        dense one. One form where AuxK is off or its form is set."""
         if not self.aux_k_coeff(opts) or opts.aux_slots:
             return ((m, opts),)
-        slots = min(m, 2 * (opts.aux_k or max(1, d // 2)))
+        slots = min(m, opts.aux_k or max(1, d // 2))
         forms = ((0, opts._replace(aux_k_coeff=0.0)), (slots, opts._replace(aux_slots=slots)))
         return forms if slots >= m else forms + ((m, opts),)
 
@@ -176,7 +177,6 @@ class Architecture:
         t = x_BxD if target_BxD is None else target_BxD
         if self.uses_sparse(arch, params.W_enc_MxD.shape[0], opts):
             total, (aux, stat), resid = self.sparse_loss(params, x_BxD, t, arch, convention, opts.compute_dtype)
-            pre = None
         else:
             c, pre, sparsity, stat = self.train_codes(params, x_BxD, coeff, arch, convention, opts.bandwidth)
             x_hat = sae.decode(params, c)
@@ -189,7 +189,7 @@ class Architecture:
         aux_coeff = self.aux_k_coeff(opts)
         if aux_coeff and dead_M is not None:
             k_aux = opts.aux_k or max(1, x_BxD.shape[-1] // 2)
-            term = (aux_k_loss_gathered(params, x_BxD, resid, dead_M, k_aux, opts.aux_slots) if pre is None
+            term = (aux_k_loss_gathered(params, x_BxD, resid, dead_M, k_aux, opts.aux_slots) if opts.aux_slots
                     else aux_k_loss(params, pre, resid, dead_M, k_aux))
             total = total + aux_coeff * term
         return total, (aux, stat)

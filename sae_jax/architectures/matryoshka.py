@@ -70,16 +70,20 @@ class MatryoshkaBatchTopK(BatchTopK):
 
     def rows_loss(self, params: sae.SAEParams, c: BatchTopKRows, resid_BxD: Array, batch: int,
                   arch: CellArch, compute_dtype: str) -> Array:
-        """Each inner prefix decoded through the sparse decoder from the codes of its latents."""
-        from sae_jax import sparse_coo, sparse_unit
+        """The inner prefixes from the codes of the first w_{L-1} latents scattered into a dense
+        (B, w_{L-1}) block (a few per sample), then `inner_sq_err`'s segment-by-segment GEMMs: one
+        small GEMM per level instead of a pass of the sparse decoder over every code per level."""
+        from sae_jax import sparse_unit
 
-        atoms = sparse_unit.unit_rows(params.D_MxD)
-        total = jnp.zeros((), jnp.float32)
-        for w in self.widths(arch, params.D_MxD.shape[0])[:-1]:
-            vals = jnp.where(c.latent_RxJ < w, c.vals_RxJ, 0.0)
-            x_hat = sparse_coo.decode_rows(atoms, vals, c.latent_RxJ, c.sample_R, batch, compute_dtype)
-            total = total + jnp.mean(jnp.square(resid_BxD - x_hat))
-        return total
+        widths = self.widths(arch, params.D_MxD.shape[0])
+        w = widths[-2] if len(widths) > 1 else 0
+        if not w:
+            return jnp.zeros((), jnp.float32)
+        inner = c.latent_RxJ < w
+        rows = jnp.broadcast_to(c.sample_R[:, None], c.latent_RxJ.shape)
+        codes_BxW = jnp.zeros((batch, w), jnp.float32).at[rows, jnp.where(inner, c.latent_RxJ, 0)].add(
+            jnp.where(inner, c.vals_RxJ, 0.0))
+        return inner_sq_err(codes_BxW, sparse_unit.unit_rows(params.D_MxD[:w]), resid_BxD, widths)
 
     def dictionary_learning(self, w: dict[str, np.ndarray], arch: CellArch) -> dict[str, np.ndarray]:
         """MatryoshkaBatchTopKSAE: W_enc (d, m), b_enc, W_dec (m, d), b_dec, k, one threshold and
