@@ -94,8 +94,7 @@ def test_one_pass_over_many_saes_equals_one_pass_each(world):
 
 
 def test_agrees_with_saelens_functions(world):
-    """Optional: only where sae_lens is installed (`pip install -e '.[bench]'`)."""
-    pytest.importorskip("sae_lens")
+    """SAELens itself (the bench extra, which the README's test command installs)."""
     import torch
     from sae_lens.evals import ExplainedVarianceCalculator
     from sae_lens.synthetic import evals as sl
