@@ -202,7 +202,7 @@ def cell_update(cell: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: 
     coeff = cell.l1_coeff * l1_mult
     dead = cell.since_fired >= cfg.dead_window
     (total, (aux, stat)), grads = jax.value_and_grad(archs.loss, has_aux=True)(
-        cell.params, x_in, coeff, cell.arch, cfg.l1_convention, x_BxD, opts or cfg.arch_options, dead)
+        cell.params, x_in, coeff, cell.arch, cfg.l1_convention, x_BxD, cfg.arch_options if opts is None else opts, dead)
     new, out = apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
     params = cell.arch.record.track_threshold(cell.params, new.params, stat, new.diverged,
                                               cfg.threshold_decay, step)
