@@ -141,7 +141,7 @@ class Architecture:
         dense one. One form where AuxK is off or its form is set."""
         if not self.aux_k_coeff(opts) or opts.aux_slots:
             return ((m, opts),)
-        slots = min(m, opts.aux_k or max(1, d // 2))
+        slots = min(m, k_aux(opts, d))
         forms = ((0, opts._replace(aux_k_coeff=0.0)), (slots, opts._replace(aux_slots=slots)))
         return forms if slots >= m else forms + ((m, opts),)
 
@@ -188,9 +188,9 @@ class Architecture:
                 total = total + extra
         aux_coeff = self.aux_k_coeff(opts)
         if aux_coeff and dead_M is not None:
-            k_aux = opts.aux_k or max(1, x_BxD.shape[-1] // 2)
-            term = (aux_k_loss_gathered(params, x_BxD, resid, dead_M, k_aux, opts.aux_slots) if opts.aux_slots
-                    else aux_k_loss(params, pre, resid, dead_M, k_aux))
+            ka = k_aux(opts, x_BxD.shape[-1])
+            term = (aux_k_loss_gathered(params, x_BxD, resid, dead_M, ka, opts.aux_slots) if opts.aux_slots
+                    else aux_k_loss(params, pre, resid, dead_M, ka))
             total = total + aux_coeff * term
         return total, (aux, stat)
 
@@ -286,6 +286,11 @@ def loss_aux(t_BxD: Array, x_hat_BxD: Array, l1: Array, active: Array, fired_M: 
     sq = jnp.square(t_BxD - x_hat_BxD)
     return sae.LossAux(jnp.mean(sq), l1, jnp.mean(jnp.sum(active, axis=-1).astype(jnp.float32)),
                        fired_M, jnp.sum(sq, axis=-1))
+
+
+def k_aux(opts: ArchOptions, d: int) -> int:
+    """AuxK's k_aux: the one given, else d / 2."""
+    return opts.aux_k or max(1, d // 2)
 
 
 def aux_k_loss(params: sae.SAEParams, pre_BxM: Array, resid_BxD: Array, dead_M: Array,
