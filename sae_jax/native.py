@@ -233,6 +233,13 @@ def unit_rows_vjp(w: jax.Array, n: jax.Array, g: jax.Array, eps: float) -> jax.A
         w.astype(F32), n.astype(F32), g.astype(F32), eps=np.float32(eps))
 
 
+def sparse_rows(v_NxP: jax.Array, table_PxD: jax.Array) -> jax.Array:
+    """out_n = sum over p with v_np != 0 of v_np table_p, (N, D) float32: v @ table, reading only
+    the rows of table that v's nonzeros select (the SynthSAEBench sampler's x = V W)."""
+    shape = v_NxP.shape[:-1] + table_PxD.shape[-1:]
+    return _call("sae_sparse_rows", jax.ShapeDtypeStruct(shape, F32))(v_NxP.astype(F32), table_PxD.astype(F32))
+
+
 ADAM_COEFS = 9  # (b1, 1 - b1, b2, 1 - b2, 1/(1 - b1^t), 1/(1 - b2^t), eps, eps_root, lr)
 
 

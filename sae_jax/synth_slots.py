@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from sae_jax import native
+
 Array = jax.Array
 Run = tuple[int, int] | None
 _TWO_M32 = 2.0 ** -32
@@ -177,8 +179,27 @@ def words(key: Array, shape: tuple[int, int]) -> Array:
         return jax.random.bits(key, shape, jnp.uint32)
     half = -(-k // 2)
     count = jax.lax.iota(jnp.uint32, n * half).reshape(n, half)
-    hi, lo = jax.extend.random.threefry2x32_p.bind(data[0], data[1], jnp.zeros_like(count), count)
+    hi, lo = threefry2x32(data[0], data[1], jnp.zeros_like(count), count)
     return jnp.concatenate([hi, lo], axis=1)[:, :k]
+
+
+def _rotl(x: Array, r: int) -> Array:
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Array]:
+    """The Threefry-2x32 hash (20 rounds), bit for bit `jax.extend.random.threefry2x32_p`, with
+    its rounds unrolled: XLA:CPU's lowering of the primitive loops over 5 groups of 4 rounds and
+    writes both words to memory after each, where this is one elementwise fusion."""
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    rot = ((13, 15, 26, 6), (17, 29, 16, 24))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in rot[i % 2]:
+            x1 = x1 + x2
+            x2 = _rotl(x2, r) ^ x1
+        x1, x2 = x1 + ks[(i + 1) % 3], x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x1, x2
 
 
 def _ndtri(y: Array) -> Array:
@@ -220,8 +241,10 @@ def _winners(eps_NxR: Array | None, u: Array, s: Slots, start: int, g: int) -> A
     return jnp.where(pick, val[:, None, :], 0.0).reshape(n, b * g)
 
 
-def values(key: Array, s: Slots, correlated: bool, n: int) -> Array:
-    """V (n x P): the slots' values after the hierarchy (module docstring)."""
+def blocks(key: Array, s: Slots, correlated: bool, n: int) -> list[tuple[int, Array]]:
+    """V (n x P, the slots' values after the hierarchy; module docstring) as its column blocks
+    (first slot, values): the solo features', then each depth's exclusive groups'. Each block is
+    gated as it is made, so V is never written whole."""
     k_eps, k_u = jax.random.split(key)
     eps = jax.random.normal(k_eps, (n, s.corr_PxR.shape[1])) if correlated else None
     bits = words(k_u, (n, s.solo + s.groups))
@@ -230,17 +253,39 @@ def values(key: Array, s: Slots, correlated: bool, n: int) -> Array:
     u = jnp.minimum((bits[:, :s.solo].astype(jnp.float32) + 0.5) * _TWO_M32, _OPEN)
     fired = u < q_s
     g = _ndtri(jnp.clip(u / jnp.where(fired, q_s, 1.0), 0.0, 1.0))
-    out = [jnp.where(fired, jax.nn.relu(s.mean_P[:s.solo] + s.std_P[:s.solo] * g), 0.0)]
+    out = [(0, jnp.where(fired, jax.nn.relu(s.mean_P[:s.solo] + s.std_P[:s.solo] * g), 0.0))]
     at = s.solo
     for st in s.stages:
+        out = _gate_solo(out, st)
         g = st.grp_parent_G.shape[0]
         if g:
-            out.append(_winners(eps, bits[:, at: at + g], s, st.start, g))
+            block = _winners(eps, bits[:, at: at + g], s, st.start, g)
+            out.append((st.start, _gate_groups(out, block, st, s.width)))
             at += g
-    v = jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
-    for st in s.stages:
-        v = _gate(v, st, b=s.width)
-    return v
+    return out
+
+
+def values(key: Array, s: Slots, correlated: bool, n: int) -> Array:
+    """V (n x P): the slots' values after the hierarchy (module docstring)."""
+    return joined(blocks(key, s, correlated, n))
+
+
+def joined(out: list[tuple[int, Array]]) -> Array:
+    """V (n x P) from its blocks."""
+    return jnp.concatenate([v for _, v in out], axis=1) if len(out) > 1 else out[0][1]
+
+
+def inputs(out: list[tuple[int, Array]], s: Slots, bias_D: Array) -> Array:
+    """x = V W_slots + b (n x D), summed block by block; on the CPU each block's product reads
+    only the rows of W its nonzeros select (`native.sparse_rows`: a row of V holds a few dozen
+    nonzeros among P slots), elsewhere a GEMM."""
+    from sae_jax import sparse
+
+    x = bias_D
+    for start, v in out:
+        w = jax.lax.slice_in_dim(s.w_PxD, start, start + v.shape[1])
+        x = x + sparse._cpu(native.sparse_rows, jnp.matmul, v.size)(v, w)
+    return x
 
 
 def _factor(par: Array, rescale: Array, mean: Array) -> Array:
@@ -249,23 +294,35 @@ def _factor(par: Array, rescale: Array, mean: Array) -> Array:
     return jnp.where(rescale, jnp.where(on, par / mean, 0.0), on.astype(par.dtype))
 
 
-def _gate(v: Array, st: Stage, b: int) -> Array:
-    """One depth: solo children and groups multiplied by their parents' factor."""
+def _block_cols(out: list[tuple[int, Array]], idx: Array, run: Run) -> Array:
+    """V[:, idx] from the blocks made so far: a slice of one block where idx is a range in it."""
+    if run is not None:
+        for start, v in out:
+            if start <= run[0] and run[0] + idx.shape[0] <= start + v.shape[1]:
+                return jax.lax.slice_in_dim(v, run[0] - start, run[0] - start + idx.shape[0], axis=1)
+    return jnp.concatenate([v for _, v in out], axis=1)[:, idx]
+
+
+def _gate_solo(out: list[tuple[int, Array]], st: Stage) -> list[tuple[int, Array]]:
+    """One depth's solo children (slots in the first block) multiplied by their parents' factor."""
     k = st.solo_K.shape[0]
-    if k:
-        fac = _factor(_cols(v, st.solo_parent_K, st.solo_parent_run), st.solo_rescale_K, st.solo_mean_K)
-        if st.solo_run is not None:
-            cols = jax.lax.slice_in_dim(v, st.solo_run[0], st.solo_run[0] + k, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v, cols * fac, st.solo_run[0], axis=1)
-        else:
-            v = v.at[:, st.solo_K].multiply(fac, unique_indices=True)
-    g = st.grp_parent_G.shape[0]
-    if g:
-        par = _cols(v, st.grp_parent_G, st.grp_parent_run)
-        fac = jnp.where(st.grp_gated_G, _factor(par, st.grp_rescale_G, st.grp_mean_G), 1.0)
-        block = jax.lax.slice_in_dim(v, st.start, st.start + g * b, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(v, block * jnp.tile(fac, (1, b)), st.start, axis=1)
-    return v
+    if not k:
+        return out
+    fac = _factor(_block_cols(out, st.solo_parent_K, st.solo_parent_run), st.solo_rescale_K, st.solo_mean_K)
+    v = out[0][1]
+    if st.solo_run is not None:
+        cols = jax.lax.slice_in_dim(v, st.solo_run[0], st.solo_run[0] + k, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(v, cols * fac, st.solo_run[0], axis=1)
+    else:
+        v = v.at[:, st.solo_K].multiply(fac, unique_indices=True)
+    return [(0, v)] + out[1:]
 
 
-__all__ = ["Slots", "Stage", "plan", "values", "words"]
+def _gate_groups(out: list[tuple[int, Array]], block: Array, st: Stage, b: int) -> Array:
+    """One depth's block of exclusive groups multiplied by their effective parents' factor."""
+    par = _block_cols(out, st.grp_parent_G, st.grp_parent_run)
+    fac = jnp.where(st.grp_gated_G, _factor(par, st.grp_rescale_G, st.grp_mean_G), 1.0)
+    return block * jnp.tile(fac, (1, b))
+
+
+__all__ = ["Slots", "Stage", "blocks", "inputs", "joined", "plan", "threefry2x32", "values", "words"]

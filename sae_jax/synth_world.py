@@ -282,8 +282,8 @@ def feature_acts(key: Array, world: SynthWorld, n: int) -> Array:
 def sample(key: Array, world: SynthWorld, n: int) -> tuple[Array, Array]:
     """Draws n samples: (x_NxD, feature_acts_NxF) with x = a @ W + b (module docstring), computed
     in the sampler's slot order (x = V W_slots + b, `synth_slots`)."""
-    v = synth_slots.values(key, world.slots, world.correlated, n)
-    return v @ world.slots.w_PxD + world.bias_D, v[:, world.slots.slot_F]
+    out = synth_slots.blocks(key, world.slots, world.correlated, n)
+    return synth_slots.inputs(out, world.slots, world.bias_D), synth_slots.joined(out)[:, world.slots.slot_F]
 
 
 def hierarchy_violations(world: SynthWorld, a_NxF: Array) -> tuple[Array, Array]:

@@ -255,3 +255,21 @@ def test_a_build_without_vector_extensions_gives_this_builds_results(tmp_path):
             np.testing.assert_array_equal(base[name], val, err_msg=name)
         else:
             np.testing.assert_allclose(base[name], val, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("p", [7, 40, 300], ids=["p 7 (tail only)", "p 40", "p 300"])
+@pytest.mark.parametrize("d", [33, 300], ids=["d 33", "d 300 (register path and a tail)"])
+def test_sparse_rows_equal_the_dense_product_and_count_nan_as_nonzero(p, d):
+    """sparse_rows(v, T) = v @ T for rows of any sparsity (none, a few, all nonzero), vmapped
+    over cells; a NaN entry is a nonzero (it reaches the output as the GEMM's would)."""
+    c, n = 2, 24
+    v = _rand((c, n, p), 6)
+    keep = jax.random.uniform(jax.random.PRNGKey(7), (c, n, p)) < jnp.linspace(0.0, 1.0, n)[:, None]
+    v = jnp.where(keep, v, 0.0)
+    table = _rand((c, p, d), 8)
+    out = jax.jit(jax.vmap(native.sparse_rows))(v, table)
+    np.testing.assert_allclose(out, jnp.einsum("cnp,cpd->cnd", v, table), rtol=1e-5, atol=1e-5)
+    shared = jax.jit(jax.vmap(native.sparse_rows, in_axes=(0, None)))(v, table[0])
+    np.testing.assert_allclose(shared[1], v[1] @ table[0], rtol=1e-5, atol=1e-5)
+    nan = native.sparse_rows(v[0].at[3, p - 1].set(jnp.nan), table[0])
+    assert np.isnan(nan[3]).all() and np.isfinite(np.delete(np.asarray(nan), 3, axis=0)).all()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import st, synth
+from sae_jax import native, st, synth
 from sae_jax.synth_models import (
     firing_probabilities,
     from_config,
@@ -387,3 +387,14 @@ def test_exclusive_groups_and_gating_are_exact_on_a_small_forest():
     for i in (6, 2, 4):
         v = np.asarray(a)[on[:, i], i]
         assert abs(v.mean() - mean) < 5 * v.std() / np.sqrt(len(v)), (i, v.mean(), mean)
+
+
+def test_native_sampler_gives_xla_samples(saelens_world):
+    """The sampler's x through the native kernel (V's nonzeros' rows of W) equals its GEMM
+    formulation: the same feature activations, x to float rounding."""
+    f = lambda: jax.jit(synth.sample, static_argnums=2)(jax.random.PRNGKey(9), saelens_world, 512)  # noqa: E731
+    x_native, a_native = f()
+    with native.kernels(False):
+        x_xla, a_xla = f()
+    np.testing.assert_array_equal(a_native, a_xla)
+    np.testing.assert_allclose(x_native, x_xla, rtol=1e-5, atol=1e-5)

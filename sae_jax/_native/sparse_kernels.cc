@@ -1,4 +1,5 @@
-// CPU kernels for the TopK sparse decoder (sae_jax/sparse.py), as XLA FFI custom calls.
+// CPU kernels for the TopK sparse decoder (sae_jax/sparse.py) and the SynthSAEBench sampler, as XLA FFI
+// custom calls.
 //
 // XLA:CPU's TopK is a single-threaded partial sort over an index array and its row gathers and
 // scatter-adds run far below the machine's GEMM rate; these kernels do the same work in one pass
@@ -18,6 +19,7 @@
 //   scatter.cc      sae_scatter, sae_scatter_unit
 //   decode_err.cc   sae_decode_err, sae_decode_err_scaled
 //   adam.cc         sae_adam_check, sae_adam_apply
+//   sparse_rows.cc  sae_sparse_rows (the SynthSAEBench sampler's x = V W)
 // (the row kernels also as _bf16 twins). sae_jax/native.py registers every target in the table.
 
 #include "common.h"
@@ -30,6 +32,7 @@
 #include "scatter.cc"
 #include "decode_err.cc"
 #include "adam.cc"
+#include "sparse_rows.cc"
 
 // The table of FFI targets: how many, and the i-th's name and handler (null past the end).
 extern "C" int64_t SaeTargetCount() { return static_cast<int64_t>(Targets().size()); }

@@ -37,6 +37,8 @@ SAE_INLINE F16 Abs(F16 a) { return {_mm512_abs_ps(a.v)}; }
 SAE_INLINE uint32_t NotBelow(F16 x, float t) {
   return _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(t), _CMP_NLT_UQ);
 }
+// bit l: x_l != 0 (NaN included)
+SAE_INLINE uint32_t NonZero(F16 x) { return _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_NEQ_UQ); }
 // The sum of 8 lanes: (l, l + 4) pairs, then (l, l + 2), then (0, 1).
 SAE_INLINE float Sum8(__m256 h) {
   const __m128 x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -88,6 +90,11 @@ SAE_INLINE uint32_t NotBelow(F16 x, float t) {
   return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x.lo, tv, _CMP_NLT_UQ))) |
          (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x.hi, tv, _CMP_NLT_UQ))) << 8);
 }
+SAE_INLINE uint32_t NonZero(F16 x) {
+  const __m256 z = _mm256_setzero_ps();
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x.lo, z, _CMP_NEQ_UQ))) |
+         (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(x.hi, z, _CMP_NEQ_UQ))) << 8);
+}
 SAE_INLINE float Sum8(__m256 h) {
   const __m128 x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   const __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -130,6 +137,11 @@ SAE_INLINE F16 Abs(F16 a) { return Lanes([&](int l) { return std::fabs(a.x[l]); 
 SAE_INLINE uint32_t NotBelow(F16 x, float t) {
   uint32_t m = 0;
   for (int l = 0; l < 16; ++l) m |= static_cast<uint32_t>(!(x.x[l] < t)) << l;
+  return m;
+}
+SAE_INLINE uint32_t NonZero(F16 x) {
+  uint32_t m = 0;
+  for (int l = 0; l < 16; ++l) m |= static_cast<uint32_t>(!(x.x[l] == 0.0f)) << l;
   return m;
 }
 SAE_INLINE float HSum(F16 a) {
