@@ -124,22 +124,6 @@ def init_grid(key: Array, spec: GridSpec, d: int, cfg: TrainConfig = TrainConfig
     return jax.device_put(pad(state, pad_multiple))
 
 
-DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
-
-
-def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, world: World | None,
-                        batches: Callable | None) -> np.ndarray | None:
-    """The (N, d) sample b_dec's initial value is computed from: the world's inputs (toy or
-    SynthSAEBench) from a key no training step uses, or the stream's first batches; else None."""
-    if cfg.decoder_bias in ("none", "zero"):
-        return None
-    if world is not None:
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xB1A5)
-        return np.asarray(jax.jit(sample_inputs, static_argnums=2)(key, world, DECODER_BIAS_SAMPLES)).reshape(-1, d)
-    n = -(-DECODER_BIAS_SAMPLES // cfg.batch_size)
-    return np.asarray(batches(0, n), np.float32).reshape(-1, d)
-
-
 def padded_size(n_cells: int, n_real: int, multiple: int) -> int:
     """A group's cell count on `multiple` devices: the next multiple of `multiple`, and at least
     2 x `multiple` for a group of several real cells. A device then holds one cell of a group only
@@ -198,11 +182,23 @@ def cell_update(cell: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult: 
     gradient of its architecture's loss (`archs.loss`; `sae.loss` for the report's SAE) by
     autodiff; then its record's `track_threshold` (BatchTopK's moves towards the batch's
     smallest kept activation). opts: the architectures' options (default `cfg.arch_options`)."""
+    return cell_step(cell, cell_grads(cell, x_BxD, eps_BxD, l1_mult, cfg, opts), x_BxD, lr_mult, cfg, step)
+
+
+def cell_grads(cell: GroupState, x_BxD: Array, eps_BxD: Array | None, l1_mult: Array, cfg: TrainConfig,
+               opts: archs.ArchOptions | None = None) -> tuple[tuple[Array, tuple[sae.LossAux, Array]], sae.SAEParams]:
+    """((L, (aux, the batch statistic a threshold tracks)), dL/dparams) of one cell (`cell_update`)."""
     x_in = x_BxD if eps_BxD is None else x_BxD + cell.noise * eps_BxD
-    coeff = cell.l1_coeff * l1_mult
     dead = cell.since_fired >= cfg.dead_window
-    (total, (aux, stat)), grads = jax.value_and_grad(archs.loss, has_aux=True)(
-        cell.params, x_in, coeff, cell.arch, cfg.l1_convention, x_BxD, cfg.arch_options if opts is None else opts, dead)
+    return jax.value_and_grad(archs.loss, has_aux=True)(
+        cell.params, x_in, cell.l1_coeff * l1_mult, cell.arch, cfg.l1_convention, x_BxD,
+        cfg.arch_options if opts is None else opts, dead)
+
+
+def cell_step(cell: GroupState, loss_grads: Any, x_BxD: Array, lr_mult: Array, cfg: TrainConfig,
+              step: Array) -> tuple[GroupState, tuple[Array, Array]]:
+    """`cell_update`'s Adam step and threshold from `cell_grads`' output."""
+    (total, (aux, stat)), grads = loss_grads
     new, out = apply_grads(cell, grads, total, aux, x_BxD, lr_mult, cfg, step)
     params = cell.arch.record.track_threshold(cell.params, new.params, stat, new.diverged,
                                               cfg.threshold_decay, step)
@@ -252,11 +248,14 @@ def group_update(group: GroupState, x_BxD: Array, eps_BxD: Array | None, lr_mult
     per_cell = 0 if x_BxD.ndim == 3 else None
     if not (cfg.uses_fused_step and group.arch.record.fused_step):
         forms = group.arch.record.aux_forms(cfg.arch_options, *group.params.W_enc_MxD.shape[-2:])
-        update = lambda opts: jax.vmap(functools.partial(cell_update, opts=opts), in_axes=(
-            0, per_cell, None, None, None, None, None))(group, x_BxD, eps_BxD, lr_mult, l1_mult, cfg, step)
+        grads = lambda opts: jax.vmap(functools.partial(cell_grads, opts=opts), in_axes=(
+            0, per_cell, None, None, None))(group, x_BxD, eps_BxD, l1_mult, cfg)
         n_dead = jnp.max(jnp.where(group.valid, jnp.sum(group.since_fired >= cfg.dead_window, axis=-1), 0))
         form = sum((n_dead > n).astype(jnp.int32) for n, _ in forms[:-1])
-        return jax.lax.switch(form, [functools.partial(update, o) for _, o in forms])
+        # only the gradients in the switch: Adam's in-place update of a branch's operands would be copies
+        loss_grads = jax.lax.switch(form, [functools.partial(grads, o) for _, o in forms])
+        return jax.vmap(cell_step, in_axes=(0, 0, per_cell, None, None, None))(
+            group, loss_grads, x_BxD, lr_mult, cfg, step)
     x_in = x_BxD if eps_BxD is None else x_BxD + group.noise[:, None, None] * eps_BxD
     (total, aux), grads = fused.group_loss_and_grad(
         group.params, x_in, group.l1_coeff * l1_mult, cfg.l1_convention, x_BxD, cfg.compute_dtype)

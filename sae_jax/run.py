@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from sae_jax import checkpoint, export, grid, report, results, sharding, toy
+from sae_jax import checkpoint, config, export, grid, report, results, sharding, toy
 from sae_jax.errors import UsageError
 from sae_jax.knobs import RUN, fixed, knob
 
@@ -228,7 +228,7 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
 
     sparse.native_in_use()  # without the native kernels on the CPU: their line now, before the bar
     mesh = sharding.make_mesh(opts.devices)
-    x_init = grid.decoder_bias_sample(cfg, opts.seed, d, world, batches)
+    x_init = config.decoder_bias_sample(cfg, opts.seed, d, world, batches)
     state = grid.init_grid(jax.random.PRNGKey(opts.seed), spec, d, cfg, x_init=x_init)  # unpadded
     writer = jax.process_index() == 0
     ckpt = None
