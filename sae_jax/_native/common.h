@@ -45,9 +45,11 @@ int Threads() {
 }
 
 // A thread is started only for at least this much work (in elements read or updated): starting
-// and joining one costs tens of microseconds, more than a small call's whole work. (A TopK grid
-// at batch 64 with one cell per group ran 1.25x faster on one thread than on two without it.)
-constexpr int64_t kMinWorkPerThread = int64_t{1} << 16;
+// and joining one costs tens of microseconds, and inside a compiled step XLA's own workers hold
+// the other cores. (The SynthSAEBench race's 9-cell grid at batch 1,024, about 4 x 10^5 elements
+// per call, stepped 10% faster on one thread than on two, the synth-small grid no slower, with the
+// threshold at 2^16; both interleaved on the 2-core AMD EPYC.)
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
 
 // f(begin, end) over [0, n), split into one contiguous range per thread; each thread gets at
 // least min_per_thread items and kMinWorkPerThread work (an item's is work_per_item).
