@@ -10,7 +10,9 @@ its XLA formulation. Two more normalise the decoder's atoms for it and carry tha
 (`unit_rows`, `unit_rows_vjp`: one pass per row where XLA:CPU makes six). Two run every grid's
 optimizer step on the CPU (`sae_jax.adam`): Adam's finite check (`adam_check`) and its update
 written in place (`adam_apply`), two passes over each
-parameter where XLA:CPU makes about twenty.
+parameter where XLA:CPU makes about twenty. One serves the SynthSAEBench sampler
+(`sae_jax.synth_slots`): x = V W reading only the rows of W that V's nonzeros select
+(`sparse_rows`).
 
 The library is built on first use and cached (`sae_jax.native_build`: where, and how safely);
 it lists its FFI targets itself (`targets`), and each is registered with XLA. Without a

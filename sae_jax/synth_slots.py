@@ -24,7 +24,9 @@ and g = Phi^-1(u / q_f), u / q_f ~ U(0, 1) independent of the firing.
 Slots: the features not in an exclusive group ("solo", in feature order), then each group's B
 children (0-padded to the largest group) in breadth-first order of the groups' depth. The values
 V (N x P slots) are gated stage by stage in increasing depth (a child times [a_q > 0], or a_q /
-mu_q when its parent scales its children), then x = V @ W_slots + b and a = V[:, slot_of_f].
+mu_q when its parent scales its children), block by block as each is made (`blocks`: V is never
+written whole), then x = V @ W_slots + b (`inputs`: on the CPU only the rows of W_slots that a
+sample's nonzeros select, `native.sparse_rows`) and a = V[:, slot_of_f].
 Index arrays that are ranges are sliced (`Run`), as in `synth_world`.
 """
 
