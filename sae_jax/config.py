@@ -148,18 +148,13 @@ _ARCH_OPTIONS = ("aux_k_coeff", "aux_k", "sparse_decoder", "jumprelu_bandwidth",
 DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
 
 
-def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, world: Any,
-                        batches: Any) -> np.ndarray | None:
-    """The (N, d) sample b_dec's initial value is computed from: the world's inputs (toy or
-    SynthSAEBench) from a key no training step uses, or the stream's first batches; else None."""
+def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, sample: Any, batches: Any) -> np.ndarray | None:
+    """The (N, d) sample b_dec's initial value is computed from: `sample(seed, N)`, the world's
+    inputs (toy or SynthSAEBench) drawn from a key no training step uses,
+    or the stream's first batches `batches(0, T)`; None where the decoder bias starts at zero."""
     if cfg.decoder_bias in ("none", "zero"):
         return None
-    if world is not None:
-        import jax
-
-        from sae_jax.grid import sample_inputs
-
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xB1A5)
-        return np.asarray(jax.jit(sample_inputs, static_argnums=2)(key, world, DECODER_BIAS_SAMPLES)).reshape(-1, d)
+    if sample is not None:
+        return np.asarray(sample(seed, DECODER_BIAS_SAMPLES)).reshape(-1, d)
     n = -(-DECODER_BIAS_SAMPLES // cfg.batch_size)
     return np.asarray(batches(0, n), np.float32).reshape(-1, d)

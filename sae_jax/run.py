@@ -12,6 +12,7 @@ writes checkpoints and outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -215,6 +216,12 @@ def checkpointed_train_value(out: str, field: str, phase: str = "grid") -> Any:
     return None if train is None else train.get("train", {}).get(field, getattr(grid.TrainConfig, field))
 
 
+def _bias_inputs(world: Any, seed: int, n: int) -> jax.Array:
+    """n inputs of the world from a key no training step uses (b_dec's starting sample)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xB1A5)
+    return jax.jit(grid.sample_inputs, static_argnums=2)(key, world, n)
+
+
 def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: int,
                run_config: dict, *, world: toy.ToyWorld | None = None, batches: Callable | None = None,
                ground_truth: jax.Array | None = None) -> tuple[grid.GridState, Trained]:
@@ -228,7 +235,8 @@ def train_grid(spec: grid.GridSpec, cfg: grid.TrainConfig, opts: RunOptions, d: 
 
     sparse.native_in_use()  # without the native kernels on the CPU: their line now, before the bar
     mesh = sharding.make_mesh(opts.devices)
-    x_init = config.decoder_bias_sample(cfg, opts.seed, d, world, batches)
+    draw = None if world is None else functools.partial(_bias_inputs, world)
+    x_init = config.decoder_bias_sample(cfg, opts.seed, d, draw, batches)
     state = grid.init_grid(jax.random.PRNGKey(opts.seed), spec, d, cfg, x_init=x_init)  # unpadded
     writer = jax.process_index() == 0
     ckpt = None
