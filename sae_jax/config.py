@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import optax
@@ -148,7 +148,8 @@ _ARCH_OPTIONS = ("aux_k_coeff", "aux_k", "sparse_decoder", "jumprelu_bandwidth",
 DECODER_BIAS_SAMPLES = 4096  # the data sample a decoder bias starts from (its mean or median)
 
 
-def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, sample: Any, batches: Any) -> np.ndarray | None:
+def decoder_bias_sample(cfg: TrainConfig, seed: int, d: int, sample: Callable[[int, int], Any] | None,
+                        batches: Callable[[int, int], Any] | None) -> np.ndarray | None:
     """The (N, d) sample b_dec's initial value is computed from: `sample(seed, N)`, the world's
     inputs (toy or SynthSAEBench) drawn from a key no training step uses,
     or the stream's first batches `batches(0, T)`; None where the decoder bias starts at zero."""
