@@ -35,7 +35,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -302,7 +301,7 @@ def _block_cols(out: list[tuple[int, Array]], idx: Array, run: Run) -> Array:
         for start, v in out:
             if start <= run[0] and run[0] + idx.shape[0] <= start + v.shape[1]:
                 return jax.lax.slice_in_dim(v, run[0] - start, run[0] - start + idx.shape[0], axis=1)
-    return jnp.concatenate([v for _, v in out], axis=1)[:, idx]
+    return joined(out)[:, idx]
 
 
 def _gate_solo(out: list[tuple[int, Array]], st: Stage) -> list[tuple[int, Array]]:
