@@ -152,14 +152,14 @@ def test_batchtopk_row_layout_holds_the_batch_top_by_sample(case):
     entries of the batch (ties: the lower flat index, as lax.top_k), each sample's in consecutive
     rows, samples in order, latents increasing; the threshold is the N-th largest. "sample_misses":
     the native kernel's sampled threshold sees only large entries and must fall back to them all."""
-    b, m, k = 24, 64, 3
+    b, m, k = (1024, 64, 3) if case == "sample_misses" else (24, 64, 3)
     n, slots = k * b, sparse_coo.row_slots(k)
     pre = np.random.default_rng(0).standard_normal((b, m)).astype(np.float32) + 3.0
     if case == "ties":
         pre[5] = pre[9] = np.sort(pre.ravel())[-n]  # 128 entries equal to the threshold
     if case == "sample_misses":
         pre[:] = np.linspace(1.0, 2.0, b * m, dtype=np.float32).reshape(b, m)
-        pre.reshape(-1)[::5] += 10.0  # the kernel samples every (b m / 4n)-th = 5th entry
+        pre[::2] += 10.0  # the kernel's threshold reads 2^15 entries: every other sample here
     run = sparse._cpu(lambda p: tuple(a[0] for a in native.batch_topk(p[:, None], jnp.zeros((1, m)), n, slots)),
                       lambda p: sparse_coo._xla_rows(p, n, slots), pre.size)
     v, i, s, t = jax.jit(run)(jnp.asarray(pre))
