@@ -44,10 +44,9 @@ def step(params: Any, grads: Any, opt: Any, lr: Array, ok: Array, diverged: Arra
     adam = optax.scale_by_adam(b1, b2, eps)
     if not _native_fits(params, opt):
         return _xla(params, grads, opt, adam, lr, ok, diverged)
-    return jax.lax.platform_dependent(
-        params, grads, opt, lr, ok, diverged,
-        cpu=lambda *a: _native(*a, b1=b1, b2=b2, eps=eps),
-        default=lambda p, g, o, lr_, ok_, d: _xla(p, g, o, adam, lr_, ok_, d))
+    return native.on_cpu(lambda *a: _native(*a, b1=b1, b2=b2, eps=eps),
+                         lambda p, g, o, lr_, ok_, d: _xla(p, g, o, adam, lr_, ok_, d))(
+        params, grads, opt, lr, ok, diverged)
 
 
 def _native_fits(params: Any, opt: Any) -> bool:

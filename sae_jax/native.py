@@ -30,6 +30,7 @@ import ctypes
 import functools
 import os
 import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,27 @@ def in_use() -> bool:
         return False
     warn_unavailable()
     return available()
+
+
+def cpu_only() -> bool:
+    """Whether every backend jax has started is the CPU: then nothing traced here can be lowered
+    for another platform."""
+    import jax.extend.backend as jeb
+
+    return set(jeb.backends()) == {"cpu"}
+
+
+def on_cpu(native_fn: Callable, xla_fn: Callable, entries: int = 0) -> Callable:
+    """native_fn where programs traced now run on the CPU with the native kernels (`in_use`), else
+    xla_fn, which also takes inputs of more than `MAX_ENTRIES` entries. Where jax has another
+    backend besides the CPU, both are traced and `lax.platform_dependent` lowers the one of the
+    platform the program is lowered for; on a CPU-only machine only native_fn is traced (tracing
+    the other, never lowered, took a few seconds of every grid run)."""
+    if not in_use() or entries > MAX_ENTRIES:
+        return xla_fn
+    if cpu_only():
+        return native_fn
+    return lambda *args: jax.lax.platform_dependent(*args, cpu=native_fn, default=xla_fn)
 
 
 def _call(target: str, *outs: jax.ShapeDtypeStruct, vmap_method: str = "expand_dims"):

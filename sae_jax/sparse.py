@@ -71,13 +71,7 @@ def _dtype(compute_dtype: str):
     return jnp.dtype(compute_dtype)
 
 
-def _cpu(native_fn, xla_fn, entries: int = 0):
-    """native_fn where the program is lowered for the CPU and the native kernels are available
-    (`native_in_use`), xla_fn elsewhere (`lax.platform_dependent`: one branch is lowered per
-    platform) and for more than `native.MAX_ENTRIES` entries."""
-    if not native_in_use() or entries > native.MAX_ENTRIES:
-        return xla_fn
-    return lambda *args: jax.lax.platform_dependent(*args, cpu=native_fn, default=xla_fn)
+_cpu = native.on_cpu
 
 
 def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sae_jax import native
-from sae_jax.sparse import F32, _check_k, _cpu, _dtype, decode_sq_err, native_in_use
+from sae_jax.sparse import F32, _check_k, _cpu, _dtype, decode_sq_err
 
 Array = jax.Array
 UNIT_EPS = 1e-8  # sae.unit_rows' eps
@@ -68,12 +68,9 @@ def decode_sq_err_unit(D_MxD: Array, vals_BxK: Array, idx_BxK: Array, target_BxD
     the scatter-add of the VJP turns each dL/da_l into dL/dD_l (the unit-norm VJP) as it finishes
     it. The same values as the composition, to float rounding."""
     _check_k(vals_BxK.shape[-1], D_MxD.shape[0])
-    if not native_in_use() or vals_BxK.size > native.MAX_ENTRIES:
-        return decode_sq_err(unit_rows(D_MxD), vals_BxK, idx_BxK, target_BxD, compute_dtype)
-    return jax.lax.platform_dependent(
-        D_MxD, vals_BxK, idx_BxK, target_BxD,
-        cpu=lambda *a: _sq_err_unit(*a, compute_dtype),
-        default=lambda D, v, i, t: decode_sq_err(unit_rows(D), v, i, t, compute_dtype))
+    return native.on_cpu(lambda *a: _sq_err_unit(*a, compute_dtype),
+                         lambda D, v, i, t: decode_sq_err(unit_rows(D), v, i, t, compute_dtype), vals_BxK.size)(
+        D_MxD, vals_BxK, idx_BxK, target_BxD)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -280,12 +280,10 @@ def inputs(out: list[tuple[int, Array]], s: Slots, bias_D: Array) -> Array:
     """x = V W_slots + b (n x D), summed block by block; on the CPU each block's product reads
     only the rows of W its nonzeros select (`native.sparse_rows`: a row of V holds a few dozen
     nonzeros among P slots), elsewhere a GEMM."""
-    from sae_jax import sparse
-
     x = bias_D
     for start, v in out:
         w = jax.lax.slice_in_dim(s.w_PxD, start, start + v.shape[1])
-        x = x + sparse._cpu(native.sparse_rows, jnp.matmul, v.size)(v, w)
+        x = x + native.on_cpu(native.sparse_rows, jnp.matmul, v.size)(v, w)
     return x
 
 
