@@ -192,6 +192,20 @@ def test_topk_grid_trains_to_the_same_state_through_either_kernel_set():
                                    rtol=2e-4, atol=2e-5)
 
 
+def test_on_cpu_traces_only_the_kernel_that_runs():
+    """On a CPU-only jax the native kernel alone is traced (no platform switch carrying the XLA
+    fallback); XLA's where the kernels are off or the input too large for them."""
+    native_fn, xla_fn = (lambda x: x + 1), (lambda x: x - 1)
+    assert native.cpu_only()
+    assert native.on_cpu(native_fn, xla_fn) is native_fn
+    assert native.on_cpu(native_fn, xla_fn, native.MAX_ENTRIES + 1) is xla_fn
+    with sparse.kernels(False):
+        assert native.on_cpu(native_fn, xla_fn) is xla_fn
+    w, x = jax.random.normal(jax.random.PRNGKey(1), (16, 4)), jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+    jaxpr = str(jax.make_jaxpr(lambda w, x: sparse.topk_codes(w, jnp.zeros(16), x, 3))(w, x))
+    assert "sae_topk" in jaxpr and "platform_index" not in jaxpr
+
+
 def test_disabled_by_environment_runs_the_xla_kernels():
     code = ("from sae_jax import native, sparse; import jax;"
             "x = jax.random.normal(jax.random.PRNGKey(0), (8, 4)); "
