@@ -132,7 +132,8 @@ def on_cpu(native_fn: Callable, xla_fn: Callable, entries: int = 0) -> Callable:
     xla_fn, which also takes inputs of more than `MAX_ENTRIES` entries. Where jax has another
     backend besides the CPU, both are traced and `lax.platform_dependent` lowers the one of the
     platform the program is lowered for; on a CPU-only machine only native_fn is traced (tracing
-    the other, never lowered, took a few seconds of every grid run)."""
+    the other, never lowered, took a few seconds of every grid run), so a program traced there
+    lowers for the CPU alone (not for `jax.export` to other platforms)."""
     if not in_use() or entries > MAX_ENTRIES:
         return xla_fn
     if cpu_only():

@@ -195,8 +195,9 @@ def test_topk_grid_trains_to_the_same_state_through_either_kernel_set():
 def test_on_cpu_traces_only_the_kernel_that_runs():
     """On a CPU-only jax the native kernel alone is traced (no platform switch carrying the XLA
     fallback); XLA's where the kernels are off or the input too large for them."""
+    if not native.cpu_only():
+        pytest.skip("jax has a backend besides the CPU here")
     native_fn, xla_fn = (lambda x: x + 1), (lambda x: x - 1)
-    assert native.cpu_only()
     assert native.on_cpu(native_fn, xla_fn) is native_fn
     assert native.on_cpu(native_fn, xla_fn, native.MAX_ENTRIES + 1) is xla_fn
     with sparse.kernels(False):
@@ -252,7 +253,7 @@ def test_unit_rows_equal_sae_unit_rows_and_its_gradient_on_either_kernel_set():
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="an x86-64 baseline build")
 def test_a_build_without_vector_extensions_gives_this_builds_results(tmp_path):
     """The kernels built for baseline x86-64 (no AVX: the portable 16-lane arrays) give this
-    machine's build's results: Adam's step bit for bit, the rest to float32 rounding."""
+    machine's build's results: Adam's step and the selections bit for bit, the rest to float32 rounding."""
     import os
 
     script = pathlib.Path(__file__).parent / "scripts" / "native_outputs.py"
@@ -265,7 +266,7 @@ def test_a_build_without_vector_extensions_gives_this_builds_results(tmp_path):
     here = mod.outputs()
     assert set(here) == set(base.files)
     for name, val in here.items():
-        if name.startswith(("adam", "topk")):
+        if name.startswith(("adam", "topk", "batch_topk")):
             np.testing.assert_array_equal(base[name], val, err_msg=name)
         else:
             np.testing.assert_allclose(base[name], val, rtol=1e-5, atol=1e-5, err_msg=name)

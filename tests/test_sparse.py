@@ -146,28 +146,37 @@ def _rows_entries(v, i, s, m):
     return dict(zip(flat.tolist(), v[filled].tolist())), s[filled.any(1)]
 
 
-@pytest.mark.parametrize("case", ["gaussian", "ties", "sample_misses"])
+@pytest.mark.parametrize("case", ["gaussian", "ties", "sample_misses", "bias_nan_odd_width"])
 def test_batchtopk_row_layout_holds_the_batch_top_by_sample(case):
     """The row layout (native kernel on the CPU, else XLA's) holds exactly the N = k B largest
     entries of the batch (ties: the lower flat index, as lax.top_k), each sample's in consecutive
     rows, samples in order, latents increasing; the threshold is the N-th largest. "sample_misses":
-    the native kernel's sampled threshold sees only large entries and must fall back to them all."""
-    b, m, k = (1024, 64, 3) if case == "sample_misses" else (24, 64, 3)
+    the native kernel's sampled threshold sees only large entries and must fall back to them all.
+    "bias_nan_odd_width": a per-latent bias added, a width off the 16-lane vectors, and a NaN
+    (selected first, as lax.top_k orders it)."""
+    b, m, k = {"sample_misses": (1024, 64, 3), "bias_nan_odd_width": (40, 300, 3)}.get(case, (24, 64, 3))
     n, slots = k * b, sparse_coo.row_slots(k)
     pre = np.random.default_rng(0).standard_normal((b, m)).astype(np.float32) + 3.0
+    bias = np.zeros(m, np.float32)
+    if case == "bias_nan_odd_width":
+        bias = np.random.default_rng(1).standard_normal(m).astype(np.float32)
+        pre[7, 123] = np.nan
     if case == "ties":
         pre[5] = pre[9] = np.sort(pre.ravel())[-n]  # 128 entries equal to the threshold
     if case == "sample_misses":
         pre[:] = np.linspace(1.0, 2.0, b * m, dtype=np.float32).reshape(b, m)
         pre[::2] += 10.0  # the kernel's threshold reads 2^15 entries: every other sample here
-    run = sparse._cpu(lambda p: tuple(a[0] for a in native.batch_topk(p[:, None], jnp.zeros((1, m)), n, slots)),
-                      lambda p: sparse_coo._xla_rows(p, n, slots), pre.size)
+    run = sparse._cpu(lambda p: tuple(a[0] for a in native.batch_topk(p[:, None], jnp.asarray(bias)[None], n, slots)),
+                      lambda p: sparse_coo._xla_rows(p + bias, n, slots), pre.size)
     v, i, s, t = jax.jit(run)(jnp.asarray(pre))
     assert v.shape == i.shape == (native.batch_topk_rows(n, b, slots), slots)
-    top, flat = jax.lax.top_k(jnp.asarray(pre).reshape(-1), n)
+    top, flat = jax.lax.top_k(jnp.asarray(pre + bias).reshape(-1), n)
     entries, row_samples = _rows_entries(v, i, s, m)
-    assert entries == dict(zip(np.asarray(flat).tolist(), np.asarray(top).tolist()))
+    nan_free = lambda d: {key: (-1.0 if np.isnan(val) else val) for key, val in d.items()}  # NaN != NaN
+    assert nan_free(entries) == nan_free(dict(zip(np.asarray(flat).tolist(), np.asarray(top).tolist())))
     assert np.all(np.diff(row_samples) >= 0) and float(t[0]) == float(top[-1])
+    if case == "bias_nan_odd_width":
+        assert 7 * m + 123 in entries and np.isnan(top[0])
     counts = np.bincount(np.asarray(list(entries)) // m, minlength=b)
     assert counts.min() != counts.max()  # samples hold different numbers of entries
     v, i, s = map(np.asarray, (v, i, s))

@@ -13,22 +13,22 @@ namespace {
 // A threshold for the n best of a cell's (B, M) matrix x_bj = pre[b * stride + j] + bias_j: the
 // r-th largest of whole sample rows, spread evenly over the batch (samples are independent, so
 // their entries are a sample of the matrix's with every latent in it; about kSampleEntries of
-// them), r chosen so that about (over4 / 4) n entries reach it; -inf (every entry) where the
-// sample is under 8 entries per pick.
+// them), r chosen so that about (over4 / 4) n entries reach it; -inf (every entry) where those
+// would be half the matrix or more.
 constexpr int64_t kBatchSampleEntries = int64_t{1} << 15;
 
 float BatchThreshold(const float* pre, int64_t stride, const float* bias, int64_t b, int64_t m,
                      int64_t n, int64_t over4, TopkScratch& s) {
   const int64_t sr = std::min<int64_t>(b, std::max<int64_t>(1, kBatchSampleEntries / m));
   const int64_t ns = sr * m;
-  if (2 * over4 * n > b * m) return -INFINITY;
+  if (over4 * n >= 2 * b * m) return -INFINITY;
   const int64_t r = std::min<int64_t>(ns - 1, over4 * n * ns / (4 * b * m));
   s.keys.resize(ns);
   s.tmp.resize(ns + 8);
   for (int64_t q = 0; q < sr; ++q) {
     const float* row = pre + (q * b / sr) * stride;
-    uint64_t* key = s.keys.data() + q * m;
-    for (int64_t j = 0; j < m; ++j) key[j] = Key(row[j] + bias[j], j);
+    uint64_t* key = s.keys.data() + q * m;  // distinct keys (the flat index), as SelectLargest needs
+    for (int64_t j = 0, at = (q * b / sr) * m; j < m; ++j) key[j] = Key(row[j] + bias[j], at + j);
   }
   SelectLargest(s.keys.data(), ns, r + 1, s.tmp.data());
   return KeyValue(*std::min_element(s.keys.begin(), s.keys.begin() + r + 1));
@@ -84,11 +84,12 @@ struct BatchScratch {
   std::vector<int64_t> count, first, at;
   std::vector<uint64_t> keys, sel, tmp;
 
-  // After a call: gives back what an unusually large one (every entry a candidate) took.
+  // After a call: gives back everything once it holds more than 64 MiB (what an unusually large
+  // call took, such as one where every entry became a candidate).
   void Trim() {
-    constexpr size_t kKeep = size_t{1} << 22;  // entries: 32 MiB of keys
-    if (keys.capacity() <= kKeep) return;
-    *this = BatchScratch();
+    size_t bytes = (keys.capacity() + sel.capacity() + tmp.capacity() + s.keys.capacity() + s.tmp.capacity()) * 8;
+    for (const BatchCandidates& c : part) bytes += (c.idx.capacity() + c.val.capacity() + c.row.capacity()) * 4;
+    if (bytes > (size_t{64} << 20)) *this = BatchScratch();
   }
 };
 
@@ -117,7 +118,8 @@ void BatchTopkCell(const float* pre, int64_t stride, const float* bias, int64_t 
   // about 1.5 n candidates: a threshold from 2^15 entries places 1.5 n to well within n's
   // distance (its shortfall below n, when every entry becomes a candidate, is rare)
   const float t = BatchThreshold(pre, stride, bias, b, m, n, 6, s);
-  const int64_t parts = std::min<int64_t>(b, 8);  // ranges of samples, each with its candidates
+  // ranges of samples, each with its candidates (several per thread, whatever their number)
+  const int64_t parts = std::min<int64_t>(b, std::max<int64_t>(8, 4 * Threads()));
   if (static_cast<int64_t>(part.size()) < parts) part.resize(parts);
   count.assign(b + 1, 0);
   auto gather = [&](float thr) {

@@ -31,6 +31,9 @@ def outputs() -> dict[str, np.ndarray]:
     a, nrm = native.unit_rows(table * 1e20, 1e-8)
     out["unit_rows"], out["unit_rows_n"] = a, nrm / 1e20
     out["unit_rows_vjp"] = native.unit_rows_vjp(table, native.unit_rows(table, 1e-8)[1], x[:, :1] + table, 1e-8)
+    pre_b = pre.transpose(1, 0, 2).at[3, 1, 17].set(jnp.nan)  # (n, 2, m): two cells' batch
+    bv, bi, bs, bt = native.batch_topk(pre_b, bias[0] + r((2, m), 8), 5 * n, 8)
+    out.update(batch_topk_v=bv, batch_topk_i=bi, batch_topk_s=bs, batch_topk_t=bt)
     p, g, mu, nu = r((1000,), 4), r((1000,), 5), r((1000,), 6) * 0.1, jnp.abs(r((1000,), 7)) * 0.01
     coef = jnp.array([0.9, 0.1, 0.999, 0.001, 1 / (1 - 0.9 ** 3), 1 / (1 - 0.999 ** 3), 1e-8, 0.0, 1e-3], jnp.float32)
     out["adam_check"] = native.adam_check(p, g, mu, nu, coef)
