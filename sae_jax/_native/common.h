@@ -12,12 +12,14 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <initializer_list>
 #include <string>
 #include <thread>
@@ -44,28 +46,76 @@ int Threads() {
   return n;
 }
 
-// A thread is started only for at least this much work (in elements read or updated): starting
-// and joining one costs tens of microseconds, and inside a compiled step XLA's own workers hold
-// the other cores. (The SynthSAEBench race's 9-cell grid at batch 1,024, about 4 x 10^5 elements
-// per call, stepped 10% faster on one thread than on two, the synth-small grid no slower, with the
-// threshold at 2^16; both interleaved on the 2-core AMD EPYC.)
-constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
+// A second thread takes part only for at least this much work (in elements read or updated):
+// handing a range to XLA's pool costs a few microseconds.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 16;
 
-// f(begin, end) over [0, n), split into one contiguous range per thread; each thread gets at
-// least min_per_thread items and kMinWorkPerThread work (an item's is work_per_item).
+// The intra-op thread pool of the XLA computation that called the running handler (the
+// handler's `Ctx<ffi::ThreadPool>`, set by `PoolScope`), or null outside one.
+inline ffi::ThreadPool*& CurrentPool() {
+  thread_local ffi::ThreadPool* pool = nullptr;
+  return pool;
+}
+struct PoolScope {
+  ffi::ThreadPool* saved;
+  explicit PoolScope(ffi::ThreadPool* pool) : saved(CurrentPool()) { CurrentPool() = pool; }
+  ~PoolScope() { CurrentPool() = saved; }
+};
+
+// The ranges of one ParallelFor handed to the pool: whoever runs a task takes the next untaken
+// range, so the caller runs every range no pool thread has taken, and waits only for ranges
+// under way (never for a task the pool has not started: no deadlock when every pool thread is
+// busy, or is itself such a caller).
+struct Ranges {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t count = 0;
+  const std::function<void(int64_t)>* run = nullptr;  // valid while done < count
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+
+  void Work() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      try {
+        (*run)(c);
+      } catch (...) {
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+};
+
+// f(begin, end) over [0, n), split into contiguous ranges, one per thread; each thread gets at
+// least min_per_thread items and kMinWorkPerThread work (an item's is work_per_item). Inside a
+// handler the other threads are XLA's intra-op pool's (the caller is one of them); elsewhere
+// threads started for the call.
 template <class F>
 void ParallelFor(int64_t n, int64_t min_per_thread, int64_t work_per_item, F&& f) {
   const int64_t w = std::max<int64_t>(1, work_per_item);
   min_per_thread = std::max<int64_t>({int64_t{1}, min_per_thread, (kMinWorkPerThread + w - 1) / w});
+  ffi::ThreadPool* pool = CurrentPool();
   int64_t t = std::min<int64_t>(Threads(), std::max<int64_t>(1, n / min_per_thread));
+  if (pool) t = std::min<int64_t>(t, std::max<int64_t>(1, pool->num_threads()));
   if (t <= 1) {
     f(int64_t{0}, n);
     return;
   }
-  std::vector<std::thread> pool;
-  for (int64_t w = 1; w < t; ++w) pool.emplace_back([&f, n, t, w] { f(n * w / t, n * (w + 1) / t); });
+  if (pool) {
+    const std::function<void(int64_t)> run = [&f, n, t](int64_t c) { f(n * c / t, n * (c + 1) / t); };
+    auto ranges = std::make_shared<Ranges>();
+    ranges->count = t;
+    ranges->run = &run;
+    for (int64_t q = 1; q < t; ++q) pool->Schedule([ranges] { ranges->Work(); });
+    ranges->Work();
+    for (int spins = 0; ranges->done.load(std::memory_order_acquire) < t; ++spins)
+      if (spins > 64) std::this_thread::yield();
+    if (ranges->failed.load()) std::rethrow_exception(ranges->error);
+    return;
+  }
+  std::vector<std::thread> threads;
+  for (int64_t q = 1; q < t; ++q) threads.emplace_back([&f, n, t, q] { f(n * q / t, n * (q + 1) / t); });
   f(int64_t{0}, n / t);
-  for (auto& th : pool) th.join();
+  for (auto& th : threads) th.join();
 }
 
 // The cell layout of one call: the output's leading dimensions, and for each input the offset
@@ -166,7 +216,20 @@ auto BindCodes() {
 
 }  // namespace
 
-// The handler `symbol` (XLA_FFI_DEFINE_HANDLER_SYMBOL's) of the FFI target `name`, in the table.
-#define SAE_FFI_TARGET(name, symbol, impl, ...)                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl, __VA_ARGS__);      \
+// A handler `impl` taking the computation's thread pool as one more, last, argument: the binding's
+// `Ctx<ffi::ThreadPool>`, which `ParallelFor` uses while impl runs.
+template <auto Impl>
+struct Pooled;
+template <class... A, ffi::Error (*Impl)(A...)>
+struct Pooled<Impl> {
+  static ffi::Error Call(A... a, ffi::ThreadPool pool) {
+    PoolScope scope(&pool);
+    return Impl(std::move(a)...);
+  }
+};
+
+// The handler `symbol` (XLA_FFI_DEFINE_HANDLER_SYMBOL's) of the FFI target `name`, in the table;
+// `impl` runs with the computation's thread pool (`Pooled`).
+#define SAE_FFI_TARGET(name, symbol, impl, ...)                                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, Pooled<&impl>::Call, (__VA_ARGS__).Ctx<ffi::ThreadPool>()); \
   static const AddTarget symbol##Target(#name, reinterpret_cast<void*>(&symbol))
