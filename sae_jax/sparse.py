@@ -71,9 +71,6 @@ def _dtype(compute_dtype: str):
     return jnp.dtype(compute_dtype)
 
 
-_cpu = native.on_cpu
-
-
 def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
     """Per row n the k largest of pre_n + b_{n mod P} and their columns (descending from XLA,
     in no particular order from the native kernel)."""
@@ -82,7 +79,7 @@ def _top_k(pre_NxM: Array, b_PxM: Array, k: int) -> tuple[Array, Array]:
         # the barrier keeps XLA's TopK rewrite (sort + slice -> TopK call) intact: without it,
         # some consumers (k = 8: a reshape) fold into the slice and XLA sorts all m latents
         return tuple(jax.lax.optimization_barrier(jax.lax.top_k(rows.reshape(pre.shape), k)))
-    return _cpu(lambda pre, b: native.topk(pre, k, b), xla, pre_NxM.shape[-1])(pre_NxM, b_PxM)
+    return native.on_cpu(lambda pre, b: native.topk(pre, k, b), xla, pre_NxM.shape[-1])(pre_NxM, b_PxM)
 
 
 def kth_largest(pre_NxM: Array, k: int) -> Array:
@@ -157,7 +154,7 @@ def _unpack(idx, first, second):
 
 def _gather_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array) -> Array:
     """out_n = sum_j w_nj table[src_nj]: (N, D) float32, accumulated in place slot by slot."""
-    return _cpu(native.gather_sum, _xla_gather_sum, w_NxJ.size)(w_NxJ, table_SxD, src_NxJ)
+    return native.on_cpu(native.gather_sum, _xla_gather_sum, w_NxJ.size)(w_NxJ, table_SxD, src_NxJ)
 
 
 def _xla_gather_sum(w_NxJ: Array, table_SxD: Array, src_NxJ: Array) -> Array:
@@ -197,14 +194,14 @@ def _row_scatter(w_NxJ: Array, rows_NxD: Array, dst_NxJ: Array, n_out: int) -> t
     def xla(w, rows, dst):
         col = jnp.zeros((n_out,), F32).at[dst.reshape(-1)].add(w.reshape(-1).astype(F32), mode=P)
         return _xla_scatter_sum(w, rows, None, dst, n_out), col
-    return _cpu(lambda w, rows, dst: native.scatter(w, rows, dst, n_out), xla, w_NxJ.size)(
+    return native.on_cpu(lambda w, rows, dst: native.scatter(w, rows, dst, n_out), xla, w_NxJ.size)(
         w_NxJ, rows_NxD, dst_NxJ)
 
 
 def _dots(a_SxD: Array, a_NxJ: Array | None, b_TxD: Array, b_NxJ: Array | None) -> Array:
     """out_nj = a[a_nj] . b[b_nj] (index None: row n): (N, J) float32."""
     if a_NxJ is None and b_NxJ is not None:
-        return _cpu(native.dots, lambda a, b, i: _xla_dots(a, None, b, i), b_NxJ.size)(
+        return native.on_cpu(native.dots, lambda a, b, i: _xla_dots(a, None, b, i), b_NxJ.size)(
             a_SxD, b_TxD, b_NxJ)
     return _xla_dots(a_SxD, a_NxJ, b_TxD, b_NxJ)
 
@@ -314,7 +311,7 @@ def _xla_decode_err(w_NxJ: Array, table_SxD: Array, idx_NxJ: Array, target_NxD: 
 
 def _decode_sq_err_fwd(atoms_MxD, vals_BxK, idx_BxK, target_BxD, compute_dtype):
     atoms = atoms_MxD.astype(_dtype(compute_dtype))
-    e, r, sq = _cpu(native.decode_err, _xla_decode_err, vals_BxK.size)(
+    e, r, sq = native.on_cpu(native.decode_err, _xla_decode_err, vals_BxK.size)(
         vals_BxK.astype(F32), atoms, idx_BxK, target_BxD.astype(F32))
     return sq, (atoms_MxD, vals_BxK, idx_BxK, e, r, jnp.zeros((), target_BxD.dtype))
 

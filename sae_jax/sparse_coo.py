@@ -29,7 +29,6 @@ from sae_jax import native
 from sae_jax.sparse import (
     F32,
     _check_k,
-    _cpu,
     _dots,
     _dtype,
     _gather_sum,
@@ -87,7 +86,7 @@ def _select_rows(W_enc_MxD: Array, b_enc_M: Array, x_BxD: Array, k: int, dt) -> 
 
     def select(pre_BxCxM, b_CxM):
         xla = jax.vmap(lambda p, b: _xla_rows(p + b, n, slots), in_axes=(1, 0))
-        return _cpu(lambda p, b: native.batch_topk(p, b, n, slots), xla, pre_BxCxM.size)(pre_BxCxM, b_CxM)
+        return native.on_cpu(lambda p, b: native.batch_topk(p, b, n, slots), xla, pre_BxCxM.size)(pre_BxCxM, b_CxM)
 
     def one(w, b, x):
         return tuple(a[0] for a in select(_gemm(x, w, dt)[:, None], b[None]))

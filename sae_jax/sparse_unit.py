@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sae_jax import native
-from sae_jax.sparse import F32, _check_k, _cpu, _dtype, decode_sq_err
+from sae_jax.sparse import F32, _check_k, _dtype, decode_sq_err
 
 Array = jax.Array
 UNIT_EPS = 1e-8  # sae.unit_rows' eps
@@ -47,13 +47,13 @@ def _xla_unit_rows_vjp(w: Array, n: Array, g: Array) -> Array:
 
 def _unit_rows_fwd(D_MxD):
     w = D_MxD.astype(F32)
-    a, n = _cpu(lambda w: native.unit_rows(w, UNIT_EPS), _xla_unit_rows)(w)
+    a, n = native.on_cpu(lambda w: native.unit_rows(w, UNIT_EPS), _xla_unit_rows)(w)
     return a.astype(D_MxD.dtype), (w, n)
 
 
 def _unit_rows_bwd(res, g):
     w, n = res
-    dw = _cpu(lambda w, n, g: native.unit_rows_vjp(w, n, g, UNIT_EPS), _xla_unit_rows_vjp)(w, n, g.astype(F32))
+    dw = native.on_cpu(lambda w, n, g: native.unit_rows_vjp(w, n, g, UNIT_EPS), _xla_unit_rows_vjp)(w, n, g.astype(F32))
     return (dw.astype(g.dtype),)
 
 

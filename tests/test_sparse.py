@@ -166,7 +166,7 @@ def test_batchtopk_row_layout_holds_the_batch_top_by_sample(case):
     if case == "sample_misses":
         pre[:] = np.linspace(1.0, 2.0, b * m, dtype=np.float32).reshape(b, m)
         pre[::2] += 10.0  # the kernel's threshold reads 2^15 entries: every other sample here
-    run = sparse._cpu(lambda p: tuple(a[0] for a in native.batch_topk(p[:, None], jnp.asarray(bias)[None], n, slots)),
+    run = native.on_cpu(lambda p: tuple(a[0] for a in native.batch_topk(p[:, None], jnp.asarray(bias)[None], n, slots)),
                       lambda p: sparse_coo._xla_rows(p + bias, n, slots), pre.size)
     v, i, s, t = jax.jit(run)(jnp.asarray(pre))
     assert v.shape == i.shape == (native.batch_topk_rows(n, b, slots), slots)

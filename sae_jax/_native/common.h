@@ -86,36 +86,29 @@ struct Ranges {
 };
 
 // f(begin, end) over [0, n), split into contiguous ranges, one per thread; each thread gets at
-// least min_per_thread items and kMinWorkPerThread work (an item's is work_per_item). Inside a
-// handler the other threads are XLA's intra-op pool's (the caller is one of them); elsewhere
-// threads started for the call.
+// least min_per_thread items and kMinWorkPerThread work (an item's is work_per_item). The other
+// threads are the running handler's XLA intra-op pool's (the caller is one of them); without one
+// (outside a handler) f runs on the caller alone.
 template <class F>
 void ParallelFor(int64_t n, int64_t min_per_thread, int64_t work_per_item, F&& f) {
   const int64_t w = std::max<int64_t>(1, work_per_item);
   min_per_thread = std::max<int64_t>({int64_t{1}, min_per_thread, (kMinWorkPerThread + w - 1) / w});
   ffi::ThreadPool* pool = CurrentPool();
   int64_t t = std::min<int64_t>(Threads(), std::max<int64_t>(1, n / min_per_thread));
-  if (pool) t = std::min<int64_t>(t, std::max<int64_t>(1, pool->num_threads()));
+  t = pool ? std::min<int64_t>(t, pool->num_threads()) : 1;
   if (t <= 1) {
     f(int64_t{0}, n);
     return;
   }
-  if (pool) {
-    const std::function<void(int64_t)> run = [&f, n, t](int64_t c) { f(n * c / t, n * (c + 1) / t); };
-    auto ranges = std::make_shared<Ranges>();
-    ranges->count = t;
-    ranges->run = &run;
-    for (int64_t q = 1; q < t; ++q) pool->Schedule([ranges] { ranges->Work(); });
-    ranges->Work();
-    for (int spins = 0; ranges->done.load(std::memory_order_acquire) < t; ++spins)
-      if (spins > 64) std::this_thread::yield();
-    if (ranges->failed.load()) std::rethrow_exception(ranges->error);
-    return;
-  }
-  std::vector<std::thread> threads;
-  for (int64_t q = 1; q < t; ++q) threads.emplace_back([&f, n, t, q] { f(n * q / t, n * (q + 1) / t); });
-  f(int64_t{0}, n / t);
-  for (auto& th : threads) th.join();
+  const std::function<void(int64_t)> run = [&f, n, t](int64_t c) { f(n * c / t, n * (c + 1) / t); };
+  auto ranges = std::make_shared<Ranges>();
+  ranges->count = t;
+  ranges->run = &run;
+  for (int64_t q = 1; q < t; ++q) pool->Schedule([ranges] { ranges->Work(); });
+  ranges->Work();
+  for (int spins = 0; ranges->done.load(std::memory_order_acquire) < t; ++spins)
+    if (spins > 64) std::this_thread::yield();
+  if (ranges->failed.load()) std::rethrow_exception(ranges->error);
 }
 
 // The cell layout of one call: the output's leading dimensions, and for each input the offset
