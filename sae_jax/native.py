@@ -265,6 +265,30 @@ def sparse_rows(v_NxP: jax.Array, table_PxD: jax.Array) -> jax.Array:
     return _call("sae_sparse_rows", jax.ShapeDtypeStruct(shape, F32))(v_NxP.astype(F32), table_PxD.astype(F32))
 
 
+SYNTH_PARS = 5  # rows of the sampler kernels' `par`: threshold t, p, r = P(mu + sigma g > 0), mu, sigma
+
+
+def synth_solo(z_NxK: jax.Array, bits_NxW: jax.Array, par: jax.Array, col: int, correlated: bool) -> jax.Array:
+    """The values (N, K) of K independent slots: slot k fires when u < q, u = (U + 1/2) 2^-32 from
+    the word U = bits[n, col + k] (uint32), q = Phi(z_nk - t_k) (`correlated`) or p_k (z unread);
+    then relu(mu_k + sigma_k Phi^-1(u / q)), else 0 (par: `SYNTH_PARS` rows of K)."""
+    n, k = bits_NxW.shape[0], par.shape[-1]
+    return _call("sae_synth_solo", jax.ShapeDtypeStruct((n, k), F32), vmap_method="sequential")(
+        z_NxK.astype(F32), bits_NxW, par.astype(F32), col=np.int64(col), correlated=np.int64(correlated))
+
+
+def synth_groups(eps_NxR: jax.Array, corr_KxR: jax.Array, bits_NxW: jax.Array, par: jax.Array, quad: jax.Array,
+                 gate_NxG: jax.Array, col: int, correlated: bool, width: int) -> jax.Array:
+    """The values (N, K = B G) of G mutually exclusive groups of B slots (child c of group g at
+    c G + g): the winner (drawn with the word bits[n, col + g], q_c = Phi(eps_n . l_c - t_c) or
+    p_c; `synth_slots`'s module docstring) holds its value times gate_ng, every other slot 0 (every
+    slot where gate_ng = 0). quad (2, Q): 1 - t_i and w_i of the quadrature on [0, 1]."""
+    n, k = bits_NxW.shape[0], par.shape[-1]
+    return _call("sae_synth_groups", jax.ShapeDtypeStruct((n, k), F32), vmap_method="sequential")(
+        eps_NxR.astype(F32), corr_KxR.astype(F32), bits_NxW, par.astype(F32), quad.astype(F32),
+        gate_NxG.astype(F32), col=np.int64(col), correlated=np.int64(correlated), width=np.int64(width))
+
+
 ADAM_COEFS = 9  # (b1, 1 - b1, b2, 1 - b2, 1/(1 - b1^t), 1/(1 - b2^t), eps, eps_root, lr)
 
 

@@ -26,7 +26,10 @@ children (0-padded to the largest group) in breadth-first order of the groups' d
 V (N x P slots) are gated stage by stage in increasing depth (a child times [a_q > 0], or a_q /
 mu_q when its parent scales its children), block by block as each is made (`blocks`: V is never
 written whole), then x = V @ W_slots + b (`inputs`: on the CPU only the rows of W_slots that a
-sample's nonzeros select, `native.sparse_rows`) and a = V[:, slot_of_f].
+sample's nonzeros select, `native.sparse_rows`) and a = V[:, slot_of_f]. On the CPU the draws
+are native kernels on the same words (`native.synth_solo`, `native.synth_groups`): they compute
+q and Phi^-1 only where u may be under q, and draw no group whose gate is 0 (its parent is off),
+where XLA computes both for every slot and gates each block after drawing it.
 Index arrays that are ranges are sliced (`Run`), as in `synth_world`.
 """
 
@@ -216,10 +219,11 @@ def _firing(eps_NxR: Array | None, s: Slots, lo: int, hi: int) -> Array:
     return 0.5 * jax.lax.erfc((s.thresh_P[lo:hi] - z) * np.float32(np.sqrt(0.5)))
 
 
-def _winners(eps_NxR: Array | None, u: Array, s: Slots, start: int, g: int) -> Array:
-    """The block of G groups at slot `start` (N x B G, B-major): the winner's value in its slot,
-    else 0; u the groups' words (N x G)."""
-    b, n = s.width, u.shape[0]
+def _winners(eps_NxR: Array | None, bits: Array, gate_NxG: Array, s: Slots, col: int, start: int, g: int) -> Array:
+    """The block of G groups at slot `start` (N x B G, B-major): the winner's value times its
+    group's gate in its slot, else 0; u the groups' words (columns col.. of bits)."""
+    b, n = s.width, bits.shape[0]
+    u = bits[:, col: col + g]
     cut = lambda a: a[start: start + b * g].reshape(b, g)
     qa = (_firing(eps_NxR, s, start, start + b * g).reshape(-1, b, g) * cut(s.pos_P))  # q'_c
     qa = jax.lax.optimization_barrier(qa)  # materialised once (XLA would redo erfc per consumer)
@@ -239,7 +243,7 @@ def _winners(eps_NxR: Array | None, u: Array, s: Slots, start: int, g: int) -> A
     sel = lambda a: jnp.sum(jnp.where(pick, cut(a), 0.0), axis=1)
     gw = -_ndtri(jnp.clip(sel(s.pos_P) * v, 0.0, 1.0))  # Phi^-1(1 - r v)
     val = jax.nn.relu(sel(s.mean_P) + sel(s.std_P) * gw)
-    return jnp.where(pick, val[:, None, :], 0.0).reshape(n, b * g)
+    return jnp.where(pick, val[:, None, :], 0.0).reshape(n, b * g) * jnp.tile(gate_NxG, (1, b))
 
 
 def blocks(key: Array, s: Slots, correlated: bool, n: int) -> list[tuple[int, Array]]:
@@ -249,21 +253,50 @@ def blocks(key: Array, s: Slots, correlated: bool, n: int) -> list[tuple[int, Ar
     k_eps, k_u = jax.random.split(key)
     eps = jax.random.normal(k_eps, (n, s.corr_PxR.shape[1])) if correlated else None
     bits = words(k_u, (n, s.solo + s.groups))
-    # solo features: fire when u < q, magnitude from u / q
-    q_s = _firing(eps, s, 0, s.solo)
-    u = jnp.minimum((bits[:, :s.solo].astype(jnp.float32) + 0.5) * _TWO_M32, _OPEN)
-    fired = u < q_s
-    g = _ndtri(jnp.clip(u / jnp.where(fired, q_s, 1.0), 0.0, 1.0))
-    out = [(0, jnp.where(fired, jax.nn.relu(s.mean_P[:s.solo] + s.std_P[:s.solo] * g), 0.0))]
+    out = [(0, native.on_cpu(_solo_native, _solo, n * s.solo)(eps, bits, s))]
     at = s.solo
     for st in s.stages:
         out = _gate_solo(out, st)
         g = st.grp_parent_G.shape[0]
         if g:
-            block = _winners(eps, bits[:, at: at + g], s, st.start, g)
-            out.append((st.start, _gate_groups(out, block, st, s.width)))
+            gate = _group_gate(out, st)
+            out.append((st.start, native.on_cpu(_winners_native, _winners, n * g * s.width)(
+                eps, bits, gate, s, at, st.start, g)))
             at += g
     return out
+
+
+def _solo(eps_NxR: Array | None, bits: Array, s: Slots) -> Array:
+    """The solo slots' values (N x S): fire when u < q, magnitude from u / q."""
+    q_s = _firing(eps_NxR, s, 0, s.solo)
+    u = jnp.minimum((bits[:, :s.solo].astype(jnp.float32) + 0.5) * _TWO_M32, _OPEN)
+    fired = u < q_s
+    g = _ndtri(jnp.clip(u / jnp.where(fired, q_s, 1.0), 0.0, 1.0))
+    return jnp.where(fired, jax.nn.relu(s.mean_P[:s.solo] + s.std_P[:s.solo] * g), 0.0)
+
+
+_NONE = np.zeros((1, 1), np.float32)  # the native kernels' z, eps and l without a copula (not read)
+
+
+def _pars(s: Slots, lo: int, hi: int) -> Array:
+    """The native kernels' par (`native.SYNTH_PARS` rows) for the slots lo..hi."""
+    return jnp.stack([a[lo:hi] for a in (s.thresh_P, s.probs_P, s.pos_P, s.mean_P, s.std_P)])
+
+
+def _solo_native(eps_NxR: Array | None, bits: Array, s: Slots) -> Array:
+    """`_solo` by `native.synth_solo`, which computes q and Phi^-1 only where u may be under q."""
+    z = _NONE if eps_NxR is None else eps_NxR @ s.corr_PxR[:s.solo].T
+    return native.synth_solo(z, bits, _pars(s, 0, s.solo), 0, eps_NxR is not None)
+
+
+def _winners_native(eps_NxR: Array | None, bits: Array, gate_NxG: Array, s: Slots, col: int, start: int,
+                    g: int) -> Array:
+    """`_winners` by `native.synth_groups`, which draws no winner where the gate is 0 (and computes
+    eps . l_f only for the children of the groups it draws)."""
+    lo, hi = start, start + s.width * g
+    quad = jnp.asarray(np.array([[1.0 - t for t in s.nodes], list(s.weights)], np.float32))
+    eps, corr = (_NONE, _NONE) if eps_NxR is None else (eps_NxR, s.corr_PxR[lo:hi])
+    return native.synth_groups(eps, corr, bits, _pars(s, lo, hi), quad, gate_NxG, col, eps_NxR is not None, s.width)
 
 
 def values(key: Array, s: Slots, correlated: bool, n: int) -> Array:
@@ -317,11 +350,10 @@ def _gate_solo(out: list[tuple[int, Array]], st: Stage) -> list[tuple[int, Array
     return [(0, v)] + out[1:]
 
 
-def _gate_groups(out: list[tuple[int, Array]], block: Array, st: Stage, b: int) -> Array:
-    """One depth's block of exclusive groups multiplied by their effective parents' factor."""
+def _group_gate(out: list[tuple[int, Array]], st: Stage) -> Array:
+    """One depth's exclusive groups' gates (N x G): their effective parents' factor, 1 without one."""
     par = _block_cols(out, st.grp_parent_G, st.grp_parent_run)
-    fac = jnp.where(st.grp_gated_G, _factor(par, st.grp_rescale_G, st.grp_mean_G), 1.0)
-    return block * jnp.tile(fac, (1, b))
+    return jnp.where(st.grp_gated_G, _factor(par, st.grp_rescale_G, st.grp_mean_G), 1.0)
 
 
 __all__ = ["Slots", "Stage", "blocks", "inputs", "joined", "plan", "threefry2x32", "values", "words"]

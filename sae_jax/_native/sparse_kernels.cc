@@ -20,6 +20,7 @@
 //   decode_err.cc   sae_decode_err, sae_decode_err_scaled
 //   adam.cc         sae_adam_check, sae_adam_apply
 //   sparse_rows.cc  sae_sparse_rows (the SynthSAEBench sampler's x = V W)
+//   synth.cc        sae_synth_solo, sae_synth_groups (the SynthSAEBench sampler's draws)
 // (the row kernels also as _bf16 twins). sae_jax/native.py registers every target in the table.
 
 #include "common.h"
@@ -33,6 +34,7 @@
 #include "decode_err.cc"
 #include "adam.cc"
 #include "sparse_rows.cc"
+#include "synth.cc"
 
 // The table of FFI targets: how many, and the i-th's name and handler (null past the end).
 extern "C" int64_t SaeTargetCount() { return static_cast<int64_t>(Targets().size()); }

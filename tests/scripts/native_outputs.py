@@ -38,6 +38,17 @@ def outputs() -> dict[str, np.ndarray]:
     coef = jnp.array([0.9, 0.1, 0.999, 0.001, 1 / (1 - 0.9 ** 3), 1 / (1 - 0.999 ** 3), 1e-8, 0.0, 1e-3], jnp.float32)
     out["adam_check"] = native.adam_check(p, g, mu, nu, coef)
     out["adam_apply"] = jnp.stack(native.adam_apply(p, g, mu, nu, coef, jnp.zeros((1,), jnp.float32)))
+    bits = jax.random.bits(jax.random.PRNGKey(9), (n, 50), jnp.uint32)
+    u = lambda shape, seed: jax.random.uniform(jax.random.PRNGKey(seed), shape)  # noqa: E731
+    k_s, b, g = 37, 3, 5
+    par = lambda k, seed: jnp.stack([1.0 + 0.5 * r((k,), seed), 0.5 * u((k,), seed + 1), u((k,), seed + 2),  # noqa: E731
+                                     1.0 + 0.3 * r((k,), seed + 3), jnp.abs(r((k,), seed + 4))])
+    out["synth_solo"] = native.synth_solo(r((n, k_s), 10), bits, par(k_s, 11), 3, True)
+    out["synth_solo_indep"] = native.synth_solo(jnp.zeros((1, 1)), bits, par(k_s, 11), 3, False)
+    quad = jnp.array([[0.78867513, 0.21132487], [0.5, 0.5]], jnp.float32)  # 1 - t and w, 2-point Gauss-Legendre
+    gate = jnp.where(u((n, g), 16) < 0.7, 1.0 + u((n, g), 17), 0.0)
+    out["synth_groups"] = native.synth_groups(r((n, 4), 18), r((b * g, 4), 19), bits, par(b * g, 20), quad, gate,
+                                              40, True, b)
     return {name: np.asarray(val, np.float32) for name, val in out.items()}
 
 
