@@ -20,7 +20,8 @@
 // group's winner before gating it; a slot fires with probability q, mostly well under 1%, and a
 // group's parent is mostly off. These kernels skip a group whose gate is 0, bound q from above
 // by a table of Phi on a grid (`PhiBound`), and compute q, and Phi^-1, only where u falls under
-// that bound: each decision and value is then the XLA path's formula in float32 (erf_inv as
+// that bound (a group: only where U is under 2^32 times its children's bounds' sum, which bounds
+// T_B): each decision and value is then the XLA path's formula in float32 (erf_inv as
 // XLA's, Giles's single-precision polynomial; erfc the C library's, so a decision can differ from
 // XLA's only where u and q are within a few ulps).
 //
