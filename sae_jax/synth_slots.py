@@ -35,6 +35,7 @@ Index arrays that are ranges are sliced (`Run`), as in `synth_world`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -259,9 +260,9 @@ def blocks(key: Array, s: Slots, correlated: bool, n: int) -> list[tuple[int, Ar
         out = _gate_solo(out, st)
         g = st.grp_parent_G.shape[0]
         if g:
-            gate = _group_gate(out, st)
-            out.append((st.start, native.on_cpu(_winners_native, _winners, n * g * s.width)(
-                eps, bits, gate, s, at, st.start, g)))
+            # the block's static ints bound here: platform_dependent would trace its arguments
+            draw = [functools.partial(f, s=s, col=at, start=st.start, g=g) for f in (_winners_native, _winners)]
+            out.append((st.start, native.on_cpu(*draw, n * g * s.width)(eps, bits, _group_gate(out, st))))
             at += g
     return out
 

@@ -425,3 +425,18 @@ def test_native_sampler_gives_xla_samples(which, saelens_world):
     assert np.median(rel) < 1e-6 and rel.max() < 1e-2, (np.median(rel), rel.max())
     rows = np.all(np.isclose(x_native, x_xla, rtol=1e-4, atol=1e-4), axis=1)
     assert rows.mean() > 0.999, rows.mean()
+
+
+def test_sampler_traces_where_jax_has_other_backends(monkeypatch):
+    """Where jax has a backend besides the CPU, `native.on_cpu` traces the native kernels and XLA's
+    formulation side by side (lax.platform_dependent, whose branches take traced arguments): the
+    sampler traces there too, and on the CPU samples what it samples on a CPU-only jax."""
+    world = _forest_world()
+    f = lambda: np.asarray(jax.jit(synth.sample, static_argnums=2)(jax.random.PRNGKey(3), world, 256)[1])  # noqa: E731
+    want = f()
+    monkeypatch.setattr(native, "cpu_only", lambda: False)
+    jax.clear_caches()
+    try:
+        np.testing.assert_array_equal(f(), want)
+    finally:
+        jax.clear_caches()

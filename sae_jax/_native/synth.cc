@@ -21,9 +21,10 @@
 // group's parent is mostly off. These kernels skip a group whose gate is 0, bound q from above
 // by a table of Phi on a grid (`PhiBound`), and compute q, and Phi^-1, only where u falls under
 // that bound (a group: only where U is under 2^32 times its children's bounds' sum, which bounds
-// T_B): each decision and value is then the XLA path's formula in float32 (erf_inv as
-// XLA's, Giles's single-precision polynomial; erfc the C library's, so a decision can differ from
-// XLA's only where u and q are within a few ulps).
+// T_B): each decision and value is then the XLA path's formula in float32, to a few ulps (erf_inv
+// is XLA's, Giles's single-precision polynomial, but erfc and log1p are the C library's, the
+// compiler may fuse multiply-adds, and a group's eps . l is this kernel's sum), so a decision can
+// differ from XLA's only where u and q are within a few ulps.
 //
 // Part of sparse_kernels.cc's translation unit (included there, after the families it uses).
 
@@ -124,7 +125,7 @@ enum Par { kThresh = 0, kProbs, kPos, kMean, kStd, kPars };
 bool WordsAndPars(ffi::Span<const int64_t> bd, ffi::Span<const int64_t> pd, ffi::Span<const int64_t> od,
                   int64_t col, int64_t cols) {
   return bd.size() == 2 && pd.size() == 2 && od.size() == 2 && bd[0] == od[0] && pd[0] == kPars &&
-         pd[1] == od[1] && col >= 0 && col + cols <= bd[1];
+         pd[1] == od[1] && col >= 0 && cols <= bd[1] && col <= bd[1] - cols;
 }
 
 ffi::Error SynthSoloImpl(F32Buf z, ffi::Buffer<ffi::U32> bits, F32Buf par, F32Ret out, int64_t col,
@@ -168,7 +169,7 @@ ffi::Error SynthGroupsImpl(F32Buf eps, F32Buf corr, ffi::Buffer<ffi::U32> bits, 
   const int64_t b = width;
   if (od.size() != 2 || b < 1 || od[1] % b || !WordsAndPars(bits.dimensions(), par.dimensions(), od, col, od[1] / b) ||
       quad.dimensions().size() != 2 || quad.dimensions()[0] != 2 || gd.size() != 2 || gd[0] != od[0] ||
-      gd[1] * b != od[1] || ed.size() != 2 || cd.size() != 2 ||
+      gd[1] != od[1] / b || ed.size() != 2 || cd.size() != 2 ||
       (correlated && (ed[0] != od[0] || cd[0] != od[1] || cd[1] != ed[1])))
     return ffi::Error::InvalidArgument("sae_synth_groups: shapes");
   const int64_t n = od[0], k = od[1], g = k / b, w = bits.dimensions()[1], nq = quad.dimensions()[1], rk = ed[1];
@@ -179,6 +180,8 @@ ffi::Error SynthGroupsImpl(F32Buf eps, F32Buf corr, ffi::Buffer<ffi::U32> bits, 
   const uint32_t* U = bits.typed_data();
   float* O = out->typed_data();
   const PhiBound& bound = Bound();
+  // T_B / 2^32 <= sum_c q'_c up to float32 rounding of the quadrature and the running sum
+  const double slack = 1.001 + 1.2e-7 * static_cast<double>(2 * b + nq);
   return Guard("sae_synth_groups", [&] {
     ParallelFor(n, 8, k, [&](int64_t r0, int64_t r1) {
       std::vector<float> qa(b), fac(b), zc(b);
@@ -201,7 +204,7 @@ ffi::Error SynthGroupsImpl(F32Buf eps, F32Buf corr, ffi::Buffer<ffi::U32> bits, 
             }
             most += static_cast<double>(correlated ? bound(zc[c] - t[s]) : p[s]) * pos[s];
           }
-          if (static_cast<double>(word) >= 4294967296.0 * 1.001 * most) continue;  // U >= T_B: no winner
+          if (static_cast<double>(word) >= 4294967296.0 * slack * most) continue;  // U >= T_B: no winner
           for (int64_t c = 0; c < b; ++c) {
             const int64_t s = c * g + j;
             qa[c] = (correlated ? Phi(zc[c] - t[s]) : p[s]) * pos[s];
@@ -215,7 +218,7 @@ ffi::Error SynthGroupsImpl(F32Buf eps, F32Buf corr, ffi::Buffer<ffi::U32> bits, 
               win += wts[i] * prod / fac[c];
             }
             cum += qa[c] * win;
-            tc[c] = static_cast<uint32_t>(std::min(cum * 4294967296.0f, kTop));
+            tc[c] = cum > 0.0f ? static_cast<uint32_t>(std::min(cum * 4294967296.0f, kTop)) : 0u;  // NaN: 0, as XLA
           }
           int64_t c = 0;
           uint32_t lo = 0;

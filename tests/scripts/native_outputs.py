@@ -49,6 +49,8 @@ def outputs() -> dict[str, np.ndarray]:
     gate = jnp.where(u((n, g), 16) < 0.7, 1.0 + u((n, g), 17), 0.0)
     out["synth_groups"] = native.synth_groups(r((n, 4), 18), r((b * g, 4), 19), bits, par(b * g, 20), quad, gate,
                                               40, True, b)
+    out["synth_groups_indep"] = native.synth_groups(jnp.zeros((1, 1)), jnp.zeros((1, 1)), bits, par(b * g, 20), quad,
+                                                    gate, 40, False, b)
     return {name: np.asarray(val, np.float32) for name, val in out.items()}
 
 
