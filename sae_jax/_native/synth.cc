@@ -184,7 +184,7 @@ ffi::Error SynthGroupsImpl(F32Buf eps, F32Buf corr, ffi::Buffer<ffi::U32> bits, 
   const double slack = 1.001 + 1.2e-7 * static_cast<double>(2 * b + nq);
   return Guard("sae_synth_groups", [&] {
     ParallelFor(n, 8, k, [&](int64_t r0, int64_t r1) {
-      std::vector<float> qa(b), fac(b), zc(b);
+      std::vector<float> qa(b), fac(b), zc(b), win(b);
       std::vector<uint32_t> tc(b);
       for (int64_t r = r0; r < r1; ++r) {
         const uint32_t* ur = U + r * w + col;
@@ -209,15 +209,15 @@ ffi::Error SynthGroupsImpl(F32Buf eps, F32Buf corr, ffi::Buffer<ffi::U32> bits, 
             const int64_t s = c * g + j;
             qa[c] = (correlated ? Phi(zc[c] - t[s]) : p[s]) * pos[s];
           }
+          std::fill(win.begin(), win.end(), 0.0f);
+          for (int64_t i = 0; i < nq; ++i) {  // w_c / q'_c: sum_i w_i prod_j fac_j / fac_c
+            float prod = 1.0f;
+            for (int64_t c = 0; c < b; ++c) prod *= (fac[c] = 1.0f - qa[c] * onem[i]);
+            for (int64_t c = 0; c < b; ++c) win[c] += wts[i] * prod / fac[c];
+          }
           float cum = 0.0f;
           for (int64_t c = 0; c < b; ++c) {
-            float win = 0.0f;
-            for (int64_t i = 0; i < nq; ++i) {
-              float prod = 1.0f;
-              for (int64_t c2 = 0; c2 < b; ++c2) prod *= (fac[c2] = 1.0f - qa[c2] * onem[i]);
-              win += wts[i] * prod / fac[c];
-            }
-            cum += qa[c] * win;
+            cum += qa[c] * win[c];
             tc[c] = cum > 0.0f ? static_cast<uint32_t>(std::min(cum * 4294967296.0f, kTop)) : 0u;  // NaN: 0, as XLA
           }
           int64_t c = 0;
